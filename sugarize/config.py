@@ -1,0 +1,103 @@
+"""SugarConfig: what a conversion does, as a frozen dataclass that round-trips to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ParameterError
+
+__all__ = ["SugarConfig", "RELUFY_KINDS"]
+
+# Activations that `relufy` may turn into ReLU + SUGAR, and the surrogate each keeps by default.
+RELUFY_KINDS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+
+
+@dataclass(frozen=True)
+class SugarConfig:
+    """How ``sugarize`` converts a model.
+
+    Attributes:
+        surrogate: registered surrogate name for ReLU sites (default B-SiLU).
+        params: surrogate parameters; missing ones take the surrogate's defaults.
+        negative_only: ReLU's exact gradient 1 for x > 0; s' only for x <= 0.
+        save: precision of the derivative saved for backward ("full", "bfloat16", "uint8").
+        include: module-path globs; when given, only sites under a matching path convert.
+        exclude: module-path globs whose sites are left alone (wins over include).
+        relufy: also turn these activations into ReLU forward + SUGAR ("gelu", "silu").
+            Their surrogate is their own derivative unless ``relufy_surrogate`` names one.
+        relufy_surrogate: surrogate for relufied sites instead of the activation's own.
+    """
+
+    surrogate: str = "bsilu"
+    params: Mapping[str, float] = field(default_factory=dict)
+    negative_only: bool = False
+    save: str = "full"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    relufy: tuple[str, ...] = ()
+    relufy_surrogate: str | None = None
+
+    def __post_init__(self) -> None:
+        from .op import check_options
+        from .surrogates import resolve_params
+
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        relufy = tuple(dict.fromkeys(_expand_relufy(self.relufy)))
+        object.__setattr__(self, "relufy", relufy)
+        check_options(self.surrogate, self.params, self.negative_only, self.save)
+        object.__setattr__(self, "params", resolve_params(self.surrogate, self.params))
+        if self.relufy_surrogate is not None:
+            check_options(self.relufy_surrogate, {}, self.negative_only, self.save)
+
+    def surrogate_for(self, kind: str) -> tuple[str, list[float]]:
+        """(surrogate, parameter list) used at a site of activation ``kind``."""
+        from .surrogates import resolve_params
+
+        if kind == "relu":
+            return self.surrogate, list(self.params.values())
+        name = self.relufy_surrogate or RELUFY_KINDS[kind]
+        return name, list(resolve_params(name).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = dict(self.params)
+        for key in ("include", "exclude", "relufy"):
+            d[key] = list(d[key])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SugarConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParameterError(
+                f"unknown config field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SugarConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _expand_relufy(kinds) -> list[str]:
+    if isinstance(kinds, str):
+        kinds = [k for k in kinds.split(",") if k.strip()]
+    out = []
+    for kind in kinds:
+        kind = kind.strip().lower()
+        if kind == "gelu":
+            out += ["gelu", "gelu_tanh"]
+        elif kind in RELUFY_KINDS:
+            out.append(kind)
+        else:
+            raise ParameterError(
+                f"relufy: unknown activation {kind!r}; choose from gelu, silu"
+            )
+    return out

@@ -1,0 +1,1 @@
+"""Graph passes: capture, match, rewrite (sugarize), strip, and their report."""

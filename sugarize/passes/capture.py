@@ -1,0 +1,62 @@
+"""Capture a user's model as an fx GraphModule over a private copy of it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..errors import CaptureError
+
+__all__ = ["capture", "restore_state_keys"]
+
+
+def capture(model: nn.Module) -> tuple[torch.fx.GraphModule, str]:
+    """(GraphModule over a deep copy of ``model``, name of the capture strategy used).
+
+    Raises:
+        CaptureError: if ``model`` is not an ``nn.Module`` or cannot be traced.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance"
+        )
+    root = copy.deepcopy(model)
+    if isinstance(root, torch.fx.GraphModule):
+        return root, "graph"  # already captured: keep its nodes and their metadata
+    try:
+        gm = torch.fx.symbolic_trace(root)
+    except Exception as exc:  # tracing runs arbitrary user code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}. "
+            "Mark the untraceable code with torch.fx.wrap, or convert a traceable submodule"
+        ) from exc
+    gm.train(model.training)
+    restore_state_keys(gm, root)
+    return gm, "symbolic_trace"
+
+
+def restore_state_keys(gm: nn.Module, root: nn.Module) -> None:
+    """Give ``gm`` every parameter and buffer of ``root`` that tracing left out.
+
+    A GraphModule keeps only what its graph references; an unused parameter would
+    otherwise vanish from ``state_dict()`` and weights would not load back into the
+    user's class.
+    """
+    have = set(gm.state_dict(keep_vars=True))
+    for key, value in root.state_dict(keep_vars=True).items():
+        if key in have:
+            continue
+        owner_path, _, name = key.rpartition(".")
+        owner = gm
+        for part in owner_path.split(".") if owner_path else []:
+            if not hasattr(owner, part) or not isinstance(getattr(owner, part), nn.Module):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(name, value)
+        else:
+            owner.register_buffer(name, value)

@@ -1,0 +1,93 @@
+"""Typed records of what a pass saw and did: one Site per activation call."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Site", "Report"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One activation call site.
+
+    Attributes:
+        path: dotted module path of the call ("" is the model itself).
+        spelling: how the model spells it ("nn.ReLU(inplace=True)", "F.relu", ...).
+        kind: "relu", or the activation a relufied site replaced ("gelu", "silu", ...).
+        node: the fx node name, unique within the graph.
+        status: "converted", "sugar" (already SUGAR), "convertible" (inspect only),
+            "skipped" or "stripped".
+        reason: why a site was skipped, or what to know about it.
+        surrogate: the surrogate it uses (or would use), "" if none.
+        forward_changed: True for relufied sites, whose forward is no longer the original.
+    """
+
+    path: str
+    spelling: str
+    kind: str
+    node: str
+    status: str
+    reason: str = ""
+    surrogate: str = ""
+    forward_changed: bool = False
+
+
+@dataclass
+class Report:
+    """Every activation site of a model and what a pass did with it."""
+
+    sites: list[Site] = field(default_factory=list)
+    capture: str = "symbolic_trace"
+    notes: list[str] = field(default_factory=list)
+
+    def by_status(self, status: str) -> list[Site]:
+        return [s for s in self.sites if s.status == status]
+
+    @property
+    def relu_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind == "relu"]
+
+    @property
+    def converted(self) -> list[Site]:
+        return [s for s in self.sites if s.status in ("converted", "sugar")]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return self.by_status("skipped")
+
+    def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {"sites": len(self.sites)}
+        for s in self.sites:
+            out[s.status] = out.get(s.status, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "capture": self.capture,
+            "totals": self.totals(),
+            "notes": list(self.notes),
+            "sites": [asdict(s) for s in self.sites],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        return cls(
+            sites=[Site(**s) for s in data.get("sites", [])],
+            capture=data.get("capture", ""),
+            notes=list(data.get("notes", [])),
+        )
+
+    def summary(self) -> str:
+        t = self.totals()
+        parts = [f"{t.get(k, 0)} {k}" for k in ("converted", "sugar", "convertible", "stripped", "skipped") if t.get(k)]
+        return f"{t['sites']} activation sites: " + (", ".join(parts) if parts else "none")
+
+    def __str__(self) -> str:
+        rows = [("path", "spelling", "status", "surrogate", "reason")]
+        for s in self.sites:
+            rows.append((s.path or "<model>", s.spelling, s.status, s.surrogate, s.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
+        return "\n".join(lines + [self.summary() + f" (capture: {self.capture})"])

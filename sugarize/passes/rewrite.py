@@ -1,0 +1,213 @@
+"""The sugarize pass: replaces every ReLU call (each spelling) with the SUGAR op."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..config import SugarConfig
+from ..op import OP
+from .capture import capture
+from .match import Match, is_sugar, match_node, may_alias, module_path
+from .report import Report, Site
+
+__all__ = ["sugarize", "inspect", "plan_sites"]
+
+
+def _selected(path: str, cfg: SugarConfig) -> tuple[bool, str]:
+    def hit(globs: Iterable[str]) -> str | None:
+        for g in globs:
+            if fnmatch(path, g) or fnmatch(path, g + ".*"):
+                return g
+        return None
+
+    if cfg.include and hit(cfg.include) is None:
+        return False, f"not under --include {', '.join(cfg.include)}"
+    g = hit(cfg.exclude)
+    if g is not None:
+        return False, f"excluded by {g!r}"
+    return True, ""
+
+
+def _decide(match: Match, path: str, cfg: SugarConfig) -> tuple[bool, str]:
+    if match.kind == "relu6":
+        return False, "ReLU6 clamps at 6: not a ReLU, left as is"
+    if match.kind != "relu" and match.kind not in cfg.relufy:
+        flag = "gelu" if match.kind.startswith("gelu") else match.kind
+        return False, f"not a ReLU; relufy=('{flag}',) (--relufy {flag}) turns it into ReLU + SUGAR"
+    return _selected(path, cfg)
+
+
+def plan_sites(gm: torch.fx.GraphModule, cfg: SugarConfig):
+    """(node, match, convert?, reason) for each activation node, and the SUGAR nodes."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if is_sugar(node):
+            yield node, None, False, ""
+            continue
+        match = match_node(node, modules)
+        if match is None:
+            continue
+        convert, reason = _decide(match, module_path(node), cfg)
+        yield node, match, convert, reason
+
+
+def _sugar_site(node: torch.fx.Node) -> Site:
+    info = node.meta.get("sugarize", {})
+    return Site(
+        path=info.get("path", module_path(node)),
+        spelling=info.get("spelling", "sugar"),
+        kind=info.get("kind", "relu"),
+        node=node.name,
+        status="sugar",
+        surrogate=str(node.args[1]),
+        forward_changed=info.get("kind", "relu") != "relu",
+    )
+
+
+def _rewrite_site(gm, node, match: Match, cfg: SugarConfig, modules, order) -> torch.fx.Node:
+    graph = gm.graph
+    x = match.input
+    surrogate, params = cfg.surrogate_for(match.kind)
+    with graph.inserting_before(node):
+        new = graph.call_function(OP, (x, surrogate, params, cfg.negative_only, cfg.save))
+    new.meta = dict(node.meta)
+    new.meta["sugarize"] = {"path": module_path(node), "spelling": match.spelling, "kind": match.kind}
+    order[new] = order[node] - 0.5
+    if not match.inplace:
+        node.replace_all_uses_with(new)
+    elif may_alias(x, node, modules, order):
+        # Another name may see x: mutate it, exactly as the original in-place call did.
+        with graph.inserting_after(new):
+            copied = graph.call_method("copy_", (x, new))
+        order[copied] = order[node] - 0.25
+        node.replace_all_uses_with(copied)
+    else:
+        # x is fresh and unaliased: later readers of x read the SUGAR output instead.
+        node.replace_all_uses_with(new)
+        for user in list(x.users):
+            if user is not new and order.get(user, -1) > order[node]:
+                user.replace_input_with(x, new)
+    graph.erase_node(node)
+    return new
+
+
+def sugarize(
+    model: nn.Module,
+    surrogate: str = "bsilu",
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    negative_only: bool = False,
+    save: str = "full",
+    relufy: Iterable[str] | str = (),
+    config: SugarConfig | None = None,
+    **params: float,
+) -> torch.fx.GraphModule:
+    """Replaces every ReLU of ``model`` with SUGAR (ReLU forward, surrogate gradient backward).
+
+    The user's model is left untouched; the result is a new ``torch.fx.GraphModule`` whose
+    ``state_dict()`` has the same keys as the model's, so fine-tuned weights load straight
+    back into the original class. Its report is ``result.meta["sugarize"]["report"]``.
+
+    Args:
+        model: a ``torch.nn.Module`` with ReLUs in any spelling.
+        surrogate: registered surrogate name (``sugarize.list_surrogates()``).
+        include, exclude: module-path globs selecting the sites to convert.
+        negative_only: keep ReLU's gradient 1 for x > 0; use s' only for x <= 0.
+        save: precision of the saved derivative ("full", "bfloat16", "uint8").
+        relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
+        config: a ``SugarConfig``; when given, the keyword options above are ignored.
+        **params: surrogate parameters, e.g. ``alpha=1.67``.
+
+    Returns:
+        The converted ``GraphModule``.
+
+    Raises:
+        CaptureError: the model cannot be traced.
+        UnknownSurrogateError, ParameterError: bad surrogate, parameter or option.
+
+    Example:
+        >>> sm = sugarize(model, "bsilu", exclude=["head.*"])
+        >>> print(sm.meta["sugarize"]["report"])
+    """
+    cfg = config or SugarConfig(
+        surrogate=surrogate,
+        params=params,
+        negative_only=negative_only,
+        save=save,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        relufy=relufy,
+    )
+    gm, strategy = capture(model)
+    report = convert_graph(gm, cfg)
+    report.capture = strategy
+    gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
+    _check_postconditions(gm, model)
+    return gm
+
+
+def convert_graph(gm: torch.fx.GraphModule, cfg: SugarConfig) -> Report:
+    """Rewrites ``gm`` in place: each selected activation call becomes a SUGAR op."""
+    modules = dict(gm.named_modules())
+    order: dict[Any, float] = {n: float(i) for i, n in enumerate(gm.graph.nodes)}
+    sites = []
+    for node, match, convert, reason in list(plan_sites(gm, cfg)):
+        if match is None:
+            sites.append(_sugar_site(node))
+            continue
+        path = module_path(node)
+        if not convert:
+            sites.append(Site(path, match.spelling, match.kind, node.name, "skipped", reason))
+            continue
+        new = _rewrite_site(gm, node, match, cfg, modules, order)
+        note = "forward changes: fine-tune needed" if match.kind != "relu" else ""
+        sites.append(
+            Site(path, match.spelling, match.kind, new.name, "converted", note,
+                 surrogate=str(new.args[1]), forward_changed=match.kind != "relu")
+        )
+    gm.graph.lint()
+    gm.recompile()
+    return Report(sites=sites)
+
+
+def _check_postconditions(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    keys, expected = set(gm.state_dict()), set(model.state_dict())
+    if keys != expected:  # pragma: no cover - restore_state_keys guarantees it
+        missing = sorted(expected - keys)[:3]
+        raise AssertionError(f"state_dict keys changed during conversion: missing {missing}")
+
+
+def inspect(
+    model: nn.Module,
+    surrogate: str = "bsilu",
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    relufy: Iterable[str] | str = (),
+    config: SugarConfig | None = None,
+) -> Report:
+    """Every activation site of ``model`` and what ``sugarize`` would do (or did) with it.
+
+    Works on the original, a converted and a stripped model alike: ReLU sites show as
+    "convertible" or "skipped" with a reason, SUGAR sites as "sugar" with their surrogate.
+    """
+    cfg = config or SugarConfig(
+        surrogate=surrogate, include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy
+    )
+    gm, strategy = capture(model)
+    sites = []
+    for node, match, convert, reason in plan_sites(gm, cfg):
+        if match is None:
+            sites.append(_sugar_site(node))
+        else:
+            status = "convertible" if convert else "skipped"
+            sur = cfg.surrogate_for(match.kind)[0] if convert else ""
+            sites.append(Site(module_path(node), match.spelling, match.kind, node.name, status, reason, sur,
+                              forward_changed=convert and match.kind != "relu"))
+    return Report(sites=sites, capture=strategy)
