@@ -203,9 +203,9 @@ class BSiLU(Surrogate):
     source=_PAPER + ", NeLU; a in {0.01, 0.05, 0.1} swept, 0.01 best on ResNet-18",
 )
 class NeLU(Surrogate):
-    """Negative slope linear unit, defined by its derivative: 1 for x > 0, 2ax/(1+x^2)^2 else.
+    """NeLU, defined by its derivative: s'(x) = 1 for x > 0, 2ax/(1+x^2)^2 for x <= 0; a = 0.01.
 
-    Primitive: x for x > 0, a*x^2/(1 + x^2) for x <= 0 (= a - a/(1+x^2), continuous at 0).
+    s(x) = x for x > 0, a*x^2/(1 + x^2) for x <= 0 (= a - a/(1+x^2), continuous at 0).
     The negative side is negative, minimum ~ -0.65a at x = -1/sqrt(3).
     """
 

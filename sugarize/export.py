@@ -1,0 +1,144 @@
+"""Strip, export to ONNX with torch's dynamo exporter, and check the file with onnx.checker."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import ExportError
+from .fsutil import atomic_path
+from .passes.strip import count_sugar, strip
+
+__all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset"]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    op_types: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    stripped_sites: int
+    dynamic_batch: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def default_opset() -> int:
+    """The exporter's default opset (torch's dynamo exporter)."""
+    from torch.onnx._internal.exporter import _constants
+
+    return int(_constants.TORCHLIB_OPSET)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress and registry warnings; keep the user's terminal clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _batch_dynamic_shapes(args: Sequence[Any]):
+    dim = torch.export.Dim("batch", min=1, max=1 << 20)
+    return tuple({0: dim} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_args: Sequence[Any],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    force: bool = True,
+) -> ExportResult:
+    """Strips SUGAR, exports ``model`` in eval mode to ONNX at ``path``, runs onnx.checker.
+
+    The file is written to a temporary name and renamed once it passed the checker, so a
+    failed export leaves nothing behind.
+
+    Args:
+        model: a SUGAR model, a stripped model or any ReLU model.
+        path: where to write the ``.onnx`` file.
+        example_args: a tuple of example inputs for ``model.forward``.
+        opset: ONNX opset (default: the exporter's own).
+        dynamic_batch: make dimension 0 of every tensor input dynamic.
+        force: replace an existing file.
+
+    Returns:
+        An ``ExportResult`` with the op types of the exported graph.
+
+    Raises:
+        ExportError: the exporter or the checker rejected the model.
+        OutputPathError: ``path`` exists (without ``force``) or is not writable.
+    """
+    import onnx
+
+    example_args = tuple(example_args)
+    stripped_sites = count_sugar(model)
+    plain = strip(model) if stripped_sites else model
+    plain = plain.eval()
+    if count_sugar(plain):  # pragma: no cover - strip guarantees it
+        raise ExportError("refusing to export: a SUGAR node is left after strip")
+    if dynamic_batch:
+        example_args = tuple(
+            torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+            for a in example_args
+        )
+    opset = opset or default_opset()
+    with atomic_path(path, force=force) as tmp:
+        try:
+            with _quiet(), torch.no_grad():
+                program = torch.onnx.export(
+                    plain,
+                    example_args,
+                    dynamo=True,
+                    opset_version=opset,
+                    dynamic_shapes=_batch_dynamic_shapes(example_args) if dynamic_batch else None,
+                    external_data=False,
+                    verbose=False,
+                )
+                program.save(str(tmp), external_data=False)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export failed: {msg}") from exc
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+        proto = onnx.load(str(tmp))
+    return ExportResult(
+        path=Path(path),
+        opset=opset,
+        op_types=[n.op_type for n in proto.graph.node],
+        inputs=[i.name for i in proto.graph.input],
+        outputs=[o.name for o in proto.graph.output],
+        stripped_sites=stripped_sites,
+        dynamic_batch=dynamic_batch,
+    )
+
+
+def onnx_op_types(model_or_path) -> list[str]:
+    """Op types of an ONNX model's main graph, in order."""
+    import onnx
+
+    proto = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    return [n.op_type for n in proto.graph.node]

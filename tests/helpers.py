@@ -1,0 +1,43 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+MODELS = FIXTURES / "models"
+
+
+def load_fixture(name: str):
+    """Import fixtures/models/<name>.py as a module (as a user's model file)."""
+    path = MODELS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fixture_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, NaN payloads and signed zeros included."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    return torch.equal(a.contiguous().view(int_dtype), b.contiguous().view(int_dtype))
+
+
+def fgi(x: torch.Tensor, name: str = "bsilu", negative_only: bool = False, **params) -> torch.Tensor:
+    """Reference SUGAR by forward gradient injection (the paper's form):
+    y = s(x) - sg(s(x)) + sg(relu(x)); its gradient is autograd of the primitive s."""
+    from sugarize.surrogates import get_surrogate, resolve_params
+
+    entry = get_surrogate(name)
+    s = entry.primitive(x, **resolve_params(name, params))
+    if negative_only:
+        s = torch.where(x > 0, x, s)
+    return s - s.detach() + torch.relu(x).detach()

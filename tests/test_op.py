@@ -1,0 +1,195 @@
+"""The SUGAR op: relu forward bit for bit, surrogate backward, opaque to every tracer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sugarize
+from sugarize.op import OP, SAVE_MODES
+from sugarize.surrogates import list_surrogates
+
+from helpers import same_bits
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.tiny, -info.tiny,
+         info.tiny / 4, -info.tiny / 4, info.max, -info.max, info.eps, -info.eps, 1.0, -1.0],
+        dtype=dtype,
+    )
+    rand = torch.randn(997, dtype=torch.float64).to(dtype) * 3
+    return torch.cat([specials, rand])
+
+
+@pytest.mark.parametrize("name", list_surrogates())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_forward_is_relu_bit_for_bit(name, dtype, negative_only):
+    x = special_values(dtype)
+    assert (x[7] != 0) and (x[7].abs() < torch.finfo(dtype).tiny)  # a subnormal is in there
+    assert same_bits(sugarize.sugar(x, name, negative_only=negative_only), torch.relu(x))
+    xg = x.clone().requires_grad_()
+    assert same_bits(sugarize.sugar(xg, name, negative_only=negative_only).detach(), torch.relu(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last),
+        lambda: torch.randn(6, 8).t(),
+        lambda: torch.randn(4, 10)[:, ::3],
+        lambda: torch.randn(()),
+        lambda: torch.randn(0, 3),
+    ],
+    ids=["channels_last", "transposed", "strided", "scalar", "empty"],
+)
+def test_forward_any_shape_and_layout(make):
+    x = make().requires_grad_()
+    y = sugarize.sugar(x)
+    assert same_bits(y.detach(), torch.relu(x.detach()))
+    assert y.stride() == torch.relu(x.detach()).stride()
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", list_surrogates())
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_backward_is_grad_times_derivative(name, negative_only):
+    x = (torch.randn(513, dtype=torch.float64) * 4).requires_grad_()
+    upstream = torch.randn(513, dtype=torch.float64)
+    sugarize.sugar(x, name, negative_only=negative_only).backward(upstream)
+    entry = sugarize.get_surrogate(name)
+    d = entry.derivative(x.detach(), **entry.defaults())
+    if negative_only:
+        d = torch.where(x.detach() > 0, torch.ones_like(d), d)
+    assert torch.equal(x.grad, upstream * d)
+
+
+@pytest.mark.parametrize("name", list_surrogates())
+def test_negative_only_gives_exactly_one_for_positive_inputs(name):
+    x = torch.linspace(-5, 5, 1001).requires_grad_()
+    sugarize.sugar(x, name, negative_only=True).sum().backward()
+    pos = x.detach() > 0
+    assert torch.equal(x.grad[pos], torch.ones(int(pos.sum())))
+    assert torch.equal(x.grad[~pos], sugarize.surrogate_grad(x.detach(), name)[~pos])
+
+
+def test_params_reach_the_gradient():
+    x = torch.tensor([-1.0], requires_grad=True)
+    sugarize.sugar(x, "nelu", alpha=0.1).sum().backward()
+    assert x.grad.item() == pytest.approx(2 * 0.1 * -1 / 4)
+
+
+@pytest.mark.parametrize("save", SAVE_MODES)
+def test_saved_tensor_bytes_are_exact(save):
+    """Pins the memory the op keeps for backward: only s'(x), in the chosen precision."""
+    x = torch.randn(64, 32, 8, 8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = sugarize.sugar(x, save=save)
+    per_element = {"full": 4, "bfloat16": 2, "uint8": 1}[save]
+    assert [t.numel() * t.element_size() for t in saved] == [x.numel() * per_element]
+    assert saved[0].data_ptr() != x.data_ptr()
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("save", ["bfloat16", "uint8"])
+@pytest.mark.parametrize("name", list_surrogates())
+def test_compact_saving_is_close_and_keeps_zero_and_one(name, save):
+    x = torch.cat([torch.linspace(-80, 80, 4001), torch.tensor([0.0])]).requires_grad_()
+    sugarize.sugar(x, name, save=save).sum().backward()
+    exact = sugarize.surrogate_grad(x.detach(), name)
+    tol = {"bfloat16": 0.004 * exact.abs().max().item(), "uint8": 0.5 / 145}[save]
+    assert (x.grad - exact).abs().max().item() <= tol
+    assert torch.equal(x.grad[exact == 0], exact[exact == 0])
+    assert torch.equal(x.grad[exact == 1], exact[exact == 1])
+
+
+def test_no_saving_without_grad():
+    x = torch.randn(100)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sugarize.sugar(x)
+    assert saved == []
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(sugarize.SugarizeError, match="save='int4' is not one of full, bfloat16, uint8"):
+        sugarize.sugar(torch.randn(3), save="int4")
+    with pytest.raises(sugarize.SugarizeError, match="unknown surrogate 'relu'"):
+        sugarize.sugar(torch.randn(3), "relu")
+
+
+class _Act(nn.Module):
+    def forward(self, x):
+        return sugarize.sugar(x * 2.0, "bsilu")
+
+
+def _grad_of(module, x):
+    x = x.clone().requires_grad_()
+    module(x).sum().backward()
+    return x.grad
+
+
+def test_opaque_to_symbolic_trace():
+    gm = torch.fx.symbolic_trace(_Act())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][-1] is OP
+    x = torch.randn(50)
+    assert torch.equal(_grad_of(gm, x), 2 * sugarize.surrogate_grad(2 * x))
+
+
+def test_opaque_to_torch_export():
+    x = torch.randn(50)
+    ep = torch.export.export(_Act(), (x,))
+    assert OP in [n.target for n in ep.graph.nodes]
+    assert torch.equal(_grad_of(ep.module(), x), 2 * sugarize.surrogate_grad(2 * x))
+
+
+def test_a_plain_autograd_function_loses_the_surrogate_when_retraced():
+    """Why the op is a torch.library custom op: tracers inline autograd.Functions."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.relu()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * sugarize.surrogate_grad(x)
+
+    class M(nn.Module):
+        def forward(self, x):
+            return Fn.apply(x)
+
+    x = torch.randn(50)
+    eager = _grad_of(M(), x)
+    assert torch.equal(eager, sugarize.surrogate_grad(x))
+    for traced in (torch.fx.symbolic_trace(M()), torch.export.export(M(), (x,)).module()):
+        assert torch.equal(_grad_of(traced, x), (x > 0).float())  # surrogate silently lost
+
+
+@pytest.mark.parametrize("save", SAVE_MODES)
+def test_torch_compile_without_graph_breaks_same_gradients(save):
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 2))
+    sm = sugarize.sugarize(model, save=save)
+    compiled = torch.compile(sm, fullgraph=True, backend="inductor")
+    x = torch.randn(32, 8)
+    sm(x).pow(2).sum().backward()
+    eager = [p.grad.clone() for p in sm.parameters()]
+    sm.zero_grad()
+    compiled(x).pow(2).sum().backward()
+    for a, p in zip(eager, sm.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
