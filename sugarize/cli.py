@@ -1,0 +1,262 @@
+"""The sugarize command line: a thin typer layer, one library call per command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import SugarizeError
+
+app = typer.Typer(
+    name="sugarize",
+    help="Fine-tune ReLU networks with SUGAR surrogate gradients and ship the same ReLU graph.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"sugarize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+):
+    _state["debug"] = debug
+
+
+def command(fn: Callable) -> Callable:
+    """Maps library errors to one line on stderr and their exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SugarizeError as exc:
+            if _state["debug"]:
+                raise
+            msg = " ".join(str(exc).split())
+            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug in sugarize: still one line unless --debug
+            if _state["debug"]:
+                raise
+            msg = " ".join(str(exc).split())[:300]
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _config(surrogate, param, negative_only, include, exclude, save, relufy):
+    from .config import SugarConfig
+    from .errors import ParameterError
+
+    params = {}
+    for p in param or []:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"--param {p!r}: write it as NAME=VALUE, e.g. --param alpha=1.67")
+        params[key.strip()] = value.strip()
+    return SugarConfig(surrogate=surrogate, params=params, negative_only=negative_only, save=save,
+                       include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy or ())
+
+
+def _sites_table(report) -> Table:
+    table = Table(title=f"activation sites (capture: {report.capture})", title_justify="left")
+    for col in ("#", "module path", "spelling", "status", "surrogate", "note"):
+        table.add_column(col)
+    colors = {"converted": "green", "sugar": "green", "convertible": "cyan", "skipped": "yellow", "stripped": "blue"}
+    for i, s in enumerate(report.sites):
+        c = colors.get(s.status, "white")
+        table.add_row(str(i), s.path or "<model>", s.spelling, f"[{c}]{s.status}[/]", s.surrogate, s.reason)
+    return table
+
+
+def _parity_table(report) -> Table:
+    table = Table(title=f"parity: {report.runtime}, {report.providers[0]}, {report.optimization}", title_justify="left")
+    for col in ("output", "vs", "shape", "dtype", "max abs", "max rel", "mismatched", "ok"):
+        table.add_column(col)
+    for o in report.outputs:
+        ok = "[green]yes[/]" if o.passed else "[red]NO[/]"
+        table.add_row(o.name, o.reference, "x".join(map(str, o.shape)), o.dtype, f"{o.max_abs:.2e}",
+                      f"{o.max_rel:.2e}", str(o.mismatched), ok)
+    return table
+
+
+COMMON_SURROGATE = typer.Option("bsilu", "--surrogate", "-s", help="Surrogate name (see `sugarize surrogates`).")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
+
+
+@app.command("inspect")
+@command
+def inspect_cmd(
+    model: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
+    relufy: Optional[str] = typer.Option(None, "--relufy", help="Also list GELU/SiLU sites as convertible: gelu,silu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """List every ReLU site: module path, spelling, and converted or skipped with the reason."""
+    from .workflows import inspect_file
+
+    report = inspect_file(model, config=_config("bsilu", None, False, include, exclude, "full", relufy))
+    if as_json:
+        return _emit_json(report.to_dict())
+    out.print(_sites_table(report))
+    out.print(report.summary())
+
+
+@app.command("convert")
+@command
+def convert_cmd(
+    model: str = typer.Argument(..., help="MODEL: model.py or model.py:NAME."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.safetensors)."),
+    surrogate: str = COMMON_SURROGATE,
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Surrogate parameter NAME=VALUE (repeatable)."),
+    negative_only: bool = typer.Option(False, "--negative-only", help="Keep gradient 1 for x > 0; s' only for x <= 0."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
+    save: str = typer.Option("full", "--save-precision", help="Saved derivative precision: full, bfloat16, uint8."),
+    relufy: Optional[str] = typer.Option(None, "--relufy", help="Also turn these into ReLU + SUGAR: gelu,silu."),
+    input_shape: Optional[List[str]] = INPUT_SHAPE,
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Convert every ReLU of MODEL to SUGAR and write a checkpoint (weights + JSON recipe)."""
+    from .workflows import convert_file
+
+    cfg = _config(surrogate, param, negative_only, include, exclude, save, relufy)
+    res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force)
+    if as_json:
+        return _emit_json({"checkpoint": str(res.path), "config": cfg.to_dict(), "report": res.report.to_dict()})
+    out.print(_sites_table(res.report))
+    out.print(res.report.summary())
+    if any(s.forward_changed for s in res.report.converted):
+        out.print("[yellow]note:[/] relufied sites compute ReLU instead of their activation: fine-tune before use")
+    out.print(f"wrote {res.path} (surrogate {cfg.surrogate} {dict(cfg.params)})")
+
+
+@app.command("export")
+@command
+def export_cmd(
+    source: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint (.safetensors)."),
+    output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
+    input_shape: Optional[List[str]] = INPUT_SHAPE,
+    atol: float = typer.Option(1e-5, "--atol"),
+    rtol: float = typer.Option(1e-5, "--rtol"),
+    batches: int = typer.Option(3, "--batches", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Strip SUGAR, export to ONNX, run onnx.checker, then check parity with onnxruntime."""
+    from .workflows import export_file
+
+    with err.status("exporting and checking parity..."):
+        res = export_file(source, str(output), weights=str(weights) if weights else None, model=model, opset=opset,
+                          dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
+                          batches=batches, seed=seed)
+    if as_json:
+        _emit_json({"onnx": str(res.export.path), "opset": res.export.opset, "op_types": res.export.op_types,
+                    "stripped_sites": res.export.stripped_sites, "notes": res.notes, "parity": res.parity.to_dict()})
+    else:
+        for note in res.notes:
+            out.print(f"[yellow]note:[/] {note}")
+        out.print(f"wrote {res.export.path} (opset {res.export.opset}, {len(res.export.op_types)} nodes, "
+                  f"{res.export.op_types.count('Relu')} Relu, {res.export.stripped_sites} SUGAR sites stripped)")
+        out.print(_parity_table(res.parity))
+        out.print(res.parity.summary())
+    if not res.parity.passed:
+        raise typer.Exit(1)
+
+
+@app.command("verify")
+@command
+def verify_cmd(
+    onnx_file: Path = typer.Argument(..., help="The ONNX file to check."),
+    against: str = typer.Option(..., "--against", help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    input_shape: Optional[List[str]] = INPUT_SHAPE,
+    atol: float = typer.Option(1e-5, "--atol"),
+    rtol: float = typer.Option(1e-5, "--rtol"),
+    batches: int = typer.Option(3, "--batches", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Parity report: onnxruntime vs the model in PyTorch, per output. Exit 1 if it fails."""
+    from .workflows import verify_file
+
+    report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,
+                         input_shapes=input_shape, atol=atol, rtol=rtol, batches=batches, seed=seed)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        out.print(_parity_table(report))
+        if report.graph is not None and not report.graph.standard_domain_only:
+            out.print(f"[red]non-standard ops:[/] {', '.join(report.graph.nonstandard)}")
+        out.print(report.summary())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("surrogates")
+@command
+def surrogates_cmd(
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each s(x) and s'(x) next to ReLU's."),
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
+):
+    """The surrogate registry: formulas, defaults and sources."""
+    from .surrogates import get_surrogate, list_surrogates
+
+    rows = [get_surrogate(n) for n in list_surrogates()]
+    if plot is not None:
+        from .plots import plot_surrogates
+
+        plot_surrogates(plot)
+    if as_json:
+        return _emit_json([{"name": e.name, "params": e.defaults(), "formula": e.summary(), "source": e.source}
+                           for e in rows])
+    table = Table(title="surrogates (default: bsilu)", title_justify="left")
+    for col in ("name", "defaults", "formula", "source"):
+        table.add_column(col)
+    for e in rows:
+        table.add_row(e.name, ", ".join(f"{k}={v:g}" for k, v in e.defaults().items()) or "-", e.summary(), e.source)
+    out.print(table)
+    if plot is not None:
+        out.print(f"wrote {plot}")
+
+
+def main() -> None:  # console-script entry point
+    app()

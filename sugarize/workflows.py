@@ -1,0 +1,148 @@
+"""File-level workflows behind the CLI commands, one function each (usable from Python too)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from .config import SugarConfig
+from .errors import InputError
+from .io import (
+    LoadedModel, is_checkpoint, load_model, load_state_into, load_weights, make_inputs,
+    open_checkpoint, parse_input_spec, run_model, save_checkpoint,
+)
+from .passes.report import Report
+
+__all__ = ["resolve_inputs", "inspect_file", "convert_file", "export_file", "verify_file", "open_source"]
+
+
+def resolve_inputs(example: tuple | None, input_shapes: Sequence[str] | None, where: str) -> tuple:
+    """--input-shape wins; else the file's example_inputs(); else a clear error."""
+    if input_shapes:
+        return make_inputs([parse_input_spec(s) for s in input_shapes])
+    if example is not None:
+        return example
+    raise InputError(
+        f"no example inputs for {where}: add an example_inputs() function to the model file "
+        "or pass --input-shape (e.g. --input-shape 1,3,224,224)"
+    )
+
+
+@dataclass
+class Source:
+    """A model file or a SUGAR checkpoint, opened: the original model with its weights."""
+
+    original: nn.Module
+    sugar: nn.Module | None
+    inputs: tuple | None
+    label: str
+    loaded: LoadedModel
+    notes: list[str] = field(default_factory=list)
+
+
+def open_source(source: str, *, weights: str | None = None, model: str | None = None) -> Source:
+    """Opens MODEL (``file.py[:NAME]``) or CHECKPOINT (``.safetensors``), then --weights if given."""
+    if is_checkpoint(source):
+        ck = open_checkpoint(source, model=model)
+        src = Source(ck.original, ck.sugar, ck.inputs, Path(source).name, ck.loaded, list(ck.notes))
+    else:
+        loaded = load_model(source)
+        src = Source(loaded.model, None, loaded.example_inputs, loaded.path.name, loaded)
+    if weights:
+        state = load_weights(weights)
+        load_state_into(src.original, state, f"weights {Path(weights).name}")
+        if src.sugar is not None:
+            load_state_into(src.sugar, state, f"weights {Path(weights).name}")
+    return src
+
+
+def inspect_file(model: str, *, config: SugarConfig | None = None) -> Report:
+    """The activation sites of a model file or checkpoint (``sugarize inspect``)."""
+    from .passes.rewrite import inspect
+
+    src = open_source(model)
+    return inspect(src.sugar if src.sugar is not None else src.original, config=config)
+
+
+@dataclass
+class ConvertOutcome:
+    path: Path
+    report: Report
+    config: SugarConfig
+    inputs: list[dict[str, Any]] | None
+
+
+def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Sequence[str] | None = None,
+                 force: bool = False) -> ConvertOutcome:
+    """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``)."""
+    from .fsutil import check_writable
+    from .io import input_specs
+    from .passes.rewrite import sugarize
+
+    check_writable(out, force=force)
+    loaded = load_model(model)
+    inputs = None
+    if input_shapes or loaded.example_inputs is not None:
+        inputs = resolve_inputs(loaded.example_inputs, input_shapes, loaded.path.name)
+        run_model(loaded.model, inputs)
+    sm = sugarize(loaded.model, config=config)
+    path = save_checkpoint(sm, out, loaded=loaded, inputs=inputs, force=force)
+    return ConvertOutcome(path, sm.meta["sugarize"]["report"], config, input_specs(inputs) if inputs else None)
+
+
+@dataclass
+class ExportOutcome:
+    export: Any
+    parity: Any
+    notes: list[str]
+
+
+def export_file(source: str, out: str, *, weights: str | None = None, model: str | None = None,
+                opset: int | None = None, dynamic_batch: bool = False, input_shapes: Sequence[str] | None = None,
+                force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
+                seed: int = 0) -> ExportOutcome:
+    """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``)."""
+    from .export import export_onnx
+    from .fsutil import check_writable
+    from .passes.strip import strip
+    from .verify import verify
+
+    check_writable(out, force=force)
+    src = open_source(source, weights=weights, model=model)
+    inputs = resolve_inputs(src.inputs, input_shapes, src.label)
+    run_model(src.original, inputs)
+    trained = src.sugar if src.sugar is not None else src.original
+    plain = strip(trained)
+    result = export_onnx(trained, out, inputs, opset=opset, dynamic_batch=dynamic_batch, force=force)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = export_onnx(strip(src.original), Path(tmp) / "original.onnx", inputs, opset=opset,
+                          dynamic_batch=dynamic_batch)
+        parity = verify(out, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
+                        rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None)
+    return ExportOutcome(result, parity, src.notes)
+
+
+def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,
+                input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
+                batches: int = 3, seed: int = 0):
+    """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
+    from .export import export_onnx
+    from .passes.strip import strip
+    from .verify import _load_onnx, verify
+
+    proto = _load_onnx(onnx_path)
+    src = open_source(against, weights=weights, model=model)
+    inputs = resolve_inputs(src.inputs, input_shapes, src.label)
+    run_model(src.original, inputs)
+    dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    stripped = strip(src.sugar) if src.sugar is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = export_onnx(strip(src.original), Path(tmp) / "original.onnx", inputs, opset=opset,
+                          dynamic_batch=dynamic)
+        return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
+                      rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None)
