@@ -211,7 +211,7 @@ def parse_input_spec(text: str) -> dict[str, Any]:
     if dtype not in _DTYPES:
         raise InputError(f"--input-shape {text!r}: unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     try:
-        shape = [int(s) for s in shape_text.replace("x", ",").split(",") if s.strip()]
+        shape = [int(s) for s in shape_text.split(",")]
     except ValueError:
         raise InputError(f"--input-shape {text!r} is not a shape; write it like 1,3,224,224 or 1,16:int64") from None
     if not shape or any(s <= 0 for s in shape):
