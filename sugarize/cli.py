@@ -258,5 +258,136 @@ def surrogates_cmd(
         out.print(f"wrote {plot}")
 
 
+@app.command("audit")
+@command
+def audit_cmd(
+    model: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
+    data: Path = typer.Option(..., "--data", help="Data file with train_loader() (and val_loader())."),
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="State dict to load first."),
+    split: str = typer.Option("train", "--split", help="Which loader to audit: train or val."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-site bars and a firing histogram (PNG)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Dead units and activation sparsity per ReLU/SUGAR site, with totals."""
+    from .workflows import audit_file
+
+    report = audit_file(model, str(data), weights=str(weights) if weights else None, split=split,
+                        plot=str(plot) if plot else None)
+    if as_json:
+        return _emit_json(report.to_dict())
+    table = Table(title=f"audit over {report.samples} inputs", title_justify="left")
+    for col in ("module path", "spelling", "units", "dead", "dead %", "zeros %"):
+        table.add_column(col)
+    for s in report.sites:
+        table.add_row(s.path or "<model>", s.spelling, str(s.units), str(s.dead), f"{100 * s.dead_fraction:.1f}",
+                      f"{100 * s.sparsity:.1f}")
+    table.add_row("[bold]total[/]", "", str(report.units), str(report.dead), f"{100 * report.dead_fraction:.1f}",
+                  f"{100 * report.sparsity:.1f}")
+    out.print(table)
+    if plot:
+        out.print(f"wrote {plot}")
+
+
+@app.command("finetune")
+@command
+def finetune_cmd(
+    checkpoint: Path = typer.Argument(..., help="A SUGAR checkpoint from `sugarize convert`."),
+    data: Path = typer.Option(..., "--data", help="Data file with train_loader() (and val_loader(), loss_fn)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Weights to write (.safetensors)."),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    lr: float = typer.Option(1e-3, "--lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from weights written by finetune."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
+):
+    """Fine-tune a SUGAR checkpoint with a plain, deterministic training loop."""
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from .workflows import finetune_file
+
+    def line(r):
+        if as_json:
+            return
+        parts = [f"epoch {r.epoch}", f"loss {r.loss:.4f}"]
+        if r.val_accuracy is not None:
+            parts.append(f"val acc {100 * r.val_accuracy:.2f}%")
+        if r.dead_fraction is not None:
+            parts.append(f"dead {100 * r.dead_fraction:.1f}%")
+        out.print("  ".join(parts))
+
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("fine-tuning", total=None)
+        history = finetune_file(str(checkpoint), str(data), str(output), epochs=epochs, lr=lr, optimizer=optimizer,
+                                seed=seed, resume=str(resume) if resume else None, model=model, force=force,
+                                on_step=lambda e, s: bar.advance(task), on_epoch=line)
+    if as_json:
+        return _emit_json({"weights": str(output), "history": [asdict(h) for h in history]})
+    out.print(f"wrote {output}")
+
+
+@app.command("demo")
+@command
+def demo_cmd(
+    out_dir: Path = typer.Option(Path("sugarize-demo"), "--out", help="Folder for the plot and ONNX files."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per variant."),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """ReLU vs SUGAR (B-SiLU, NeLU) vs LeakyReLU and GELU on the bundled digits, then the export proof."""
+    import dataclasses
+
+    from .demo import DemoConfig, run_demo
+
+    cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with err.status("training...") as status:
+        result = run_demo(cfg, out_dir=out_dir, progress=lambda s: status.update(s))
+    plot = None
+    try:
+        from .plots import plot_demo
+
+        plot = plot_demo(result, out_dir / "demo.png")
+    except SugarizeError:
+        pass
+    rows = result.rows()
+    ex = result.export
+    if as_json:
+        return _emit_json({"config": dataclasses.asdict(cfg), "rows": rows, "pretrained": result.pretrained,
+                           "export": {k: (v.to_dict() if k == "parity" else v) for k, v in (ex or {}).items()},
+                           "seconds": result.seconds})
+    acc0 = sum(a for a, _ in result.pretrained) / len(result.pretrained)
+    dead0 = sum(d for _, d in result.pretrained) / len(result.pretrained)
+    out.print(f"pretrained ReLU MLP ({cfg.depth}x{cfg.width}, lr {cfg.pretrain_lr}): val acc {100 * acc0:.1f}%, "
+              f"dead units {100 * dead0:.1f}%; each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} "
+              f"from those weights, {len(cfg.seeds)} seeds")
+    table = Table(title="digits validation (mean ± std over seeds)", title_justify="left")
+    for col in ("variant", "val accuracy %", "dead units %", "note"):
+        table.add_column(col)
+    for r in rows:
+        if r["seeds"] == 0:
+            table.add_row(r["variant"], "diverged", "-", f"{r['diverged']} of {len(cfg.seeds)} seeds diverged")
+            continue
+        note = f"{r['diverged']} seed(s) diverged" if r["diverged"] else ""
+        table.add_row(r["variant"], f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
+                      f"{100 * r['dead_mean']:.1f} ± {100 * r['dead_std']:.1f}", note)
+    out.print(table)
+    if ex:
+        out.print(f"best SUGAR model: {ex['variant']} (seed {ex['seed']}) -> strip -> {ex['path']}")
+        out.print(f"ONNX op types: {' '.join(ex['op_types'])}")
+        same = "identical to" if ex["op_types"] == ex["relu_op_types"] else "DIFFERENT from"
+        out.print(f"  {same} the ReLU model's export")
+        out.print(ex["parity"].summary())
+        out.print(f"onnxruntime latency (batch 32, 1 thread, median): stripped SUGAR {ex['latency_stripped_ms']:.3f} ms, "
+                  f"ReLU model {ex['latency_relu_ms']:.3f} ms")
+    if plot:
+        out.print(f"wrote {plot}")
+    out.print(f"done in {result.seconds:.0f} s")
+
+
 def main() -> None:  # console-script entry point
     app()

@@ -146,3 +146,66 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
                           dynamic_batch=dynamic)
         return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None)
+
+
+def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",
+               plot: str | None = None, force: bool = True):
+    """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
+    from .audit import audit
+    from .errors import DataFileError
+    from .train import _loader, load_data
+
+    src = open_source(model, weights=weights)
+    spec = load_data(data)
+    make = spec.train_loader if split == "train" else spec.val_loader
+    if make is None:
+        raise DataFileError(f"{Path(data).name} has no val_loader(); use --split train")
+    report = audit(src.sugar if src.sugar is not None else src.original, _loader(make, f"{split}_loader", spec.path))
+    if plot:
+        from .plots import plot_audit
+
+        plot_audit(report, plot, force=force)
+    return report
+
+
+def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: float, optimizer: str = "sgd",
+                  seed: int = 0, resume: str | None = None, model: str | None = None, force: bool = False,
+                  on_step=None, on_epoch=None):
+    """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
+    import json
+
+    from .fsutil import check_writable
+    from .io import load_weights, read_recipe, save_weights
+    from .train import finetune, load_data
+
+    check_writable(out, force=force)
+    spec = load_data(data)
+    src = open_source(checkpoint, model=model)
+    if src.sugar is None:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint} is not a SUGAR checkpoint; create one with `sugarize convert`")
+    start = 0
+    if resume:
+        load_state_into(src.sugar, load_weights(resume), f"weights {Path(resume).name}")
+        start = _resume_epoch(resume)
+    history = finetune(src.sugar, spec, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, start_epoch=start,
+                       on_step=on_step, on_epoch=on_epoch)
+    meta = {"sugarize_finetune": json.dumps({"epoch": start + epochs, "seed": seed, "lr": lr,
+                                             "optimizer": optimizer, "checkpoint": Path(checkpoint).name,
+                                             "surrogate": read_recipe(checkpoint)["config"]["surrogate"]})}
+    save_weights(src.sugar, out, metadata=meta, force=force)
+    return history
+
+
+def _resume_epoch(path: str) -> int:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("sugarize_finetune")
+        return int(json.loads(meta)["epoch"]) if meta else 0
+    except Exception:
+        return 0

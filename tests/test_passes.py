@@ -221,10 +221,11 @@ def test_lookalikes_are_left_alone():
     sm = sugarize.sugarize(M())
     report = sm.meta["sugarize"]["report"]
     assert [(s.spelling, s.status) for s in report.sites] == [
-        ("nn.ReLU6", "skipped"), ("F.relu6", "skipped"), ("F.gelu", "skipped"), ("F.relu", "converted"),
+        ("nn.ReLU6", "skipped"), ("F.relu6", "skipped"), ("F.leaky_relu", "skipped"), ("F.gelu", "skipped"),
+        ("F.relu", "converted"),
     ]
     assert "ReLU6 clamps at 6" in report.sites[0].reason
-    assert "--relufy gelu" in report.sites[2].reason
+    assert "--relufy gelu" in report.sites[3].reason
     assert node_kinds(sm).count("sugar") == 1
 
 

@@ -56,6 +56,8 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
             return Match(kind, spelling, False, x)
         if _is_module_call(mod, nn.SiLU):
             return Match("silu", "nn.SiLU", bool(mod.inplace), x)
+        if _is_module_call(mod, nn.LeakyReLU):
+            return Match("leaky_relu", "nn.LeakyReLU", bool(mod.inplace), x)
         return None
     if node.op == "call_function":
         t = node.target
@@ -77,6 +79,8 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
             approx = _arg(node, 1, "approximate", "none")
             kind = "gelu_tanh" if approx == "tanh" else "gelu"
             return Match(kind, "F.gelu(approximate='tanh')" if kind == "gelu_tanh" else "F.gelu", False, x)
+        if t is F.leaky_relu or t is _ATEN.leaky_relu.default:
+            return Match("leaky_relu", "F.leaky_relu", bool(_arg(node, 2, "inplace", False)), x)
         if t is F.silu or t is _ATEN.silu.default:
             inplace = bool(_arg(node, 1, "inplace", False))
             return Match("silu", "F.silu", inplace, x)

@@ -36,6 +36,8 @@ def _selected(path: str, cfg: SugarConfig) -> tuple[bool, str]:
 def _decide(match: Match, path: str, cfg: SugarConfig) -> tuple[bool, str]:
     if match.kind == "relu6":
         return False, "ReLU6 clamps at 6: not a ReLU, left as is"
+    if match.kind == "leaky_relu":
+        return False, "LeakyReLU already has a gradient for x < 0: left as is"
     if match.kind != "relu" and match.kind not in cfg.relufy:
         flag = "gelu" if match.kind.startswith("gelu") else match.kind
         return False, f"not a ReLU; relufy=('{flag}',) (--relufy {flag}) turns it into ReLU + SUGAR"

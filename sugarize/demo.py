@@ -1,0 +1,214 @@
+"""The built-in demonstration: SUGAR brings a trained ReLU model's dead units back.
+
+On the bundled digits data (offline), for each seed:
+1. a deep plain MLP (no normalisation, He init) is trained with ReLU at a high learning
+   rate, the way units die in practice: many never fire again;
+2. from those same weights, each variant is fine-tuned on the same budget: ReLU as is,
+   SUGAR with B-SiLU and with NeLU (forward still ReLU), and swaps to LeakyReLU and GELU;
+3. validation accuracy and dead units (never positive on the training data) are measured.
+Then the best SUGAR model goes through strip -> ONNX -> onnxruntime parity.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .digits import load_digits_split, loader
+from .errors import SugarizeError
+from .train import DataSpec, evaluate, finetune, seed_everything
+
+__all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS"]
+
+
+class DeepMLP(nn.Module):
+    """A deep plain ReLU MLP without normalisation: prone to dying ReLUs."""
+
+    def __init__(self, depth: int = 10, width: int = 32, inputs: int = 64, classes: int = 10,
+                 act: Callable[[], nn.Module] = nn.ReLU):
+        super().__init__()
+        layers, w = [], inputs
+        for _ in range(depth):
+            layers += [nn.Linear(w, width), act()]
+            w = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(w, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    depth: int = 10
+    width: int = 32
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 0.04
+    epochs: int = 15
+    lr: float = 0.003
+    momentum: float = 0.9
+    batch_size: int = 64
+
+
+def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
+    out = copy.deepcopy(model)
+    for name, m in list(out.body.named_children()):
+        if isinstance(m, nn.ReLU):
+            out.body._modules[name] = act()
+    return out
+
+
+def _variants():
+    from .passes.rewrite import sugarize
+
+    return {
+        "ReLU": lambda m: copy.deepcopy(m),
+        "SUGAR B-SiLU": lambda m: sugarize(m, "bsilu"),
+        "SUGAR NeLU": lambda m: sugarize(m, "nelu"),
+        "LeakyReLU": lambda m: _swap(m, nn.LeakyReLU),
+        "GELU": lambda m: _swap(m, nn.GELU),
+    }
+
+
+VARIANTS = ("ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU")
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    accuracy: float
+    dead: float
+    model: nn.Module = field(repr=False)
+
+
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    pretrained: list[tuple[float, float]]  # (accuracy, dead) per seed
+    runs: list[Run]
+    firing: dict[str, list[int]]
+    export: dict | None = None
+    seconds: float = 0.0
+
+    def rows(self):
+        out = []
+        for v in VARIANTS:
+            rs = [r for r in self.runs if r.variant == v]
+            if not rs:
+                continue
+            ok = [r for r in rs if r.accuracy == r.accuracy]
+            if not ok:
+                out.append({"variant": v, "accuracy_mean": float("nan"), "accuracy_std": 0.0,
+                            "dead_mean": float("nan"), "dead_std": 0.0, "seeds": 0, "diverged": len(rs)})
+                continue
+            acc = [r.accuracy for r in ok]
+            dead = [r.dead for r in ok]
+            out.append({
+                "variant": v, "accuracy_mean": statistics.mean(acc),
+                "accuracy_std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
+                "dead_mean": statistics.mean(dead), "dead_std": statistics.pstdev(dead) if len(dead) > 1 else 0.0,
+                "seeds": len(ok), "diverged": len(rs) - len(ok),
+            })
+        return out
+
+
+def _dead_fraction(model, x) -> float:
+    from .audit import audit
+
+    return audit(model, [x]).dead_fraction
+
+
+def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,
+             progress: Callable[[str], None] = lambda s: None) -> DemoResult:
+    """Runs the whole comparison (and the export proof); returns every figure."""
+    from .audit import audit
+
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    (xt, yt), (xv, yv) = load_digits_split()
+    val = loader(xv, yv, batch_size=512)
+    data = DataSpec(lambda: loader(xt, yt, config.batch_size, shuffle=True), lambda: val,
+                    torch.nn.functional.cross_entropy)
+    variants = _variants()
+    runs, pretrained, firing = [], [], {}
+    for seed in config.seeds:
+        seed_everything(seed)
+        base = DeepMLP(config.depth, config.width)
+        progress(f"seed {seed}: pretraining ReLU at lr {config.pretrain_lr}")
+        finetune(base, data, epochs=config.pretrain_epochs, lr=config.pretrain_lr, momentum=config.momentum,
+                 seed=1000 + seed, audit_dead=False)
+        pretrained.append((evaluate(base, val)[1], _dead_fraction(base, xt)))
+        for name in VARIANTS:
+            model = variants[name](base)
+            progress(f"seed {seed}: fine-tuning {name}")
+            try:
+                finetune(model, data, epochs=config.epochs, lr=config.lr, momentum=config.momentum, seed=seed,
+                         audit_dead=False)
+            except SugarizeError:  # the loss diverged: report it, do not hide it
+                runs.append(Run(name, seed, float("nan"), float("nan"), model))
+                continue
+            report = audit(model, [xt])
+            runs.append(Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model))
+            if seed == config.seeds[0]:
+                firing[name] = [c for s in report.sites for c in s.fire_counts]
+    result = DemoResult(config, pretrained, runs, firing)
+    if export:
+        result.export = _export_best(result, xt, out_dir, progress)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _ort_latency(path, x, repeats: int = 200) -> float:
+    from .verify import ort_session
+
+    sess = ort_session(path, threads=1)
+    name = sess.get_inputs()[0].name
+    feed = {name: x.numpy()}
+    for _ in range(20):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
+    from .export import export_onnx
+    from .passes.strip import strip
+    from .verify import verify
+
+    sugar_runs = [r for r in result.runs if r.variant.startswith("SUGAR") and r.accuracy == r.accuracy]
+    best = max(sugar_runs, key=lambda r: r.accuracy)
+    relu = next(r for r in result.runs if r.variant == "ReLU" and r.seed == best.seed)
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sugarize-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"exporting the best SUGAR model ({best.variant}, seed {best.seed})")
+    example = (xt[:32],)
+    plain = strip(best.model)
+    original = DeepMLP(result.config.depth, result.config.width)
+    original.load_state_dict(best.model.state_dict())
+    sugar_res = export_onnx(best.model, out / "sugar_stripped.onnx", example)
+    relu_res = export_onnx(relu.model, out / "relu_original.onnx", example)
+    parity = verify(sugar_res.path, original, example, stripped=plain, reference_onnx=relu_res.path, batches=3)
+    return {
+        "variant": best.variant, "seed": best.seed, "path": str(sugar_res.path),
+        "op_types": sugar_res.op_types, "relu_op_types": relu_res.op_types,
+        "parity": parity, "latency_stripped_ms": 1e3 * _ort_latency(sugar_res.path, example[0]),
+        "latency_relu_ms": 1e3 * _ort_latency(relu_res.path, example[0]),
+    }

@@ -1,0 +1,171 @@
+"""A small, correct fine-tuning loop and the data files it reads.
+
+A data file is a Python file with ``train_loader()`` and, optionally, ``val_loader()`` and
+``loss_fn`` (default: cross-entropy). Loaders yield ``(x, y)`` batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DataFileError, SugarizeError
+
+__all__ = ["DataSpec", "load_data", "finetune", "evaluate", "EpochResult", "seed_everything"]
+
+
+@dataclass
+class DataSpec:
+    train_loader: Callable[[], Iterable]
+    val_loader: Callable[[], Iterable] | None
+    loss_fn: Callable
+    path: Path | None = None
+
+
+def load_data(path) -> DataSpec:
+    """Loads a data file (``train_loader()``, optional ``val_loader()`` and ``loss_fn``).
+
+    Raises:
+        DataFileError: the file is missing, fails to import, or lacks ``train_loader``.
+    """
+    from .errors import ModelFileError
+    from .io import _import_file
+
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"data file {path} not found; give a .py file with a train_loader() function")
+    if path.suffix != ".py":
+        raise DataFileError(f"data file {path} is not a Python file; give a .py file with train_loader()")
+    try:
+        module = _import_file(path)
+    except ModelFileError as exc:
+        raise DataFileError(str(exc)) from exc
+    train = getattr(module, "train_loader", None)
+    if not callable(train):
+        raise DataFileError(f"{path.name} has no train_loader() function; define one that returns (x, y) batches")
+    val = getattr(module, "val_loader", None)
+    loss = getattr(module, "loss_fn", None) or F.cross_entropy
+    return DataSpec(train, val if callable(val) else None, loss, path)
+
+
+def _loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
+    try:
+        return make()
+    except Exception as exc:
+        name = Path(path).name if path else "data file"
+        raise DataFileError(f"{name}:{what}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def _batches(loader: Iterable, what: str):
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise DataFileError(f"{what} must yield (x, y) batches, got {type(batch).__name__}")
+        yield batch[0], batch[1]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    dead_fraction: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` in eval mode over ``loader``."""
+    was = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for x, y in _batches(loader, "val_loader()"):
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            if out.dim() == 2 and y.dim() == 1:
+                correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    model.train(was)
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def finetune(
+    model: nn.Module,
+    data: DataSpec,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    audit_dead: bool = True,
+    start_epoch: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """Trains ``model`` in place; the same seed gives the same weights.
+
+    Each epoch reseeds with ``seed + epoch`` and rebuilds the loaders, so a run resumed at
+    ``start_epoch`` from saved weights continues exactly as an uninterrupted one would.
+
+    Raises:
+        DataFileError: a loader fails or yields something that is not ``(x, y)``.
+        SugarizeError: the loss is not finite (lower the learning rate).
+    """
+    if optimizer not in ("sgd", "adamw"):
+        raise SugarizeError(f"optimizer {optimizer!r} is not one of sgd, adamw")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SugarizeError(f"learning rate {lr} must be a positive number")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    history = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        seed_everything(seed + epoch)
+        model.train()
+        loss_sum, n = 0.0, 0
+        loader = _loader(data.train_loader, "train_loader", data.path)
+        for step, (x, y) in enumerate(_batches(loader, "train_loader()")):
+            opt.zero_grad(set_to_none=True)
+            loss = data.loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                raise SugarizeError(f"loss became {float(loss)} in epoch {epoch + 1}; lower --lr")
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            n += len(y)
+            if on_step:
+                on_step(epoch, step)
+        result = EpochResult(epoch + 1, loss_sum / max(n, 1))
+        if data.val_loader is not None:
+            result.val_loss, result.val_accuracy = evaluate(model, _loader(data.val_loader, "val_loader", data.path),
+                                                            data.loss_fn)
+        if audit_dead:
+            from .audit import audit
+
+            result.dead_fraction = audit(model, _loader(data.train_loader, "train_loader", data.path)).dead_fraction
+        history.append(result)
+        if on_epoch:
+            on_epoch(result)
+    return history
