@@ -279,8 +279,11 @@ def save_weights(state: dict[str, torch.Tensor] | nn.Module, path, *, metadata: 
     return Path(path)
 
 
-def load_weights(path) -> dict[str, torch.Tensor]:
+def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch file, never unpickling arbitrary objects.
+
+    Optimizer state that ``sugarize finetune`` stores beside the weights (keys starting
+    ``__optim__.``) is left out, or, with ``optimizer_state=True``, is all that is returned.
 
     Raises:
         CheckpointError: missing, corrupt, truncated or not a weights file.
@@ -292,7 +295,9 @@ def load_weights(path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
+            keep = (lambda k: k.startswith("__optim__.")) if optimizer_state else (lambda k: not k.startswith("__optim__."))
+            return {k: v for k, v in state.items() if keep(k)}
         except Exception as exc:
             raise CheckpointError(
                 f"cannot read {path}: corrupt or truncated safetensors file ({_one_line(exc)}); write it again"

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from .errors import DataFileError, SugarizeError
 
+OPTIM_PREFIX = "__optim__."
+
 __all__ = ["DataSpec", "load_data", "finetune", "evaluate", "EpochResult", "seed_everything"]
 
 
@@ -119,6 +121,7 @@ def finetune(
     seed: int = 0,
     audit_dead: bool = True,
     start_epoch: int = 0,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> list[EpochResult]:
@@ -126,6 +129,9 @@ def finetune(
 
     Each epoch reseeds with ``seed + epoch`` and rebuilds the loaders, so a run resumed at
     ``start_epoch`` from saved weights continues exactly as an uninterrupted one would.
+
+    ``optimizer_state`` (tensors keyed ``__optim__.<param>.<slot>``) is loaded before training
+    and replaced by the final state after it, so weights plus this state resume exactly.
 
     Raises:
         DataFileError: a loader fails or yields something that is not ``(x, y)``.
@@ -140,6 +146,14 @@ def finetune(
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    if optimizer_state:
+        for p, n in names.items():
+            for key, value in optimizer_state.items():
+                prefix = f"{OPTIM_PREFIX}{n}."
+                if key.startswith(prefix):
+                    slot = key[len(prefix):]
+                    opt.state[p][slot] = value.clone() if slot != "step" else value.clone().reshape(())
     history = []
     for epoch in range(start_epoch, start_epoch + epochs):
         seed_everything(seed + epoch)
@@ -168,4 +182,10 @@ def finetune(
         history.append(result)
         if on_epoch:
             on_epoch(result)
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        for p, n in names.items():
+            for slot, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    optimizer_state[f"{OPTIM_PREFIX}{n}.{slot}"] = value.detach().clone().reshape(value.shape or (1,))
     return history
