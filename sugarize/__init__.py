@@ -40,9 +40,9 @@ _EXPORTS = {
     "load_weights": "sugarize.io",
     "save_weights": "sugarize.io",
     "export_onnx": "sugarize.export",
-    "verify": "sugarize.verify",
-    "compare_graphs": "sugarize.verify",
-    "audit": "sugarize.audit",
+    "verify": "sugarize.parity",
+    "compare_graphs": "sugarize.parity",
+    "audit": "sugarize.deadunits",
     "finetune": "sugarize.train",
 }
 

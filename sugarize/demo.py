@@ -127,7 +127,7 @@ class DemoResult:
 
 
 def _dead_fraction(model, x) -> float:
-    from .audit import audit
+    from .deadunits import audit
 
     return audit(model, [x]).dead_fraction
 
@@ -135,7 +135,7 @@ def _dead_fraction(model, x) -> float:
 def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,
              progress: Callable[[str], None] = lambda s: None) -> DemoResult:
     """Runs the whole comparison (and the export proof); returns every figure."""
-    from .audit import audit
+    from .deadunits import audit
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -173,7 +173,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
 
 
 def _ort_latency(path, x, repeats: int = 200) -> float:
-    from .verify import ort_session
+    from .parity import ort_session
 
     sess = ort_session(path, threads=1)
     name = sess.get_inputs()[0].name
@@ -191,7 +191,7 @@ def _ort_latency(path, x, repeats: int = 200) -> float:
 def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
     from .export import export_onnx
     from .passes.strip import strip
-    from .verify import verify
+    from .parity import verify
 
     sugar_runs = [r for r in result.runs if r.variant.startswith("SUGAR") and r.accuracy == r.accuracy]
     best = max(sugar_runs, key=lambda r: r.accuracy)

@@ -176,7 +176,7 @@ def finetune(
             result.val_loss, result.val_accuracy = evaluate(model, _loader(data.val_loader, "val_loader", data.path),
                                                             data.loss_fn)
         if audit_dead:
-            from .audit import audit
+            from .deadunits import audit
 
             result.dead_fraction = audit(model, _loader(data.train_loader, "train_loader", data.path)).dead_fraction
         history.append(result)

@@ -109,7 +109,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     from .export import export_onnx
     from .fsutil import check_writable
     from .passes.strip import strip
-    from .verify import verify
+    from .parity import verify
 
     check_writable(out, force=force)
     src = open_source(source, weights=weights, model=model)
@@ -132,7 +132,7 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
     from .export import export_onnx
     from .passes.strip import strip
-    from .verify import _load_onnx, verify
+    from .parity import _load_onnx, verify
 
     proto = _load_onnx(onnx_path)
     src = open_source(against, weights=weights, model=model)
@@ -151,7 +151,7 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",
                plot: str | None = None, force: bool = True):
     """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
-    from .audit import audit
+    from .deadunits import audit
     from .errors import DataFileError
     from .train import _loader, load_data
 

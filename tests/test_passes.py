@@ -307,3 +307,12 @@ def test_converted_model_pickles_and_deepcopies(spellings, tmp_path):
     assert sugarize.count_sugar(clone) == 8 and same_bits(clone(x), sm(x))
     retraced = torch.fx.symbolic_trace(sm)
     assert sugarize.count_sugar(retraced) == 8
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    import importlib
+
+    for name in ("verify", "audit", "sugarize", "strip", "inspect", "finetune", "export_onnx"):
+        importlib.import_module("sugarize.parity")
+        importlib.import_module("sugarize.deadunits")
+        assert callable(getattr(sugarize, name)) and not isinstance(getattr(sugarize, name), type(sugarize)), name
