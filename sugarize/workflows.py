@@ -185,8 +185,6 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
         from .errors import CheckpointError
 
         raise CheckpointError(f"{checkpoint} is not a SUGAR checkpoint; create one with `sugarize convert`")
-    from .train import OPTIM_PREFIX
-
     start, optim_state = 0, {}
     if resume:
         load_state_into(src.sugar, load_weights(resume), f"weights {Path(resume).name}")
@@ -194,7 +192,6 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
         start = _resume_epoch(resume)
     history = finetune(src.sugar, spec, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, start_epoch=start,
                        optimizer_state=optim_state, on_step=on_step, on_epoch=on_epoch)
-    assert all(k.startswith(OPTIM_PREFIX) for k in optim_state)
     meta = {"sugarize_finetune": json.dumps({"epoch": start + epochs, "seed": seed, "lr": lr,
                                              "optimizer": optimizer, "checkpoint": Path(checkpoint).name,
                                              "surrogate": read_recipe(checkpoint)["config"]["surrogate"]})}
