@@ -334,7 +334,7 @@ def finetune_cmd(
 @command
 def demo_cmd(
     out_dir: Path = typer.Option(Path("sugarize-demo"), "--out", help="Folder for the plot and ONNX files."),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per variant."),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per variant."),
     epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
@@ -358,11 +358,12 @@ def demo_cmd(
     ex = result.export
     if as_json:
         return _emit_json({"config": dataclasses.asdict(cfg), "rows": rows, "pretrained": result.pretrained,
+                           "paired": result.paired(),
                            "export": {k: (v.to_dict() if k == "parity" else v) for k, v in (ex or {}).items()},
                            "seconds": result.seconds})
     acc0 = sum(a for a, _ in result.pretrained) / len(result.pretrained)
     dead0 = sum(d for _, d in result.pretrained) / len(result.pretrained)
-    out.print(f"pretrained ReLU MLP ({cfg.depth}x{cfg.width}, lr {cfg.pretrain_lr}): val acc {100 * acc0:.1f}%, "
+    out.print(f"pretrained ReLU MLP ({cfg.depth}x{cfg.width}, {cfg.pretrain_optimizer} lr {cfg.pretrain_lr}): val acc {100 * acc0:.1f}%, "
               f"dead units {100 * dead0:.1f}%; each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} "
               f"from those weights, {len(cfg.seeds)} seeds")
     table = Table(title="digits validation (mean ± std over seeds)", title_justify="left")
@@ -376,6 +377,11 @@ def demo_cmd(
         table.add_row(r["variant"], f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
                       f"{100 * r['dead_mean']:.1f} ± {100 * r['dead_std']:.1f}", note)
     out.print(table)
+    p = result.paired()
+    if p["seeds"]:
+        out.print(f"seed by seed, SUGAR B-SiLU vs ReLU: accuracy {100 * p['accuracy']:+.1f} points "
+                  f"(not worse in {p['accuracy_not_worse']}/{p['seeds']} seeds), dead units {100 * p['dead']:+.1f} "
+                  f"points (fewer in {p['fewer_dead']}/{p['seeds']} seeds)")
     if ex:
         out.print(f"best SUGAR model: {ex['variant']} (seed {ex['seed']}) -> strip -> {ex['path']}")
         out.print(f"ONNX op types: {' '.join(ex['op_types'])}")

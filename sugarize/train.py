@@ -164,7 +164,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss = data.loss_fn(model(x), y)
             if not torch.isfinite(loss):
-                raise SugarizeError(f"loss became {float(loss)} in epoch {epoch + 1}; lower --lr")
+                raise SugarizeError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach()) * len(y)

@@ -175,3 +175,15 @@ def test_demo_runs_small_and_exports(tmp_path):
     ex = result.export
     assert ex["op_types"] == ex["relu_op_types"] and ex["op_types"].count("Relu") == 3
     assert ex["parity"].passed
+
+
+def test_demo_paired_compares_seed_by_seed():
+    from sugarize.demo import DemoConfig, DemoResult, Run
+
+    runs = [Run("ReLU", 0, 0.90, 0.20, None), Run("SUGAR B-SiLU", 0, 0.93, 0.10, None),
+            Run("ReLU", 1, 0.95, 0.05, None), Run("SUGAR B-SiLU", 1, 0.94, 0.06, None),
+            Run("ReLU", 2, 0.95, 0.05, None), Run("SUGAR B-SiLU", 2, float("nan"), float("nan"), None)]
+    p = DemoResult(DemoConfig(seeds=(0, 1, 2)), [], runs, {}).paired()
+    assert p["seeds"] == 2  # the diverged seed is not paired
+    assert p["accuracy"] == pytest.approx((0.03 - 0.01) / 2) and p["dead"] == pytest.approx((-0.10 + 0.01) / 2)
+    assert p["accuracy_not_worse"] == 1 and p["fewer_dead"] == 1

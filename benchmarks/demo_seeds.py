@@ -1,0 +1,94 @@
+"""The demo's comparison over more seeds, plus the settings where SUGAR does not win.
+
+    python benchmarks/demo_seeds.py [--seeds 10] [--out benchmarks/results]
+
+Writes ``demo_seeds.md`` and ``demo_seeds.json``. Each setting fine-tunes every variant from
+the same pretrained ReLU weights per seed (or trains from scratch); "paired" columns compare
+SUGAR B-SiLU with ReLU seed by seed, which removes the spread the pretraining causes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, machine_line, md_table, mean_std, write  # noqa: E402
+
+from sugarize.demo import VARIANTS, DemoConfig, run_demo  # noqa: E402
+
+
+def settings(seeds: int) -> list[tuple[str, DemoConfig]]:
+    base = DemoConfig(seeds=tuple(range(seeds)))
+    few = tuple(range(min(seeds, 5)))
+    return [
+        ("demo defaults: AdamW-pretrained 10x32 MLP, SGD fine-tune lr 0.003", base),
+        ("harsher fine-tune: same, SGD lr 0.01", dataclasses.replace(base, seeds=few, lr=0.01)),
+        ("from scratch: no pretraining, SGD lr 0.01, 20 epochs",
+         dataclasses.replace(base, seeds=few, pretrain_epochs=0, lr=0.01, epochs=20)),
+    ]
+
+
+def paired(result, metric: str, better) -> tuple[float, int, int]:
+    by = {(r.variant, r.seed): getattr(r, metric) for r in result.runs}
+    diffs = [by[("SUGAR B-SiLU", s)] - by[("ReLU", s)] for s in result.config.seeds]
+    ok = [d for d in diffs if d == d]
+    wins = sum(1 for d in ok if better(d))
+    return (sum(ok) / len(ok) if ok else float("nan")), wins, len(diffs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    m = machine()
+    start = time.perf_counter()
+    sections, data = [], {"machine": m, "settings": []}
+    for title, cfg in settings(args.seeds):
+        t = time.perf_counter()
+        result = run_demo(cfg, export=False)
+        rows = []
+        for row in result.rows():
+            acc, acc_sd = row["accuracy_mean"], row["accuracy_std"]
+            dead, dead_sd = row["dead_mean"], row["dead_std"]
+            failed = sum(1 for r in result.runs if r.variant == row["variant"] and not (r.accuracy > 0.2))
+            rows.append([row["variant"], f"{100 * acc:.1f} ± {100 * acc_sd:.1f}" if row["seeds"] else "diverged",
+                         f"{100 * dead:.1f} ± {100 * dead_sd:.1f}" if row["seeds"] else "-",
+                         f"{failed}/{len(cfg.seeds)}"])
+        d_acc, acc_wins, n = paired(result, "accuracy", lambda d: d >= 0)
+        d_dead, dead_wins, _ = paired(result, "dead", lambda d: d < 0)
+        pre_acc, _ = mean_std([a for a, _ in result.pretrained])
+        pre_dead, _ = mean_std([d for _, d in result.pretrained])
+        sections.append(
+            f"### {title}\n\n{len(cfg.seeds)} seeds, {cfg.epochs} epochs per variant; starting point: "
+            f"val accuracy {100 * pre_acc:.1f} %, dead units {100 * pre_dead:.1f} %. "
+            f"({time.perf_counter() - t:.0f} s)\n\n"
+            + md_table(["variant", "val accuracy %", "dead units %", "collapsed or diverged (acc <= 20 %)"], rows)
+            + f"\n\nPaired, SUGAR B-SiLU minus ReLU per seed: accuracy {100 * d_acc:+.2f} points "
+            f"(B-SiLU >= ReLU in {acc_wins}/{n} seeds), dead units {100 * d_dead:+.2f} points "
+            f"(fewer dead in {dead_wins}/{n} seeds).\n")
+        data["settings"].append({
+            "title": title, "config": dataclasses.asdict(cfg), "pretrained": result.pretrained,
+            "runs": [{"variant": r.variant, "seed": r.seed, "accuracy": r.accuracy, "dead": r.dead}
+                     for r in result.runs],
+            "paired": {"accuracy": d_acc, "accuracy_wins": acc_wins, "dead": d_dead, "dead_wins": dead_wins, "n": n},
+        })
+        print(sections[-1], flush=True)
+    total = time.perf_counter() - start
+    md = ("# Demo comparison over seeds\n\n"
+          f"`python benchmarks/demo_seeds.py --seeds {args.seeds}` on {machine_line(m)}; {total:.0f} s.\n"
+          f"Variants: {', '.join(VARIANTS)}. Dead = never positive on the 1,348 training images.\n\n"
+          + "\n".join(sections))
+    data["seconds"] = total
+    md_path, _ = write("demo_seeds", md, data, args.out)
+    print(f"wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
