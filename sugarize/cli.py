@@ -143,7 +143,7 @@ def convert_cmd(
     negative_only: bool = typer.Option(False, "--negative-only", help="Keep gradient 1 for x > 0; s' only for x <= 0."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
-    save: str = typer.Option("full", "--save-precision", help="Saved derivative precision: full, bfloat16, uint8."),
+    save: str = typer.Option("uint8", "--save-precision", help="Saved derivative precision: full, bfloat16, uint8."),
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also turn these into ReLU + SUGAR: gelu,silu."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),

@@ -33,7 +33,7 @@ class SugarConfig:
     surrogate: str = "bsilu"
     params: Mapping[str, float] = field(default_factory=dict)
     negative_only: bool = False
-    save: str = "full"
+    save: str = "uint8"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     relufy: tuple[str, ...] = ()

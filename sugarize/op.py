@@ -11,7 +11,8 @@ For the backward pass the op saves only ``s'(x)`` (never ``x``), in the precisio
 
 - ``"full"``: the input's dtype, exact.
 - ``"bfloat16"``: half the memory; 0 and 1 stay exact, other values to ~0.4 %.
-- ``"uint8"``: a quarter; a fixed grid of step 1/k chosen per surrogate so that 0 and 1 are
+- ``"uint8"`` (the default, chosen by measurement in benchmarks/results/perf.md): a
+  quarter; a fixed grid of step 1/k chosen per surrogate so that 0 and 1 are
   exact, other values to half a step (~0.003 for B-SiLU).
 """
 
@@ -24,12 +25,13 @@ from typing import Sequence
 import torch
 
 from .errors import ParameterError
-from .surrogates import get_surrogate, resolve_params
+from .kernels import fused_decode, fused_encode
+from .surrogates import get_surrogate, keep_positive_one, resolve_params
 
 __all__ = ["sugar", "surrogate_grad", "SAVE_MODES", "DEFAULT_SAVE", "OP"]
 
 SAVE_MODES = ("full", "bfloat16", "uint8")
-DEFAULT_SAVE = "full"
+DEFAULT_SAVE = "uint8"  # measured: benchmarks/results/perf.md (memory 1.11x ReLU, fastest step)
 
 
 def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool):
@@ -37,9 +39,9 @@ def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negati
     entry = get_surrogate(surrogate)
     kwargs = {p.name: v for p, v in zip(entry.params, params)}
     xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    d = entry.derivative(xc, **kwargs)
+    d = entry.fast_derivative(xc, **kwargs)
     if negative_only:
-        d = torch.where(xc > 0, torch.ones_like(d), d)
+        d = keep_positive_one(d, xc)
     return d
 
 
@@ -63,12 +65,14 @@ def _uint8_grid(surrogate: str, params: tuple[float, ...], negative_only: bool) 
 
 
 def _encode(d: torch.Tensor, dtype: torch.dtype, save: str, grid: tuple[float, int] | None):
+    """The saved form of ``d`` (which this function may overwrite)."""
     if save == "full":
         return d.to(dtype)
     if save == "bfloat16":
         return d.to(torch.bfloat16)
     k, zp = grid
-    return (d * k).round_().add_(zp).clamp_(0, 255).to(torch.uint8)
+    # round(d * k) + zp, in place: truncation of a value >= 0 plus 0.5 rounds half up
+    return d.mul_(k).add_(zp + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def _decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> torch.Tensor:
@@ -95,13 +99,18 @@ def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
     ctx.grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-    d = _derivative(x, surrogate, params, negative_only)
-    ctx.save_for_backward(_encode(d, x.dtype, save, ctx.grid))
+    saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
+    if saved is None:
+        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, ctx.grid)
+    ctx.save_for_backward(saved)
 
 
 def _backward(ctx, grad):
     (saved,) = ctx.saved_tensors
-    return _decode_mul(grad, saved, ctx.save, ctx.grid), None, None, None, None
+    out = fused_decode(grad, saved, ctx.save, ctx.grid)
+    if out is None:
+        out = _decode_mul(grad, saved, ctx.save, ctx.grid)
+    return out, None, None, None, None
 
 
 _sugar_op.register_autograd(_backward, setup_context=_setup_context)

@@ -135,9 +135,22 @@ def test_register_surrogate_and_duplicate_name():
 
     try:
         x = torch.tensor([-1.0, 1.0], requires_grad=True)
-        sugarize.sugar(x, "test_softsign", scale=2.0).sum().backward()
+        sugarize.sugar(x, "test_softsign", scale=2.0, save="full").sum().backward()
         assert x.grad.tolist() == [0.5, 0.5]
         with pytest.raises(ValueError, match="already registered"):
             register_surrogate("test_softsign")(SoftSign)
     finally:
         _REGISTRY.pop("test_softsign")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list_surrogates())
+def test_fast_derivative_equals_the_reference_formula(name, dtype):
+    """The op evaluates fast_derivative (fused ATen kernels); it must be derivative's values."""
+    special = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e30, -1e30, 1e-40, -1e-40, 60.0, -60.0])
+    x = torch.cat([torch.randn(20_000, dtype=torch.float64) * 4, special.double()]).to(dtype)
+    entry = get_surrogate(name)
+    ref = entry.derivative(x, **entry.defaults())
+    fast = entry.fast_derivative(x.clone(), **entry.defaults())
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)

@@ -105,7 +105,7 @@ def sugarize(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     negative_only: bool = False,
-    save: str = "full",
+    save: str = "uint8",
     relufy: Iterable[str] | str = (),
     config: SugarConfig | None = None,
     **params: float,

@@ -1,0 +1,287 @@
+"""SUGAR's training and inference cost next to ReLU's, measured side by side in one run.
+
+    python benchmarks/perf.py [--repeats 7] [--no-compile] [--out benchmarks/results]
+
+Writes ``perf.md`` and ``perf.json``. Every figure is a ratio to plain ReLU in the same run:
+- training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
+  batch 64) and a deep MLP, eager and under ``torch.compile`` (compile time separately);
+- memory held for the backward pass: bytes of the unique non-parameter tensors autograd
+  saves (``saved_tensors_hooks``), and the peak RSS of a fresh process running 3 steps;
+- conversion cost: ``sugarize`` + ``strip`` beyond one ``symbolic_trace``, 50..5,000 sites;
+- onnxruntime latency of the stripped model vs the original, GELU/SiLU models, and a
+  forward-gradient-injection model exported without stripping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker pool competing with timed steps
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from _common import machine, machine_line, md_table, write  # noqa: E402
+from models import ACTIVATIONS, ResNet18  # noqa: E402
+
+import sugarize  # noqa: E402
+from sugarize.demo import DeepMLP  # noqa: E402
+
+SUGAR_VARIANTS = {
+    "sugarize B-SiLU (save=full)": ("bsilu", "full"),
+    "sugarize B-SiLU (save=bfloat16)": ("bsilu", "bfloat16"),
+    "sugarize B-SiLU (save=uint8)": ("bsilu", "uint8"),
+    "sugarize NeLU (save=uint8)": ("nelu", "uint8"),
+}
+VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
+COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (save=full)", "sugarize B-SiLU (save=uint8)"]
+MODELS = {
+    "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),
+    "MLP 8x1024 (batch 256)": (lambda act: DeepMLP(8, 1024, inputs=784, act=act), (256, 784)),
+}
+
+
+def build(model_name: str, variant: str, seed: int = 0) -> nn.Module:
+    make, _ = MODELS[model_name]
+    torch.manual_seed(seed)
+    if variant in SUGAR_VARIANTS:
+        surrogate, save = SUGAR_VARIANTS[variant]
+        return sugarize.sugarize(make(nn.ReLU), surrogate, save=save)
+    return make(ACTIVATIONS[variant])
+
+
+def batch(model_name: str):
+    _, shape = MODELS[model_name]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g), torch.randint(0, 10, (shape[0],), generator=g)
+
+
+def make_step(model: nn.Module, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def saved_bytes(model: nn.Module, x) -> int:
+    """Bytes of the unique non-parameter tensors autograd keeps for the backward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())
+
+
+def timed_steps(model_name: str, variants: list[str], repeats: int, compiled: bool) -> dict[str, dict]:
+    x, y = batch(model_name)
+    steps, out = {}, {}
+    for v in variants:
+        model = build(model_name, v)
+        if compiled:
+            torch._dynamo.reset()
+            model = torch.compile(model)
+        step = make_step(model, x, y)
+        t = time.perf_counter()
+        step()  # compiles when compiled
+        out[v] = {"first_step_s": time.perf_counter() - t}
+        step()
+        steps[v] = step
+    times = {v: [] for v in variants}
+    for _ in range(repeats):  # interleaved: drift hits every variant alike
+        for v in variants:
+            t = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - t)
+    for v in variants:
+        out[v]["step_ms"] = 1e3 * statistics.median(times[v])
+        if compiled:
+            out[v]["compile_s"] = out[v]["first_step_s"] - out[v]["step_ms"] / 1e3
+    return out
+
+
+def peak_rss_child(model_name: str, variant: str) -> dict:
+    """Runs in a fresh process: RSS growth from after model build to the peak over 3 steps."""
+    code = (
+        "import sys, json, resource; sys.path.insert(0, %r)\n"
+        "import perf\n"
+        "m = perf.build(%r, %r); x, y = perf.batch(%r); step = perf.make_step(m, x, y)\n"
+        "before = int(open('/proc/self/statm').read().split()[1]) * %d\n"
+        "for _ in range(3): step()\n"
+        "print(json.dumps({'before': before, 'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+    ) % (str(HERE), model_name, variant, model_name, os.sysconf("SC_PAGE_SIZE"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 3) -> list[dict]:
+    rows = []
+    for n in sizes:
+        layers = []
+        for _ in range(n):
+            layers += [nn.Linear(4, 4), nn.ReLU()]
+        model = nn.Sequential(*layers)
+        trace, total = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.fx.symbolic_trace(model)
+            trace.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sm = sugarize.sugarize(model)
+            sugarize.strip(sm)
+            total.append(time.perf_counter() - t)
+        tr, tot = min(trace), min(total)
+        rows.append({"sites": n, "trace_s": tr, "sugarize_strip_s": tot, "beyond_trace_s": tot - tr,
+                     "beyond_ratio": (tot - tr) / tr, "per_site_ms": 1e3 * tot / n})
+    return rows
+
+
+def ort_latency(path, x, repeats: int = 30) -> float:
+    from sugarize.parity import ort_session
+
+    sess = ort_session(path, threads=torch.get_num_threads())
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(3):
+        sess.run(None, feed)
+    return sess, feed
+
+
+def inference(repeats: int) -> dict:
+    from sugarize.export import export_onnx
+
+    model_name = "ResNet-18 (32x32, batch 64)"
+    x = torch.randn(8, 3, 32, 32)
+    tmp = Path(tempfile.mkdtemp(prefix="sugarize-bench-"))
+    rows = {}
+    relu = build(model_name, "ReLU").eval()
+    sm = sugarize.sugarize(relu)
+    fgi = build(model_name, "SUGAR by FGI (B-SiLU)").eval()
+    fgi.load_state_dict(relu.state_dict())
+    cases = {
+        "original ReLU model": (relu, True),
+        "sugarize -> strip (B-SiLU)": (sm, True),
+        "GELU model": (build(model_name, "GELU").eval(), True),
+        "SiLU model": (build(model_name, "SiLU").eval(), True),
+        "FGI model exported as is": (fgi, False),
+    }
+    sessions = {}
+    for name, (model, strip) in cases.items():
+        path = tmp / (name.replace(" ", "_").replace(">", "").replace("(", "").replace(")", "") + ".onnx")
+        if strip:
+            res = export_onnx(model, path, (x,))
+            ops = res.op_types
+        else:  # what a user gets exporting the paper's formulation: no strip pass
+            with torch.no_grad():
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    torch.onnx.export(model, (x,), str(path), dynamo=True)
+            import onnx
+
+            ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        sessions[name] = ort_latency(path, x)
+        rows[name] = {"nodes": len(ops), "ops": sorted(set(ops)), "times": []}
+    for _ in range(repeats):
+        for name, (sess, feed) in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feed)
+            rows[name]["times"].append(time.perf_counter() - t)
+    for r in rows.values():
+        r["ms"] = 1e3 * statistics.median(r.pop("times"))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    m = machine()
+    data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
+    md = ["# SUGAR cost next to ReLU", "",
+          f"`python benchmarks/perf.py` on {machine_line(m)}.", "",
+          "Ratios are to plain ReLU in the same run (interleaved steps, median). GPU: none on this "
+          "machine, so no GPU rows; run the script where `torch.cuda.is_available()` to add them.", ""]
+    for model_name in MODELS:
+        print(f"[{time.perf_counter() - start:.0f} s] {model_name}: eager steps", flush=True)
+        eager = timed_steps(model_name, VARIANTS, args.repeats, compiled=False)
+        x, _ = batch(model_name)
+        mem = {v: saved_bytes(build(model_name, v), x) for v in VARIANTS}
+        print(f"[{time.perf_counter() - start:.0f} s] {model_name}: peak RSS", flush=True)
+        rss = {v: peak_rss_child(model_name, v) for v in VARIANTS}
+        comp = {}
+        if not args.no_compile:
+            print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
+            comp = timed_steps(model_name, COMPILED, args.repeats, compiled=True)
+        data["training"][model_name], data["compiled"][model_name] = eager, comp
+        data["memory"][model_name] = {v: {"saved_bytes": mem[v], **rss[v]} for v in VARIANTS}
+        base, base_mem = eager["ReLU"]["step_ms"], mem["ReLU"]
+        base_rss = rss["ReLU"]["peak"] - rss["ReLU"]["before"]
+        rows = []
+        for v in VARIANTS:
+            c = comp.get(v)
+            rows.append([
+                v, f"{eager[v]['step_ms']:.1f}", f"{eager[v]['step_ms'] / base:.3f}",
+                f"{mem[v] / 2**20:.1f}", f"{mem[v] / base_mem:.3f}",
+                f"{(rss[v]['peak'] - rss[v]['before']) / base_rss:.3f}",
+                f"{c['step_ms'] / comp['ReLU']['step_ms']:.3f}" if c else "-",
+                f"{c['compile_s']:.0f}" if c else "-",
+            ])
+        md += [f"## Training: {model_name}", "",
+               md_table(["variant", "eager step ms", "eager ratio", "saved MiB", "saved ratio",
+                         "peak RSS growth ratio", "compiled ratio", "compile s"], rows), ""]
+    print(f"[{time.perf_counter() - start:.0f} s] conversion cost", flush=True)
+    conv = conversion_cost()
+    data["conversion"] = conv
+    md += ["## Conversion cost (`nn.Sequential` of Linear+ReLU pairs)", "",
+           md_table(["sites", "symbolic_trace s", "sugarize + strip s", "beyond one trace s", "beyond / trace",
+                     "ms per site"],
+                    [[r["sites"], f"{r['trace_s']:.3f}", f"{r['sugarize_strip_s']:.3f}",
+                      f"{r['beyond_trace_s']:.3f}", f"{r['beyond_ratio']:.2f}", f"{r['per_site_ms']:.3f}"]
+                     for r in conv]), ""]
+    print(f"[{time.perf_counter() - start:.0f} s] onnxruntime inference", flush=True)
+    inf = inference(max(30, 5 * args.repeats))
+    data["inference"] = inf
+    base = inf["original ReLU model"]["ms"]
+    md += ["## Inference: onnxruntime, ResNet-18 style, batch 8, "
+           f"{torch.get_num_threads()} threads, ORT_ENABLE_ALL", "",
+           md_table(["model", "ONNX nodes", "op types", "median ms", "ratio"],
+                    [[k, r["nodes"], " ".join(r["ops"]), f"{r['ms']:.2f}", f"{r['ms'] / base:.3f}"]
+                     for k, r in inf.items()]), ""]
+    total = time.perf_counter() - start
+    md.append(f"Total: {total:.0f} s.")
+    data["seconds"] = total
+    md_path, _ = write("perf", "\n".join(md) + "\n", data, args.out)
+    print("\n".join(md))
+    print(f"wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
