@@ -177,6 +177,9 @@ def export_cmd(
     rtol: float = typer.Option(1e-5, "--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = typer.Option(0, "--seed"),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx: static int8 (QDQ) quantisation."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
+    calibration_batches: int = typer.Option(32, "--calibration-batches", min=1),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -186,10 +189,12 @@ def export_cmd(
     with err.status("exporting and checking parity..."):
         res = export_file(source, str(output), weights=str(weights) if weights else None, model=model, opset=opset,
                           dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
-                          batches=batches, seed=seed)
+                          batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
+                          calibration_batches=calibration_batches)
     if as_json:
         _emit_json({"onnx": str(res.export.path), "opset": res.export.opset, "op_types": res.export.op_types,
-                    "stripped_sites": res.export.stripped_sites, "notes": res.notes, "parity": res.parity.to_dict()})
+                    "stripped_sites": res.export.stripped_sites, "notes": res.notes, "parity": res.parity.to_dict(),
+                    "int8": res.int8.to_dict() if res.int8 else None})
     else:
         for note in res.notes:
             out.print(f"[yellow]note:[/] {note}")
@@ -197,7 +202,9 @@ def export_cmd(
                   f"{res.export.op_types.count('Relu')} Relu, {res.export.stripped_sites} SUGAR sites stripped)")
         out.print(_parity_table(res.parity))
         out.print(res.parity.summary())
-    if not res.parity.passed:
+        if res.int8:
+            out.print(res.int8.summary())
+    if not res.parity.passed or (res.int8 and not res.int8.passed):
         raise typer.Exit(1)
 
 
@@ -213,19 +220,23 @@ def verify_cmd(
     rtol: float = typer.Option(1e-5, "--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = typer.Option(0, "--seed"),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (the openvino extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Parity report: onnxruntime vs the model in PyTorch, per output. Exit 1 if it fails."""
+    """Parity and structural identity: the ONNX file vs the model in PyTorch and the original's export."""
     from .workflows import verify_file
 
     report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,
-                         input_shapes=input_shape, atol=atol, rtol=rtol, batches=batches, seed=seed)
+                         input_shapes=input_shape, atol=atol, rtol=rtol, batches=batches, seed=seed,
+                         runtime=runtime)
     if as_json:
         _emit_json(report.to_dict())
     else:
         out.print(_parity_table(report))
         if report.graph is not None and not report.graph.standard_domain_only:
             out.print(f"[red]non-standard ops:[/] {', '.join(report.graph.nonstandard)}")
+        for note in report.notes:
+            out.print(f"note: {note}")
         out.print(report.summary())
     if not report.passed:
         raise typer.Exit(1)

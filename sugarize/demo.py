@@ -188,26 +188,10 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
     return result
 
 
-def _ort_latency(path, x, repeats: int = 200) -> float:
-    from .parity import ort_session
-
-    sess = ort_session(path, threads=1)
-    name = sess.get_inputs()[0].name
-    feed = {name: x.numpy()}
-    for _ in range(20):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
     from .export import export_onnx
     from .passes.strip import strip
-    from .parity import verify
+    from .parity import ort_latency, verify
 
     sugar_runs = [r for r in result.runs if r.variant.startswith("SUGAR") and r.accuracy == r.accuracy]
     best = max(sugar_runs, key=lambda r: r.accuracy)
@@ -225,6 +209,6 @@ def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
     return {
         "variant": best.variant, "seed": best.seed, "path": str(sugar_res.path),
         "op_types": sugar_res.op_types, "relu_op_types": relu_res.op_types,
-        "parity": parity, "latency_stripped_ms": 1e3 * _ort_latency(sugar_res.path, example[0]),
-        "latency_relu_ms": 1e3 * _ort_latency(relu_res.path, example[0]),
+        "parity": parity, "latency_stripped_ms": 1e3 * ort_latency(sugar_res.path, example[0]),
+        "latency_relu_ms": 1e3 * ort_latency(relu_res.path, example[0]),
     }

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError, InputError
 
-__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "ort_session"]
+__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "ort_session", "ort_latency"]
 
 
 @dataclass
@@ -58,10 +58,12 @@ class ParityReport:
     outputs: list[OutputParity]
     graph: GraphCheck | None
     notes: list[str] = field(default_factory=list)
+    structure: Any = None  # a StructureReport when a reference export was compared
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and (self.graph is None or self.graph.passed)
+        return (all(o.passed for o in self.outputs) and (self.graph is None or self.graph.passed)
+                and (self.structure is None or self.structure.passed))
 
     @property
     def max_abs(self) -> float:
@@ -73,6 +75,8 @@ class ParityReport:
         d["max_abs"] = self.max_abs
         if self.graph is not None:
             d["graph"]["passed"] = self.graph.passed
+        if self.structure is not None:
+            d["structure"] = self.structure.to_dict()
         return d
 
     def summary(self) -> str:
@@ -83,10 +87,13 @@ class ParityReport:
         if self.graph is not None:
             graph = "; graph: same op types as the original" if self.graph.op_types_equal else (
                 f"; graph differs from the original at {self.graph.first_difference}")
-        return (
-            f"parity {verdict}: {len(self.outputs)} output comparisons over {self.batches} batch(es), "
-            f"max abs {self.max_abs:.2e}{rel} (atol {self.atol:g}, rtol {self.rtol:g}){graph}"
+        line = (
+            f"parity {verdict} ({self.runtime}): {len(self.outputs)} output comparisons over {self.batches} "
+            f"batch(es), max abs {self.max_abs:.2e}{rel} (atol {self.atol:g}, rtol {self.rtol:g}){graph}"
         )
+        if self.structure is not None:
+            line += "\n" + self.structure.summary()
+        return line
 
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -107,6 +114,61 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+class _Runner:
+    """One inference engine over an ONNX file: input/output names and ``run(list of arrays)``."""
+
+    def __init__(self, path, runtime: str, optimization: str, precision: str | None = None):
+        self.runtime = runtime
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            self.session = ort_session(path, optimization=optimization)
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
+        elif runtime == "openvino":
+            try:
+                import openvino as ov
+            except ImportError:
+                raise InputError("--runtime openvino needs the openvino extra: pip install 'sugarize[openvino]'") from None
+            core = ov.Core()
+            config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+            try:
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            except Exception as exc:
+                raise ExportError(f"OpenVINO cannot compile {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+            self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+            self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+            self.version = f"openvino {ov.__version__.split('-')[0]} (CPU, inference precision {hint})"
+            self.providers = ["CPU"]
+        else:
+            raise InputError(f"runtime {runtime!r} is not one of onnxruntime, openvino")
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.runtime == "onnxruntime":
+            return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
+        res = self.compiled(arrays)
+        return [np.asarray(res[o]) for o in self.compiled.outputs]
+
+
+def ort_latency(path, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> float:
+    """Median seconds of one onnxruntime CPU run of a single-input model on ``x``."""
+    import time
+
+    sess = ort_session(path, threads=threads)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def _load_onnx(path):
@@ -185,6 +247,8 @@ def verify(
     seed: int = 0,
     optimization: str = "all",
     batch_sizes: Sequence[int] | None = None,
+    runtime: str = "onnxruntime",
+    structure: bool = True,
 ) -> ParityReport:
     """Runs the ONNX model in onnxruntime (CPU) and compares every output with PyTorch.
 
@@ -192,7 +256,12 @@ def verify(
     onnxruntime, the ``stripped`` model (if given) and the ``original`` model in eval mode;
     each output is judged elementwise by ``|ort - torch| <= atol + rtol * |torch|``, with
     shape and dtype. With ``reference_onnx`` (the export of the original ReLU model) the op
-    types, in order, must be equal and every node must be in the standard domain.
+    types, in order, must be equal and every node must be in the standard domain, and (with
+    ``structure``) the two graphs must be structurally identical, before and after
+    onnxruntime's full optimisation (see ``sugarize.structure``).
+
+    ``runtime="openvino"`` runs the file in OpenVINO's CPU plugin at explicit float32 (the
+    verdict), and reports the plugin's default inference precision in ``notes``.
 
     Returns:
         A ``ParityReport``; ``report.passed`` tells the verdict.
@@ -200,13 +269,17 @@ def verify(
     Raises:
         InputError: the ONNX file is missing or invalid, or inputs do not fit it.
     """
-    import onnxruntime as ort
-
     proto = _load_onnx(onnx_path)
     graph = compare_graphs(proto, _load_onnx(reference_onnx)) if reference_onnx is not None else None
-    session = ort_session(onnx_path, optimization=optimization)
-    in_names = [i.name for i in session.get_inputs()]
-    out_names = [o.name for o in session.get_outputs()]
+    shape_report = None
+    if reference_onnx is not None and structure:
+        from .structure import compare_structure
+
+        shape_report = compare_structure(onnx_path, reference_onnx)
+    runner = _Runner(onnx_path, runtime, optimization, precision="f32" if runtime == "openvino" else None)
+    default_runner = _Runner(onnx_path, runtime, optimization) if runtime == "openvino" else None
+    default_worst = 0.0
+    in_names, out_names = runner.inputs, runner.outputs
     example_args = tuple(example_args)
     if len(in_names) != len(example_args):
         raise InputError(
@@ -224,10 +297,11 @@ def verify(
                 example = tuple(t[:1].expand(size, *t.shape[1:]).contiguous() for t in example_args)
             inputs = _batch_inputs(example, seed + b)
             try:
-                ort_outs = session.run(out_names, {n: t.numpy() for n, t in zip(in_names, inputs)})
+                ort_outs = runner.run([t.numpy() for t in inputs])
+                default_outs = default_runner.run([t.numpy() for t in inputs]) if default_runner else None
             except Exception as exc:
                 raise InputError(
-                    f"onnxruntime rejected inputs of shape {[tuple(t.shape) for t in inputs]}: "
+                    f"{runtime} rejected inputs of shape {[tuple(t.shape) for t in inputs]}: "
                     f"{str(exc).strip().splitlines()[0][:200]}"
                 ) from exc
             runs += 1
@@ -240,9 +314,17 @@ def verify(
                                      "is it the export of this model?")
                 for name, o, t in zip(out_names, ort_outs, flat):
                     results.append(_compare(name, ref_name, o, t, atol, rtol))
+                if default_outs is not None and ref_name == "original":
+                    for o, t in zip(default_outs, flat):
+                        default_worst = max(default_worst, _compare("", "", o, t, atol, rtol).max_abs)
     merged = _merge(results)
-    return ParityReport(str(onnx_path), f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"],
-                        _OPT_LEVELS[optimization], atol, rtol, runs, seed, merged, graph)
+    notes = []
+    if default_runner is not None:
+        notes.append(f"{default_runner.version}: max abs {default_worst:.2e} vs the original "
+                     "(informative; the verdict is judged at f32)")
+    return ParityReport(str(onnx_path), runner.version, runner.providers,
+                        _OPT_LEVELS[optimization] if runtime == "onnxruntime" else "openvino default",
+                        atol, rtol, runs, seed, merged, graph, notes, shape_report)
 
 
 def _merge(results: list[OutputParity]) -> list[OutputParity]:

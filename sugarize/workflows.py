@@ -99,19 +99,73 @@ class ExportOutcome:
     export: Any
     parity: Any
     notes: list[str]
+    int8: Any = None  # an Int8Report with --int8
+
+
+def _rechunk(batches, size: int | None, limit: int | None = None):
+    """``(x, y)`` batches cut to a static batch size (an export without --dynamic-batch)."""
+    import numpy as np
+
+    n = 0
+    for x, y in batches:
+        x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
+        step = size or len(x)
+        for i in range(0, len(x) - step + 1, step):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield x[i:i + step], y[i:i + step]
+
+
+def _int8(onnx_path: Path, ref_path: Path, data: str, calibration_batches: int, force: bool):
+    """Quantises the export and the original's export; compares their QDQ graphs and accuracy."""
+    import onnx
+
+    from .quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
+    from .structure import compare_structure
+    from .train import _batches, _loader, load_data
+
+    spec = load_data(data)
+    dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
+    static = dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
+
+    def calib():
+        train = _batches(_loader(spec.train_loader, "train_loader", spec.path), "train_loader()")
+        return [(x,) for x, _ in _rechunk(train, static, calibration_batches)]
+
+    q_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
+    quantize_int8(onnx_path, q_path, calib(), force=force)
+    q_ref = ref_path.with_name("original.int8.onnx")
+    quantize_int8(ref_path, q_ref, calib())
+    float_acc = int8_acc = None
+    if spec.val_loader is not None:
+        def val():
+            return _rechunk(_batches(_loader(spec.val_loader, "val_loader", spec.path), "val_loader()"), static)
+        float_acc, int8_acc = onnx_accuracy(onnx_path, val()), onnx_accuracy(q_path, val())
+    return Int8Report(str(q_path), len(calib()), float_acc, int8_acc, qdq_count(q_path),
+                      compare_structure(q_path, q_ref))
 
 
 def export_file(source: str, out: str, *, weights: str | None = None, model: str | None = None,
                 opset: int | None = None, dynamic_batch: bool = False, input_shapes: Sequence[str] | None = None,
                 force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
-                seed: int = 0) -> ExportOutcome:
-    """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``)."""
+                seed: int = 0, int8: bool = False, data: str | None = None,
+                calibration_batches: int = 32) -> ExportOutcome:
+    """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``).
+
+    With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
+    train_loader) and compares it with the quantised original and on ``data``'s val_loader.
+    """
     from .export import export_onnx
     from .fsutil import check_writable
     from .passes.strip import strip
     from .parity import verify
 
     check_writable(out, force=force)
+    if int8 and not data:
+        raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
+    if int8:
+        check_writable(Path(out).with_name(Path(out).stem + ".int8.onnx"), force=force)
     src = open_source(source, weights=weights, model=model)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
@@ -123,12 +177,13 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                           dynamic_batch=dynamic_batch)
         parity = verify(out, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
                         rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None)
-    return ExportOutcome(result, parity, src.notes)
+        q = _int8(Path(out), Path(ref.path), data, calibration_batches, force) if int8 else None
+    return ExportOutcome(result, parity, src.notes, q)
 
 
 def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
-                batches: int = 3, seed: int = 0):
+                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime"):
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
     from .export import export_onnx
     from .passes.strip import strip
@@ -145,7 +200,8 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
         ref = export_onnx(strip(src.original), Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic)
         return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
-                      rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None)
+                      rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
+                      runtime=runtime)
 
 
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",

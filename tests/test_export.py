@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -55,3 +57,168 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path):
         export_onnx(e["model"], target, e["args"], force=False)
     assert target.read_bytes() == b"keep"
     assert list(tmp_path.iterdir()) == [target]
+
+
+# --- edge deployment proof: structure, optimised graphs, opsets, dynamic batch, runtimes, int8 ---
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_stripped_export_is_structurally_identical_including_ort_optimised_graph(exported, name):
+    from sugarize.structure import compare_structure
+
+    e = exported[name]
+    rep = compare_structure(e["stripped"], e["original"])
+    assert rep.passed, rep.differences
+    assert rep.inputs_equal and rep.outputs_equal and rep.nodes_equal and rep.initializers_equal
+    assert rep.optimized_equal is True and rep.optimized_nodes > 0
+
+
+def test_ort_fuses_conv_relu_the_same_way(exported, tmp_path):
+    from sugarize.structure import optimized_model
+
+    e = exported["tiny_resnet"]
+    def fused(n):  # ORT folds Relu into the Conv before it (NCHWc Conv or FusedConv, activation=Relu)
+        return any(a.name == "activation" and a.s == b"Relu" for a in n.attribute)
+
+    nodes = {k: optimized_model(e[k], tmp_path / f"{k}.opt.onnx").graph.node for k in ("original", "stripped")}
+    ops = {k: [(n.op_type, n.domain, fused(n)) for n in v] for k, v in nodes.items()}
+    assert ops["original"] == ops["stripped"]
+    assert sum(f for _, _, f in ops["original"]) >= 7  # the fusion a stray node would block
+    assert "Relu" not in [op for op, _, _ in ops["original"]][:3]
+
+
+def _swap_one_relu(model):
+    import copy
+
+    import torch.nn as nn
+
+    m = copy.deepcopy(model)
+    name = next(n for n, mod in m.named_modules() if isinstance(mod, nn.ReLU))
+    parent, _, leaf = name.rpartition(".")
+    setattr(m.get_submodule(parent) if parent else m, leaf, nn.LeakyReLU(0.1))
+    return m
+
+
+def test_a_different_graph_is_reported_with_its_first_differing_node(exported, tmp_path):
+    from sugarize.structure import compare_structure
+
+    e = exported["tiny_resnet"]
+    leaky = export_onnx(_swap_one_relu(e["model"]), tmp_path / "leaky.onnx", e["args"]).path
+    rep = compare_structure(leaky, e["original"])
+    assert not rep.passed and not rep.nodes_equal
+    assert "LeakyRelu" in rep.first_difference and "reference: Relu" in rep.first_difference
+    report = sugarize.verify(leaky, e["model"], e["args"], reference_onnx=e["original"])
+    assert not report.passed and "structure DIFFERS" in report.summary()
+
+
+def test_the_papers_fgi_form_exported_without_strip_differs(exported, tmp_path):
+    """Forward gradient injection leaves extra nodes in the export; the check must catch it."""
+    import torch.nn as nn
+
+    from sugarize.structure import compare_structure
+
+    class FGI(nn.Module):
+        def forward(self, x):
+            s = (x + 1.67) * torch.sigmoid(x) - 0.835
+            return s - s.detach() + torch.relu(x).detach()
+
+    e = exported["tiny_resnet"]
+    model = e["model"]
+    import copy
+
+    fgi = copy.deepcopy(model)
+    fgi.relu = FGI()
+    path = export_onnx(fgi, tmp_path / "fgi.onnx", e["args"]).path
+    rep = compare_structure(path, e["original"])
+    assert not rep.passed and rep.first_difference.startswith("graph node")
+
+
+@pytest.mark.parametrize("opset", list(range(13, 19)))
+def test_every_opset_from_13_exports_and_passes_parity(exported, tmp_path, opset):
+    from sugarize.export import default_opset
+
+    assert default_opset() >= 18
+    for name in ("all_spellings", "tiny_resnet"):
+        e = exported[name]
+        res = export_onnx(e["sugar"], tmp_path / f"{name}.{opset}.onnx", e["args"], opset=opset)
+        assert res.opset == opset and res.op_types.count("Relu") == onnx_op_types(e["original"]).count("Relu")
+        report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]), batches=1)
+        assert report.passed, report.summary()
+
+
+def test_dynamic_batch_export_passes_parity_at_batch_1_and_8(exported, tmp_path):
+    e = exported["tiny_resnet"]
+    res = export_onnx(e["sugar"], tmp_path / "dyn.onnx", e["args"], dynamic_batch=True)
+    ref = export_onnx(e["model"], tmp_path / "dyn.orig.onnx", e["args"], dynamic_batch=True)
+    report = sugarize.verify(res.path, e["model"], e["args"], reference_onnx=ref.path, batch_sizes=(1, 8), batches=1)
+    assert report.passed, report.summary()
+    assert sorted({o.shape[0] for o in report.outputs}) in ([1], [8], [1, 8])
+    assert report.batches == 2 and report.structure.inputs_equal
+
+
+def test_openvino_parity_in_float32(exported):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'sugarize[openvino]')")
+    for name in FIXTURES:
+        e = exported[name]
+        report = sugarize.verify(e["stripped"], e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
+                                 runtime="openvino", batches=2)
+        assert report.passed, report.summary()
+        assert report.runtime.startswith("openvino") and "precision f32" in report.runtime
+        assert report.notes and "informative" in report.notes[0]
+
+
+def test_int8_demo_model_keeps_accuracy_and_qdq_structure(tmp_path):
+    from sugarize.demo import DeepMLP
+    from sugarize.digits import load_digits_split, loader
+    from sugarize.quantize import onnx_accuracy, qdq_count, quantize_int8
+    from sugarize.structure import compare_structure
+    from sugarize.train import DataSpec, finetune
+
+    (xt, yt), (xv, yv) = load_digits_split()
+    data = DataSpec(lambda: loader(xt, yt, 64, shuffle=True), None, torch.nn.functional.cross_entropy)
+    torch.manual_seed(0)
+    relu = DeepMLP(depth=4, width=32)
+    finetune(relu, data, epochs=8, lr=0.02, seed=0, audit_dead=False)
+    sm = sugarize.sugarize(relu)
+    finetune(sm, data, epochs=2, lr=0.003, seed=1, audit_dead=False)
+    original = DeepMLP(depth=4, width=32)
+    original.load_state_dict(sm.state_dict())
+    args = (xt[:32],)
+    f_sugar = export_onnx(sm, tmp_path / "sugar.onnx", args, dynamic_batch=True).path
+    f_orig = export_onnx(original, tmp_path / "orig.onnx", args, dynamic_batch=True).path
+    calib = [(xt[i:i + 64].numpy(),) for i in range(0, 640, 64)]
+    q_sugar = quantize_int8(f_sugar, tmp_path / "sugar.int8.onnx", calib)
+    q_orig = quantize_int8(f_orig, tmp_path / "orig.int8.onnx", calib)
+    rep = compare_structure(q_sugar, q_orig)
+    assert rep.passed, rep.differences
+    assert qdq_count(q_sugar) > 0
+    val = [(xv.numpy(), yv.numpy())]
+    acc_f, acc_q = onnx_accuracy(f_sugar, val), onnx_accuracy(q_sugar, val)
+    assert acc_f > 0.85
+    assert abs(acc_f - acc_q) <= 0.01, (acc_f, acc_q)
+
+
+def test_cli_export_int8_and_verify_with_openvino(tmp_path):
+    from typer.testing import CliRunner
+
+    from helpers import FIXTURES
+    from sugarize.cli import app
+
+    model = tmp_path / "mlp.py"
+    model.write_text("import torch\nfrom sugarize.demo import DeepMLP\n"
+                     "def build_model():\n    torch.manual_seed(0)\n    return DeepMLP(depth=3, width=16)\n"
+                     "def example_inputs():\n    return (torch.randn(4, 64),)\n")
+    out = tmp_path / "mlp.onnx"
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(model), "-o", str(out), "--int8", "--data",
+                              str(FIXTURES / "digits_data.py"), "--calibration-batches", "4", "--dynamic-batch"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "structure IDENTICAL" in text and "QDQ structure identical to the quantised original" in text
+    assert "float32" in text and (tmp_path / "mlp.int8.onnx").exists()
+    res = runner.invoke(app, ["export", str(model), "-o", str(tmp_path / "x.onnx"), "--int8"])
+    assert res.exit_code == 2 and "--int8 needs calibration data" in res.stderr
+    assert not (tmp_path / "x.onnx").exists()
+    if importlib.util.find_spec("openvino") is not None:
+        res = runner.invoke(app, ["verify", str(out), "--against", str(model), "--runtime", "openvino"])
+        assert res.exit_code == 0, res.output
+        assert "openvino" in res.output and "informative" in " ".join(res.output.split())

@@ -10,7 +10,28 @@ import torch.nn as nn
 
 from ..errors import CaptureError
 
-__all__ = ["capture", "restore_state_keys"]
+__all__ = ["capture", "restore_state_keys", "Tracer"]
+
+
+class Tracer(torch.fx.Tracer):
+    """``symbolic_trace``'s tracer, with Hugging Face-style activation modules kept as leaves.
+
+    Their forward is a formula (``NewGELUActivation`` writes out the tanh form), which
+    tracing would flatten into anonymous arithmetic; as one ``call_module`` node they can be
+    recognised and relufied.
+    """
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .match import HF_ACTIVATIONS
+
+        return type(m).__name__ in HF_ACTIVATIONS or super().is_leaf_module(m, qualname)
+
+
+def _trace(root: nn.Module) -> torch.fx.GraphModule:
+    tracer = Tracer()
+    graph = tracer.trace(root)
+    name = root.__class__.__name__ if isinstance(root, nn.Module) else root.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
 
 
 def capture(model: nn.Module) -> tuple[torch.fx.GraphModule, str]:
@@ -27,7 +48,7 @@ def capture(model: nn.Module) -> tuple[torch.fx.GraphModule, str]:
     if isinstance(root, torch.fx.GraphModule):
         return root, "graph"  # already captured: keep its nodes and their metadata
     try:
-        gm = torch.fx.symbolic_trace(root)
+        gm = _trace(root)
     except Exception as exc:  # tracing runs arbitrary user code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(

@@ -12,7 +12,18 @@ from torch.fx import Node
 
 from ..op import OP
 
-__all__ = ["Match", "match_node", "module_path", "is_sugar", "may_alias"]
+__all__ = ["Match", "match_node", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
+
+# Hugging Face transformers' activation classes (what ``ACT2FN[config.hidden_act]`` returns),
+# matched by class name so that copies of them in other code bases count too.
+HF_ACTIVATIONS = {
+    "GELUActivation": "gelu",  # "gelu"
+    "NewGELUActivation": "gelu_tanh",  # "gelu_new"
+    "GELUTanh": "gelu_tanh",  # "gelu_pytorch_tanh"
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",  # "gelu_fast": the tanh form, written differently
+    "SiLUActivation": "silu",  # "silu"/"swish" in older releases
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
             return Match("silu", "nn.SiLU", bool(mod.inplace), x)
         if _is_module_call(mod, nn.LeakyReLU):
             return Match("leaky_relu", "nn.LeakyReLU", bool(mod.inplace), x)
+        hf = HF_ACTIVATIONS.get(type(mod).__name__)
+        if hf is not None:
+            return Match(hf, type(mod).__name__, False, x)
         return None
     if node.op == "call_function":
         t = node.target
