@@ -43,17 +43,32 @@ def default_opset() -> int:
 @contextlib.contextmanager
 def _quiet():
     """The dynamo exporter prints progress and registry warnings; keep the user's terminal clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _export_failure(exc: Exception) -> str:
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "Failed to export the model with torch.export" in first:
+        cause = next((ln.strip() for ln in text.splitlines() if "data-dependent" in ln.lower()
+                      or "GuardOnDataDependent" in ln), "")
+        hint = " (data-dependent control flow)" if cause else ""
+        return (f"torch.onnx.export failed: torch.export cannot capture the model{hint}; ONNX needs one static "
+                "graph: rewrite value-dependent if/else with torch.cond or torch.where, then export again")
+    return f"torch.onnx.export failed: {first[:300]}"
 
 
 def _batch_dynamic_shapes(args: Sequence[Any]):
@@ -118,8 +133,7 @@ def export_onnx(
                 )
                 program.save(str(tmp), external_data=False)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export failed: {msg}") from exc
+            raise ExportError(_export_failure(exc)) from exc
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:

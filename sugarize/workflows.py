@@ -89,7 +89,7 @@ def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Seq
     if input_shapes or loaded.example_inputs is not None:
         inputs = resolve_inputs(loaded.example_inputs, input_shapes, loaded.path.name)
         run_model(loaded.model, inputs)
-    sm = sugarize(loaded.model, config=config)
+    sm = sugarize(loaded.model, config=config, example_args=inputs)
     path = save_checkpoint(sm, out, loaded=loaded, inputs=inputs, force=force)
     return ConvertOutcome(path, sm.meta["sugarize"]["report"], config, input_specs(inputs) if inputs else None)
 

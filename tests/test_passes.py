@@ -291,7 +291,8 @@ def test_not_a_module_and_untraceable_model_are_clear_errors():
             return x
 
     with pytest.raises(sugarize.SugarizeError, match="symbolic_trace cannot trace Dynamic"):
-        sugarize.sugarize(Dynamic())
+        sugarize.sugarize(Dynamic(), fallback=False)
+    assert sugarize.sugarize(Dynamic()).meta["sugarize"]["report"].capture == "runtime"
 
 
 def test_train_eval_mode_is_kept():

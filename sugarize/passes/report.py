@@ -41,6 +41,7 @@ class Report:
     sites: list[Site] = field(default_factory=list)
     capture: str = "symbolic_trace"
     notes: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] | None = None  # ReLU calls counted in one forward pass, when inputs were given
 
     def by_status(self, status: str) -> list[Site]:
         return [s for s in self.sites if s.status == status]
@@ -68,6 +69,7 @@ class Report:
             "capture": self.capture,
             "totals": self.totals(),
             "notes": list(self.notes),
+            "runtime": self.runtime,
             "sites": [asdict(s) for s in self.sites],
         }
 
@@ -77,12 +79,18 @@ class Report:
             sites=[Site(**s) for s in data.get("sites", [])],
             capture=data.get("capture", ""),
             notes=list(data.get("notes", [])),
+            runtime=data.get("runtime"),
         )
 
     def summary(self) -> str:
         t = self.totals()
         parts = [f"{t.get(k, 0)} {k}" for k in ("converted", "sugar", "convertible", "stripped", "skipped") if t.get(k)]
-        return f"{t['sites']} activation sites: " + (", ".join(parts) if parts else "none")
+        line = f"{t['sites']} activation sites: " + (", ".join(parts) if parts else "none")
+        if self.runtime:
+            r = self.runtime
+            line += (f"; at runtime {r['converted_calls']} SUGAR calls, {r['unconverted_calls']} ReLU calls left "
+                     f"(the original makes {r['relu_calls']})")
+        return line
 
     def __str__(self) -> str:
         rows = [("path", "spelling", "status", "surrogate", "reason")]

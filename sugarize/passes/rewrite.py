@@ -10,6 +10,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..config import SugarConfig
+from ..errors import CaptureError
 from ..op import OP
 from .capture import capture
 from .match import Match, is_sugar, match_node, may_alias, module_path
@@ -108,13 +109,25 @@ def sugarize(
     save: str = "uint8",
     relufy: Iterable[str] | str = (),
     config: SugarConfig | None = None,
+    example_args: tuple | None = None,
+    example_kwargs: dict | None = None,
+    fallback: bool = True,
     **params: float,
-) -> torch.fx.GraphModule:
+) -> nn.Module:
     """Replaces every ReLU of ``model`` with SUGAR (ReLU forward, surrogate gradient backward).
 
-    The user's model is left untouched; the result is a new ``torch.fx.GraphModule`` whose
-    ``state_dict()`` has the same keys as the model's, so fine-tuned weights load straight
-    back into the original class. Its report is ``result.meta["sugarize"]["report"]``.
+    The user's model is left untouched; the result is a new module whose ``state_dict()``
+    has the same keys as the model's, so fine-tuned weights load straight back into the
+    original class. Its report is ``result.meta["sugarize"]["report"]``.
+
+    Capture, in this order (the report's ``capture`` says which one was taken):
+    ``torch.fx.symbolic_trace`` gives a ``GraphModule`` with one SUGAR node per site; if the
+    model cannot be traced and ``fallback`` is true, the runtime path converts every ReLU
+    call as it executes (``sugarize.passes.runtime``), whatever the control flow.
+
+    With ``example_args`` (and ``example_kwargs``), the ReLU calls that actually run in one
+    forward pass of the original and of the converted model are counted; the report says
+    how many were converted and names, in ``notes``, any ReLU call left unconverted.
 
     Args:
         model: a ``torch.nn.Module`` with ReLUs in any spelling.
@@ -124,13 +137,15 @@ def sugarize(
         save: precision of the saved derivative ("full", "bfloat16", "uint8").
         relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
         config: a ``SugarConfig``; when given, the keyword options above are ignored.
+        example_args, example_kwargs: example inputs, as ``torch.export`` takes them.
+        fallback: use the runtime path when tracing fails (else raise CaptureError).
         **params: surrogate parameters, e.g. ``alpha=1.67``.
 
     Returns:
-        The converted ``GraphModule``.
+        The converted model: a ``GraphModule``, or a copy of ``model`` on the runtime path.
 
     Raises:
-        CaptureError: the model cannot be traced.
+        CaptureError: the model cannot be traced (and no fallback applies).
         UnknownSurrogateError, ParameterError: bad surrogate, parameter or option.
 
     Example:
@@ -146,12 +161,61 @@ def sugarize(
         exclude=tuple(exclude or ()),
         relufy=relufy,
     )
-    gm, strategy = capture(model)
-    report = convert_graph(gm, cfg)
-    report.capture = strategy
-    gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
+    try:
+        gm, strategy = capture(model)
+    except CaptureError as exc:
+        if not fallback or not isinstance(model, nn.Module):
+            raise
+        gm = _runtime_sugarize(model, cfg, str(exc))
+    else:
+        report = convert_graph(gm, cfg)
+        report.capture = strategy
+        gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
     _check_postconditions(gm, model)
+    if example_args is not None or example_kwargs:
+        _count_calls(model, gm, tuple(example_args or ()), dict(example_kwargs or {}))
     return gm
+
+
+def _runtime_sugarize(model: nn.Module, cfg: SugarConfig, reason: str) -> nn.Module:
+    import copy
+
+    from .runtime import attach
+
+    if cfg.include or cfg.exclude or cfg.relufy:
+        raise CaptureError(f"{reason} (include, exclude and relufy need a traced graph; the runtime fallback "
+                           "converts every ReLU call)")
+    surrogate, params = cfg.surrogate_for("relu")
+    root = copy.deepcopy(model)
+    attach(root, surrogate, list(params), cfg.negative_only, cfg.save)
+    report = Report(sites=[], capture="runtime", notes=[
+        f"not traceable ({reason.split('. Mark')[0]}); every ReLU call is converted as it runs"])
+    object.__setattr__(root, "meta", {"sugarize": {"config": cfg.to_dict(), "report": report}})
+    return root
+
+
+def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Counts the ReLU calls each model makes at runtime; records the result in the report."""
+    import copy
+
+    from ..errors import InputError
+    from .runtime import count_relu_calls
+
+    report: Report = converted.meta["sugarize"]["report"]
+    try:
+        before = count_relu_calls(copy.deepcopy(original), args, kwargs)
+        after = count_relu_calls(converted, args, kwargs)
+    except Exception as exc:  # the user's forward on the user's inputs
+        raise InputError(f"the example inputs do not run through the model: {type(exc).__name__}: {exc}") from exc
+    report.runtime = {"relu_calls": before.relu_calls, "converted_calls": after.sugar,
+                      "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu)}
+    if report.capture == "runtime":
+        report.sites = [Site("", spelling, "relu", f"{n} call(s)", "converted", "converted at runtime",
+                             converted.meta["sugarize"]["config"]["surrogate"]) for spelling, n in before.relu.items()]
+    if after.relu_calls:
+        names = ", ".join(f"{k} x{v}" for k, v in after.relu.items())
+        report.notes.append(f"{after.relu_calls} of {before.relu_calls} ReLU calls at runtime are NOT converted "
+                            f"({names}): skipped by include/exclude, or outside the traced graph")
 
 
 def convert_graph(gm: torch.fx.GraphModule, cfg: SugarConfig) -> Report:

@@ -16,14 +16,16 @@ __all__ = ["strip", "strip_", "count_sugar"]
 
 
 def count_sugar(model: nn.Module) -> int:
-    """Number of SUGAR nodes in every GraphModule inside ``model`` (itself included)."""
+    """SUGAR nodes in every GraphModule inside ``model``, plus one per runtime-path module."""
+    from .runtime import is_runtime
+
     return sum(
         1
         for m in model.modules()
         if isinstance(m, torch.fx.GraphModule)
         for n in m.graph.nodes
         if is_sugar(n)
-    )
+    ) + sum(1 for m in model.modules() if is_runtime(m))
 
 
 def strip_(model: nn.Module) -> Report:
@@ -32,7 +34,14 @@ def strip_(model: nn.Module) -> Report:
     Raises:
         StripError: if a SUGAR node is left (postcondition).
     """
+    from .runtime import detach
+
     sites = []
+    for m in model.modules():
+        if detach(m):
+            sites.append(Site(module_path_of(model, m), "runtime", "relu", "", "stripped"))
+            if isinstance(getattr(m, "meta", None), dict) and isinstance(m.meta.get("sugarize"), dict):
+                m.meta["sugarize"] = {**m.meta["sugarize"], "stripped": True}
     for gm in [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]:
         changed = False
         for node in list(gm.graph.nodes):
@@ -60,6 +69,10 @@ def strip_(model: nn.Module) -> Report:
     return Report(sites=sites, capture="graph")
 
 
+def module_path_of(root: nn.Module, target: nn.Module) -> str:
+    return next((name for name, m in root.named_modules() if m is target), "")
+
+
 def strip(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every SUGAR op back to standard ReLU (the model is untouched).
 
@@ -72,6 +85,6 @@ def strip(model: nn.Module) -> nn.Module:
     """
     out = copy.deepcopy(model)
     report = strip_(out)
-    if isinstance(out, torch.fx.GraphModule):
+    if isinstance(getattr(out, "meta", None), dict):
         out.meta["sugarize_strip"] = report
     return out

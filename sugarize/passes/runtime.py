@@ -1,0 +1,145 @@
+"""The runtime path: SUGAR for models no tracer can capture, and ReLU call counting.
+
+``torch.fx.symbolic_trace`` fails on data-dependent control flow, iteration over inputs and
+much of Hugging Face's code. The runtime path needs no graph: a ``TorchFunctionMode``,
+active while the model's own ``forward`` runs (forward hooks on the root module), turns each
+ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``, ``Tensor.relu``...) into the
+SUGAR op as it executes, whatever the control flow. The model keeps its class, call
+signature, outputs and ``state_dict`` keys; ``strip`` removes the hooks.
+
+Costs, measured in benchmarks/results/perf.md: a Python call per torch function inside the
+forward. Limits: ``include``/``exclude`` and relufication need a graph (module paths are not
+known here), so this path converts every ReLU call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..op import OP
+
+__all__ = ["RELU_FUNCTIONS", "ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
+
+# function -> (spelling, in place?)
+RELU_FUNCTIONS = {
+    F.relu: ("F.relu", None),  # in place when inplace=True
+    torch.relu: ("torch.relu", False),
+    torch.relu_: ("torch.relu_", True),
+    torch.Tensor.relu: ("Tensor.relu", False),
+    torch.Tensor.relu_: ("Tensor.relu_", True),
+    torch.ops.aten.relu.default: ("aten.relu", False),
+    torch.ops.aten.relu_.default: ("aten.relu_", True),
+}
+
+
+def _inplace(func, args, kwargs) -> bool:
+    spelling, inplace = RELU_FUNCTIONS[func]
+    if inplace is None:
+        return bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+    return inplace
+
+
+class ReluCounter(TorchFunctionMode):
+    """Counts ReLU calls (by spelling) and SUGAR op calls while active; changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu: dict[str, int] = {}
+        self.sugar = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCTIONS:
+            spelling = RELU_FUNCTIONS[func][0] + ("(inplace=True)" if func is F.relu and _inplace(func, args, kwargs)
+                                                  else "")
+            self.relu[spelling] = self.relu.get(spelling, 0) + 1
+        elif func is OP or func is OP.overloadpacket:
+            self.sugar += 1
+        return func(*args, **kwargs)
+
+    @property
+    def relu_calls(self) -> int:
+        return sum(self.relu.values())
+
+
+def count_relu_calls(model: nn.Module, args=(), kwargs=None) -> ReluCounter:
+    """Runs ``model(*args, **kwargs)`` once in eval mode without grad and counts its calls."""
+    was = model.training
+    model.eval()
+    counter = ReluCounter()
+    try:
+        with torch.no_grad(), counter:
+            model(*args, **(kwargs or {}))
+    finally:
+        model.train(was)
+    return counter
+
+
+class _SugarMode(TorchFunctionMode):
+    def __init__(self, options: tuple):
+        super().__init__()
+        self.options = options
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCTIONS:
+            x = args[0] if args else kwargs["input"]
+            y = OP(x, *self.options)
+            return x.copy_(y) if _inplace(func, args, kwargs) else y
+        return func(*args, **kwargs)
+
+
+class RuntimeSugar:
+    """Forward pre-hook and hook pair (picklable) that run the root's forward under SUGAR."""
+
+    def __init__(self, surrogate: str, params: list[float], negative_only: bool, save: str):
+        self.options = (surrogate, list(params), bool(negative_only), save)
+        self._modes: list[_SugarMode] = []
+
+    def __getstate__(self):
+        return {"options": self.options}
+
+    def __setstate__(self, state):
+        self.options, self._modes = state["options"], []
+
+    def enter(self, module, args):
+        mode = _SugarMode(self.options)
+        mode.__enter__()
+        self._modes.append(mode)
+
+    def exit(self, module, args, output):
+        if self._modes:
+            self._modes.pop().__exit__(None, None, None)
+
+
+_ATTR = "_sugarize_runtime"
+
+
+def attach(model: nn.Module, surrogate: str, params: list[float], negative_only: bool, save: str) -> RuntimeSugar:
+    """In place: ``model``'s forward runs with every ReLU call as SUGAR."""
+    hooks = RuntimeSugar(surrogate, params, negative_only, save)
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.exit, always_call=True)
+    object.__setattr__(model, _ATTR, hooks)
+    return hooks
+
+
+def is_runtime(model: nn.Module) -> bool:
+    return isinstance(getattr(model, _ATTR, None), RuntimeSugar)
+
+
+def detach(model: nn.Module) -> bool:
+    """In place: removes the runtime SUGAR hooks; False if there were none."""
+    hooks = getattr(model, _ATTR, None)
+    if not isinstance(hooks, RuntimeSugar):
+        return False
+    for registry in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(registry.items()):
+            if getattr(fn, "__self__", None) is hooks:
+                del registry[key]
+                model._forward_hooks_always_called.pop(key, None)
+    object.__delattr__(model, _ATTR)
+    return True
