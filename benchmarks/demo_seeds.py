@@ -79,6 +79,25 @@ def main(argv=None) -> int:
             "paired": {"accuracy": d_acc, "accuracy_wins": acc_wins, "dead": d_dead, "dead_wins": dead_wins, "n": n},
         })
         print(sections[-1], flush=True)
+    # The op's saved-derivative precision: does the default (uint8) change training results?
+    t = time.perf_counter()
+    prec_rows, data["save_precision"] = [], {}
+    for save in ("full", "bfloat16", "uint8"):
+        cfg = dataclasses.replace(settings(args.seeds)[0][1], save=save)
+        result = run_demo(cfg, export=False)
+        runs = [r for r in result.runs if r.variant == "SUGAR B-SiLU"]
+        acc, acc_sd = mean_std([r.accuracy for r in runs])
+        dead, dead_sd = mean_std([r.dead for r in runs])
+        data["save_precision"][save] = [{"seed": r.seed, "accuracy": r.accuracy, "dead": r.dead} for r in runs]
+        prec_rows.append([save, f"{100 * acc:.2f} ± {100 * acc_sd:.2f}", f"{100 * dead:.2f} ± {100 * dead_sd:.2f}"])
+    sections.append("### SUGAR B-SiLU by saved-derivative precision (demo defaults)
+
+"
+                    f"Same seeds and starting weights for each precision ({time.perf_counter() - t:.0f} s).
+
+"
+                    + md_table(["save", "val accuracy %", "dead units %"], prec_rows) + "\n")
+    print(sections[-1], flush=True)
     total = time.perf_counter() - start
     md = ("# Demo comparison over seeds\n\n"
           f"`python benchmarks/demo_seeds.py --seeds {args.seeds}` on {machine_line(m)}; {total:.0f} s.\n"

@@ -43,9 +43,11 @@ SUGAR_VARIANTS = {
     "sugarize B-SiLU (save=bfloat16)": ("bsilu", "bfloat16"),
     "sugarize B-SiLU (save=uint8)": ("bsilu", "uint8"),
     "sugarize NeLU (save=uint8)": ("nelu", "uint8"),
+    "sugarize B-SiLU, runtime path (uint8)": ("bsilu", "uint8"),
 }
 VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
 COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (save=uint8)"]
+COMPILED_MLP = COMPILED + ["sugarize B-SiLU, runtime path (uint8)"]
 MODELS = {
     "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),
     "MLP 8x1024 (batch 256)": (lambda act: DeepMLP(8, 1024, inputs=784, act=act), (256, 784)),
@@ -57,6 +59,11 @@ def build(model_name: str, variant: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if variant in SUGAR_VARIANTS:
         surrogate, save = SUGAR_VARIANTS[variant]
+        if "runtime path" in variant:  # what untraceable models get: the TorchFunctionMode path
+            from sugarize.config import SugarConfig
+            from sugarize.passes.rewrite import _runtime_sugarize
+
+            return _runtime_sugarize(make(nn.ReLU), SugarConfig(surrogate, save=save), "benchmark")
         return sugarize.sugarize(make(nn.ReLU), surrogate, save=save)
     return make(ACTIVATIONS[variant])
 
@@ -228,7 +235,7 @@ def inference(repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -249,7 +256,8 @@ def main(argv=None) -> int:
         comp = {}
         if not args.no_compile:
             print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
-            comp = timed_steps(model_name, COMPILED, args.repeats, compiled=True)
+            comp = timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED,
+                               args.repeats, compiled=True)
         data["training"][model_name], data["compiled"][model_name] = eager, comp
         data["memory"][model_name] = {v: {"saved_bytes": mem[v], **rss[v]} for v in VARIANTS}
         base, base_mem = eager["ReLU"]["step_ms"], mem["ReLU"]

@@ -62,6 +62,7 @@ class DemoConfig:
     lr: float = 0.003
     momentum: float = 0.9
     batch_size: int = 64
+    save: str = "uint8"  # precision of the SUGAR op's saved derivative
 
 
 def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
@@ -72,13 +73,13 @@ def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
     return out
 
 
-def _variants():
+def _variants(save: str):
     from .passes.rewrite import sugarize
 
     return {
         "ReLU": lambda m: copy.deepcopy(m),
-        "SUGAR B-SiLU": lambda m: sugarize(m, "bsilu"),
-        "SUGAR NeLU": lambda m: sugarize(m, "nelu"),
+        "SUGAR B-SiLU": lambda m: sugarize(m, "bsilu", save=save),
+        "SUGAR NeLU": lambda m: sugarize(m, "nelu", save=save),
         "LeakyReLU": lambda m: _swap(m, nn.LeakyReLU),
         "GELU": lambda m: _swap(m, nn.GELU),
     }
@@ -159,7 +160,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
     val = loader(xv, yv, batch_size=512)
     data = DataSpec(lambda: loader(xt, yt, config.batch_size, shuffle=True), lambda: val,
                     torch.nn.functional.cross_entropy)
-    variants = _variants()
+    variants = _variants(config.save)
     runs, pretrained, firing = [], [], {}
     for seed in config.seeds:
         seed_everything(seed)

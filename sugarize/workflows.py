@@ -65,7 +65,7 @@ def inspect_file(model: str, *, config: SugarConfig | None = None) -> Report:
     from .passes.rewrite import inspect
 
     src = open_source(model)
-    return inspect(src.sugar if src.sugar is not None else src.original, config=config)
+    return inspect(src.sugar if src.sugar is not None else src.original, config=config, example_args=src.inputs)
 
 
 @dataclass

@@ -227,3 +227,15 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
         opt.step()
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
+    model, args, _ = ZOO.build("data_dependent")
+    report = sugarize.inspect(model, example_args=args)
+    assert report.capture == "runtime" and {s.status for s in report.sites} == {"convertible"}
+    from sugarize.passes.runtime import count_relu_calls
+
+    calls = sum(int(s.node.split()[0]) for s in report.sites)
+    assert calls >= 2 and calls == count_relu_calls(model, args).relu_calls  # the ReLU, a branch's, maybe relu_
+    with pytest.raises(sugarize.SugarizeError, match="cannot trace"):
+        sugarize.inspect(model)

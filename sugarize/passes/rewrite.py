@@ -257,16 +257,33 @@ def inspect(
     exclude: Iterable[str] | None = None,
     relufy: Iterable[str] | str = (),
     config: SugarConfig | None = None,
+    example_args: tuple | None = None,
 ) -> Report:
     """Every activation site of ``model`` and what ``sugarize`` would do (or did) with it.
 
     Works on the original, a converted and a stripped model alike: ReLU sites show as
     "convertible" or "skipped" with a reason, SUGAR sites as "sugar" with their surrogate.
+    A model that cannot be traced is run once on ``example_args`` instead, and its ReLU
+    calls are listed by spelling (capture "runtime").
     """
     cfg = config or SugarConfig(
         surrogate=surrogate, include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy
     )
-    gm, strategy = capture(model)
+    try:
+        gm, strategy = capture(model)
+    except CaptureError as exc:
+        if example_args is None or not isinstance(model, nn.Module):
+            raise
+        from .runtime import count_relu_calls, is_runtime
+
+        counts = count_relu_calls(model, tuple(example_args))
+        status = "sugar" if is_runtime(model) else "convertible"
+        sites = [Site("", sp, "relu", f"{n} call(s)", status, "found at runtime", cfg.surrogate)
+                 for sp, n in counts.relu.items()]
+        if is_runtime(model):
+            sites = [Site("", "runtime", "relu", f"{counts.sugar} call(s)", "sugar", "converted at runtime",
+                          cfg.surrogate)]
+        return Report(sites=sites, capture="runtime", notes=[f"not traceable ({str(exc).split('. Mark')[0]})"])
     sites = []
     for node, match, convert, reason in plan_sites(gm, cfg):
         if match is None:
