@@ -90,12 +90,8 @@ def main(argv=None) -> int:
         dead, dead_sd = mean_std([r.dead for r in runs])
         data["save_precision"][save] = [{"seed": r.seed, "accuracy": r.accuracy, "dead": r.dead} for r in runs]
         prec_rows.append([save, f"{100 * acc:.2f} ± {100 * acc_sd:.2f}", f"{100 * dead:.2f} ± {100 * dead_sd:.2f}"])
-    sections.append("### SUGAR B-SiLU by saved-derivative precision (demo defaults)
-
-"
-                    f"Same seeds and starting weights for each precision ({time.perf_counter() - t:.0f} s).
-
-"
+    sections.append("### SUGAR B-SiLU by saved-derivative precision (demo defaults)\n\n"
+                    f"Same seeds and starting weights for each precision ({time.perf_counter() - t:.0f} s).\n\n"
                     + md_table(["save", "val accuracy %", "dead units %"], prec_rows) + "\n")
     print(sections[-1], flush=True)
     total = time.perf_counter() - start

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError, InputError
 
-__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "ort_session", "ort_latency"]
+__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "ort_session", "ort_latency", "ort_latencies"]
 
 
 @dataclass
@@ -157,18 +157,25 @@ class _Runner:
 
 def ort_latency(path, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> float:
     """Median seconds of one onnxruntime CPU run of a single-input model on ``x``."""
+    return ort_latencies([path], x, repeats=repeats, warmup=warmup, threads=threads)[0]
+
+
+def ort_latencies(paths, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> list[float]:
+    """Median seconds per run of each model, runs interleaved so drift hits all alike."""
     import time
 
-    sess = ort_session(path, threads=threads)
-    feed = {sess.get_inputs()[0].name: x.numpy()}
+    sessions = [ort_session(p, threads=threads) for p in paths]
+    feeds = [{s.get_inputs()[0].name: x.numpy()} for s in sessions]
     for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
+        for s, f in zip(sessions, feeds):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[i].append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]
 
 
 def _load_onnx(path):
