@@ -260,9 +260,16 @@ def _resume_epoch(path: str) -> int:
 
     from safetensors import safe_open
 
+    meta = None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get("sugarize_finetune")
-        return int(json.loads(meta)["epoch"]) if meta else 0
-    except Exception:
-        return 0
+        if meta:
+            return int(json.loads(meta)["epoch"])
+    except Exception:  # a torch file, or metadata written by something else
+        pass
+    import warnings
+
+    warnings.warn(f"{Path(path).name} records no finished epoch (it was not written by `sugarize finetune`): "
+                  "epochs count from 1 again, so the data order differs from an uninterrupted run", stacklevel=2)
+    return 0

@@ -99,7 +99,8 @@ def test_unconverted_calls_are_named():
     sm = sugarize.sugarize(model, example_args=args, exclude=["ff.*"])
     report = sm.meta["sugarize"]["report"]
     assert report.runtime["unconverted_calls"] == 1 and report.runtime["unconverted"] == {"F.relu": 1}
-    assert any("NOT converted" in n and "F.relu x1" in n for n in report.notes)
+    assert report.runtime["unconverted_sites"] == ["ff.1: F.relu x1"]
+    assert any("NOT converted" in n and "ff.1: F.relu x1" in n for n in report.notes)
 
 
 HF = {
@@ -121,7 +122,9 @@ def test_hugging_face_relu_models(name):
     model = HF[name](transformers).eval()
     ids = torch.randint(0, 100, (2, 10))
     sm = sugarize.sugarize(model, example_args=(ids,), save="full")
-    rt = sm.meta["sugarize"]["report"].runtime
+    report = sm.meta["sugarize"]["report"]
+    rt = report.runtime
+    assert len(report.sites) == 2 and all(s.path and s.status == "converted" for s in report.sites)
     assert rt["relu_calls"] == 2 and rt["converted_calls"] == 2 and rt["unconverted_calls"] == 0
     out, ref = sm(ids), model(ids)
     assert type(out) is type(ref)  # ModelOutput dataclasses come back as such

@@ -208,12 +208,14 @@ def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs:
     except Exception as exc:  # the user's forward on the user's inputs
         raise InputError(f"the example inputs do not run through the model: {type(exc).__name__}: {exc}") from exc
     report.runtime = {"relu_calls": before.relu_calls, "converted_calls": after.sugar,
-                      "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu)}
+                      "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu),
+                      "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp), n in after.sites.items()]}
     if report.capture == "runtime":
-        report.sites = [Site("", spelling, "relu", f"{n} call(s)", "converted", "converted at runtime",
-                             converted.meta["sugarize"]["config"]["surrogate"]) for spelling, n in before.relu.items()]
+        report.sites = [Site(path, spelling, "relu", f"{n} call(s)", "converted", "converted at runtime",
+                             converted.meta["sugarize"]["config"]["surrogate"])
+                        for (path, spelling), n in before.sites.items()]
     if after.relu_calls:
-        names = ", ".join(f"{k} x{v}" for k, v in after.relu.items())
+        names = ", ".join(report.runtime["unconverted_sites"])
         report.notes.append(f"{after.relu_calls} of {before.relu_calls} ReLU calls at runtime are NOT converted "
                             f"({names}): skipped by include/exclude, or outside the traced graph")
 
@@ -278,8 +280,8 @@ def inspect(
 
         counts = count_relu_calls(model, tuple(example_args))
         status = "sugar" if is_runtime(model) else "convertible"
-        sites = [Site("", sp, "relu", f"{n} call(s)", status, "found at runtime", cfg.surrogate)
-                 for sp, n in counts.relu.items()]
+        sites = [Site(path, sp, "relu", f"{n} call(s)", status, "found at runtime", cfg.surrogate)
+                 for (path, sp), n in counts.sites.items()]
         if is_runtime(model):
             sites = [Site("", "runtime", "relu", f"{counts.sugar} call(s)", "sugar", "converted at runtime",
                           cfg.surrogate)]

@@ -43,12 +43,43 @@ def _inplace(func, args, kwargs) -> bool:
 
 
 class ReluCounter(TorchFunctionMode):
-    """Counts ReLU calls (by spelling) and SUGAR op calls while active; changes nothing."""
+    """Counts ReLU calls (by module path and spelling) and SUGAR op calls while active.
 
-    def __init__(self):
+    Changes nothing. ``root`` (optional) names the module whose submodule paths are
+    recorded: process-wide module hooks keep a stack of the modules running.
+    """
+
+    def __init__(self, root: nn.Module | None = None):
         super().__init__()
         self.relu: dict[str, int] = {}
+        self.sites: dict[tuple[str, str], int] = {}
         self.sugar = 0
+        self._names = {id(m): n for n, m in root.named_modules()} if root is not None else {}
+        self._stack: list[str] = []
+        self._handles: list = []
+
+    def __enter__(self):
+        if self._names:
+            from torch.nn.modules.module import (
+                register_module_forward_hook, register_module_forward_pre_hook,
+            )
+
+            def push(module, args):
+                self._stack.append(self._names.get(id(module), self._stack[-1] if self._stack else ""))
+
+            def pop(module, args, output):
+                if self._stack:
+                    self._stack.pop()
+
+            self._handles = [register_module_forward_pre_hook(push),
+                             register_module_forward_hook(pop, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -56,6 +87,8 @@ class ReluCounter(TorchFunctionMode):
             spelling = RELU_FUNCTIONS[func][0] + ("(inplace=True)" if func is F.relu and _inplace(func, args, kwargs)
                                                   else "")
             self.relu[spelling] = self.relu.get(spelling, 0) + 1
+            key = (self._stack[-1] if self._stack else "", spelling)
+            self.sites[key] = self.sites.get(key, 0) + 1
         elif func is OP or func is OP.overloadpacket:
             self.sugar += 1
         return func(*args, **kwargs)
@@ -69,7 +102,7 @@ def count_relu_calls(model: nn.Module, args=(), kwargs=None) -> ReluCounter:
     """Runs ``model(*args, **kwargs)`` once in eval mode without grad and counts its calls."""
     was = model.training
     model.eval()
-    counter = ReluCounter()
+    counter = ReluCounter(model)
     try:
         with torch.no_grad(), counter:
             model(*args, **(kwargs or {}))
