@@ -242,3 +242,20 @@ def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
     assert calls >= 2 and calls == count_relu_calls(model, args).relu_calls  # the ReLU, a branch's, maybe relu_
     with pytest.raises(sugarize.SugarizeError, match="cannot trace"):
         sugarize.inspect(model)
+
+
+def test_hugging_face_bert_on_the_runtime_path_exports_like_the_original(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from sugarize.export import export_onnx, onnx_op_types
+
+    torch.manual_seed(0)
+    model = HF["bert"](transformers).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    sm = sugarize.sugarize(model, example_args=(ids,))
+    assert sm.meta["sugarize"]["report"].capture == "runtime"
+    orig = export_onnx(model, tmp_path / "bert.orig.onnx", (ids,))
+    res = export_onnx(sm, tmp_path / "bert.sugar.onnx", (ids,))
+    assert onnx_op_types(res.path) == onnx_op_types(orig.path) and onnx_op_types(res.path).count("Relu") == 2
+    report = sugarize.verify(res.path, model, (ids,), stripped=sugarize.strip(sm), reference_onnx=orig.path,
+                             batches=2)
+    assert report.passed, report.summary()
