@@ -74,7 +74,7 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _config(surrogate, param, negative_only, include, exclude, save, relufy):
+def _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None):
     from .config import SugarConfig
     from .errors import ParameterError
 
@@ -85,7 +85,8 @@ def _config(surrogate, param, negative_only, include, exclude, save, relufy):
             raise ParameterError(f"--param {p!r}: write it as NAME=VALUE, e.g. --param alpha=1.67")
         params[key.strip()] = value.strip()
     return SugarConfig(surrogate=surrogate, params=params, negative_only=negative_only, save=save,
-                       include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy or ())
+                       include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy or (),
+                       relufy_surrogate=relufy_surrogate)
 
 
 def _sites_table(report) -> Table:
@@ -145,6 +146,8 @@ def convert_cmd(
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
     save: str = typer.Option("uint8", "--save-precision", help="Saved derivative precision: full, bfloat16, uint8."),
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also turn these into ReLU + SUGAR: gelu,silu."),
+    relufy_surrogate: Optional[str] = typer.Option(
+        None, "--relufy-surrogate", help="Surrogate for relufied sites (default: the replaced activation's own)."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -152,7 +155,7 @@ def convert_cmd(
     """Convert every ReLU of MODEL to SUGAR and write a checkpoint (weights + JSON recipe)."""
     from .workflows import convert_file
 
-    cfg = _config(surrogate, param, negative_only, include, exclude, save, relufy)
+    cfg = _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate)
     res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force)
     if as_json:
         return _emit_json({"checkpoint": str(res.path), "config": cfg.to_dict(), "report": res.report.to_dict()})

@@ -100,3 +100,10 @@ def test_cli_convert_relufy_says_fine_tuning_is_needed(tmp_path):
     assert res.exit_code == 0, res.output
     assert "fine-tune before use" in " ".join(res.output.split())
     assert out.exists()
+    res = CliRunner().invoke(app, ["convert", str(MODELS / "gelu_silu_spellings.py"), "-o", str(out), "--force",
+                                   "--relufy", "gelu", "--relufy-surrogate", "bsilu", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    sites = json.loads(res.stdout)["report"]["sites"]
+    assert {s["surrogate"] for s in sites if s["status"] == "converted"} == {"bsilu"}
