@@ -57,33 +57,20 @@ def _compile(fn: Callable) -> Callable:
 @functools.lru_cache(maxsize=64)
 def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, save: str,
              grid: tuple[float, int] | None, dtype: torch.dtype) -> Callable:
-    from .surrogates import get_surrogate
-
-    entry = get_surrogate(surrogate)
-    kwargs = {p.name: v for p, v in zip(entry.params, params)}
+    from .op import _derivative, _encode  # the eager formulas, compiled into one kernel
 
     def encode(x):
-        xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        d = entry.derivative(xc, **kwargs)
-        if negative_only:
-            d = torch.where(xc > 0, 1.0, d)
-        if save == "full":
-            return d.to(dtype)
-        if save == "bfloat16":
-            return d.to(torch.bfloat16)
-        k, zp = grid
-        return (d * k + (zp + 0.5)).clamp(0.0, 255.0).to(torch.uint8)
+        return _encode(_derivative(x, surrogate, params, negative_only, fast=False), dtype, save, grid)
 
     return _compile(encode)
 
 
 @functools.lru_cache(maxsize=64)
 def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
+    from .op import _decode_mul
+
     def decode(grad, saved):
-        if save == "uint8":
-            k, zp = grid
-            return grad * ((saved.to(grad.dtype) - zp) * (1.0 / k))
-        return grad * saved.to(grad.dtype)
+        return _decode_mul(grad, saved, save, grid)
 
     return _compile(decode)
 

@@ -34,12 +34,17 @@ SAVE_MODES = ("full", "bfloat16", "uint8")
 DEFAULT_SAVE = "uint8"  # measured: benchmarks/results/perf.md (memory 1.11x ReLU, fastest step)
 
 
-def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool):
-    """s'(x) evaluated in float32 or better, with ReLU's exact 1 for x > 0 if asked."""
+def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool,
+                fast: bool = True):
+    """s'(x) evaluated in float32 or better, with ReLU's exact 1 for x > 0 if asked.
+
+    ``fast`` picks the entry's eager-optimised form (fused ATen kernels, in-place); a
+    compiler fuses the plain formula better, so compiled kernels pass ``fast=False``.
+    """
     entry = get_surrogate(surrogate)
     kwargs = {p.name: v for p, v in zip(entry.params, params)}
     xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    d = entry.fast_derivative(xc, **kwargs)
+    d = entry.fast_derivative(xc, **kwargs) if fast else entry.derivative(xc, **kwargs)
     if negative_only:
         d = keep_positive_one(d, xc)
     return d
