@@ -129,20 +129,18 @@ def _int8(onnx_path: Path, ref_path: Path, data: str, calibration_batches: int, 
     dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
     static = dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
 
-    def calib():
-        train = _batches(_loader(spec.train_loader, "train_loader", spec.path), "train_loader()")
-        return [(x,) for x, _ in _rechunk(train, static, calibration_batches)]
-
+    train = _batches(_loader(spec.train_loader, "train_loader", spec.path), "train_loader()")
+    calib = [(x,) for x, _ in _rechunk(train, static, calibration_batches)]
     q_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
-    quantize_int8(onnx_path, q_path, calib(), force=force)
+    quantize_int8(onnx_path, q_path, calib, force=force)
     q_ref = ref_path.with_name("original.int8.onnx")
-    quantize_int8(ref_path, q_ref, calib())
+    quantize_int8(ref_path, q_ref, calib)
     float_acc = int8_acc = None
     if spec.val_loader is not None:
         def val():
             return _rechunk(_batches(_loader(spec.val_loader, "val_loader", spec.path), "val_loader()"), static)
         float_acc, int8_acc = onnx_accuracy(onnx_path, val()), onnx_accuracy(q_path, val())
-    return Int8Report(str(q_path), len(calib()), float_acc, int8_acc, qdq_count(q_path),
+    return Int8Report(str(q_path), len(calib), float_acc, int8_acc, qdq_count(q_path),
                       compare_structure(q_path, q_ref))
 
 
