@@ -219,17 +219,17 @@ def parse_input_spec(text: str) -> dict[str, Any]:
     return {"shape": shape, "dtype": str(_DTYPES[dtype]).replace("torch.", "")}
 
 
+def random_tensor(shape, dtype: torch.dtype, g: torch.Generator, low: int = 0, high: int = 2) -> torch.Tensor:
+    """Floats ~ N(0, 1); booleans and integers uniform in [low, high)."""
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(low, high, shape, generator=g).to(dtype)
+
+
 def make_inputs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded random tensors for input specs (floats ~ N(0,1), integers in [0, 2))."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in specs:
-        dtype = getattr(torch, s["dtype"])
-        if dtype.is_floating_point:
-            out.append(torch.randn(s["shape"], generator=g).to(dtype))
-        else:
-            out.append(torch.randint(0, 2, s["shape"], generator=g).to(dtype))
-    return tuple(out)
+    return tuple(random_tensor(s["shape"], getattr(torch, s["dtype"]), g) for s in specs)
 
 
 def input_specs(inputs: tuple) -> list[dict[str, Any]]:

@@ -208,16 +208,16 @@ def compare_graphs(proto, reference_proto) -> GraphCheck:
 
 
 def _batch_inputs(example: Sequence[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
+    from .io import random_tensor
+
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in example:
-        if t.dtype.is_floating_point:
-            out.append(torch.randn(t.shape, generator=g).to(t.dtype))
-        elif t.dtype == torch.bool:
-            out.append(torch.randint(0, 2, t.shape, generator=g).bool())
-        else:
-            lo, hi = int(t.min()) if t.numel() else 0, int(t.max()) + 1 if t.numel() else 2
-            out.append(torch.randint(lo, max(hi, lo + 1), t.shape, generator=g).to(t.dtype))
+        if t.dtype.is_floating_point or t.dtype == torch.bool or not t.numel():
+            out.append(random_tensor(t.shape, t.dtype, g))
+        else:  # integer inputs (token ids) stay within the example's range
+            lo, hi = int(t.min()), int(t.max()) + 1
+            out.append(random_tensor(t.shape, t.dtype, g, lo, max(hi, lo + 1)))
     return tuple(out)
 
 

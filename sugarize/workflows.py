@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,7 +156,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     """
     from .export import export_onnx
     from .fsutil import check_writable
-    from .passes.strip import strip
+    from .passes.strip import count_sugar, strip
     from .parity import verify
 
     check_writable(out, force=force)
@@ -168,10 +168,11 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     trained = src.sugar if src.sugar is not None else src.original
-    plain = strip(trained)
-    result = export_onnx(trained, out, inputs, opset=opset, dynamic_batch=dynamic_batch, force=force)
+    plain = strip(trained)  # once: exported below and compared in the parity check
+    result = export_onnx(plain, out, inputs, opset=opset, dynamic_batch=dynamic_batch, force=force)
+    result = replace(result, stripped_sites=count_sugar(trained))
     with tempfile.TemporaryDirectory() as tmp:
-        ref = export_onnx(strip(src.original), Path(tmp) / "original.onnx", inputs, opset=opset,
+        ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic_batch)
         parity = verify(out, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
                         rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None)
@@ -195,7 +196,7 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     stripped = strip(src.sugar) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        ref = export_onnx(strip(src.original), Path(tmp) / "original.onnx", inputs, opset=opset,
+        ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic)
         return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
