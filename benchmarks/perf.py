@@ -29,6 +29,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker pool competing with timed steps
+# Compile afresh: cached artifacts from an older sugarize would be reused (their key is the
+# Dynamo graph, which names the op but not its lowering), and compile times would read ~0.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -46,7 +50,7 @@ SUGAR_VARIANTS = {
     "sugarize B-SiLU, runtime path (uint8)": ("bsilu", "uint8"),
 }
 VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
-COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (save=uint8)"]
+COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (save=uint8)", "sugarize NeLU (save=uint8)"]
 COMPILED_MLP = COMPILED + ["sugarize B-SiLU, runtime path (uint8)"]
 MODELS = {
     "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),

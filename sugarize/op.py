@@ -4,7 +4,8 @@ It is a ``torch.library`` custom op (``torch.ops.sugarize.sugar``), so it stays 
 node when a converted model is traced again by ``torch.fx.symbolic_trace``,
 ``torch.export`` or ``torch.compile`` (a plain ``autograd.Function`` would be inlined and
 its surrogate gradient silently lost). A post-autograd decomposition to ``aten.relu``
-makes ``torch.onnx.export`` emit a plain ``Relu`` even when a model was not stripped.
+makes ``torch.onnx.export`` emit a plain ``Relu`` even when a model was not stripped, and
+(``compiled.py``) lets Inductor fuse the forward into its producer's kernel as it fuses ReLU.
 
 For the backward pass the op saves only ``s'(x)`` (never ``x``), in the precision chosen by
 ``save``:
@@ -24,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from .compiled import register_inductor_decomposition
 from .errors import ParameterError
 from .kernels import fused_decode, fused_encode
 from .surrogates import get_surrogate, keep_positive_one, resolve_params
@@ -97,16 +99,27 @@ def _sugar_op(
 
 @_sugar_op.register_fake
 def _(x, surrogate, params, negative_only, save):
+    if torch.compiler.is_compiling():  # Dynamo's first look at the op: Inductor compiles next
+        register_inductor_decomposition(OP, _relu_decomposition)
     return torch.empty_like(x)
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return type(x) is not torch.Tensor or _get_current_dispatch_mode() is not None
 
 
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
     ctx.grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-    saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
-    if saved is None:
-        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, ctx.grid)
+    if _tracing(x):  # compiled or traced: the plain formula, for the tracer to fuse
+        saved = _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, ctx.grid)
+    else:
+        saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
+        if saved is None:
+            saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, ctx.grid)
     ctx.save_for_backward(saved)
 
 
