@@ -89,7 +89,8 @@ def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Seq
     if input_shapes or loaded.example_inputs is not None:
         inputs = resolve_inputs(loaded.example_inputs, input_shapes, loaded.path.name)
         run_model(loaded.model, inputs)
-    sm = sugarize(loaded.model, config=config, example_args=inputs)
+    # The loaded model is ours alone: convert it without a copy of its weights (half the memory).
+    sm = sugarize(loaded.model, config=config, example_args=inputs, copy=False)
     path = save_checkpoint(sm, out, loaded=loaded, inputs=inputs, force=force)
     return ConvertOutcome(path, sm.meta["sugarize"]["report"], config, input_specs(inputs) if inputs else None)
 
@@ -168,9 +169,12 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     trained = src.sugar if src.sugar is not None else src.original
-    plain = strip(trained)  # once: exported below and compared in the parity check
+    sites = count_sugar(trained)
+    # Once, in place (the checkpoint's model is not used again): exported below and compared
+    # in the parity check.
+    plain = strip(trained, copy=False) if src.sugar is not None else trained
     result = export_onnx(plain, out, inputs, opset=opset, dynamic_batch=dynamic_batch, force=force)
-    result = replace(result, stripped_sites=count_sugar(trained))
+    result = replace(result, stripped_sites=sites)
     with tempfile.TemporaryDirectory() as tmp:
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic_batch)
@@ -194,7 +198,7 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     run_model(src.original, inputs)
     dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    stripped = strip(src.sugar) if src.sugar is not None else None
+    stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic)

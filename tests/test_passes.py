@@ -108,6 +108,29 @@ def test_user_model_is_untouched(spellings):
     assert isinstance(model.act, nn.ReLU) and not isinstance(model, torch.fx.GraphModule)
 
 
+def test_copy_false_shares_weights_and_leaves_the_forward_alone(spellings):
+    mod, _, x = spellings
+    model = mod.build_model()
+    out = model(x)
+    sm = sugarize.sugarize(model, copy=False)
+    assert sugarize.count_sugar(sm) == 8 and same_bits(sm(x), out)
+    shared = {id(p) for p in model.parameters()}
+    assert shared and all(id(p) in shared for p in sm.parameters())  # the model's own tensors
+    assert isinstance(model.act, nn.ReLU) and torch.equal(model(x), out)
+    plain = sugarize.strip(sm, copy=False)
+    assert plain is sm and sugarize.count_sugar(sm) == 0 and same_bits(plain(x), out)
+
+
+def test_copy_false_never_rewrites_a_graph_module_it_was_given(spellings):
+    _, model, x = spellings
+    gm = torch.fx.symbolic_trace(model)
+    code = gm.code
+    sm = sugarize.sugarize(gm, copy=False)
+    assert sugarize.count_sugar(sm) == 8 and sugarize.count_sugar(gm) == 0 and gm.code == code
+    shared = {id(p) for p in gm.parameters()}
+    assert all(id(p) in shared for p in sm.parameters()) and same_bits(gm(x), sm(x))
+
+
 def test_state_dict_loads_into_the_original_class(spellings):
     mod, model, x = spellings
     sm = sugarize.sugarize(model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 
 import torch
 import torch.fx
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import CaptureError
 
-__all__ = ["capture", "restore_state_keys", "Tracer"]
+__all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "Tracer"]
 
 
 class Tracer(torch.fx.Tracer):
@@ -27,15 +27,13 @@ class Tracer(torch.fx.Tracer):
         return type(m).__name__ in HF_ACTIVATIONS or super().is_leaf_module(m, qualname)
 
 
-def _trace(root: nn.Module) -> torch.fx.GraphModule:
-    tracer = Tracer()
-    graph = tracer.trace(root)
-    name = root.__class__.__name__ if isinstance(root, nn.Module) else root.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torch.fx.Graph, str]:
+    """(root module, its fx graph, capture strategy), the graph not yet compiled to code.
 
-
-def capture(model: nn.Module) -> tuple[torch.fx.GraphModule, str]:
-    """(GraphModule over a deep copy of ``model``, name of the capture strategy used).
+    Passes rewrite the graph and then build the ``GraphModule`` once (``graph_module``):
+    building it first would generate and compile Python code only to throw it away.
+    ``copy=False`` traces the model itself: the graph's submodules, parameters and buffers
+    are the model's own (as with ``torch.fx.symbolic_trace``); the model is not changed.
 
     Raises:
         CaptureError: if ``model`` is not an ``nn.Module`` or cannot be traced.
@@ -44,20 +42,44 @@ def capture(model: nn.Module) -> tuple[torch.fx.GraphModule, str]:
         raise CaptureError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance"
         )
-    root = copy.deepcopy(model)
-    if isinstance(root, torch.fx.GraphModule):
-        return root, "graph"  # already captured: keep its nodes and their metadata
+    if isinstance(model, torch.fx.GraphModule):  # already captured: keep its nodes and their metadata
+        if copy:
+            root = _copy.deepcopy(model)
+            return root, root.graph, "graph"
+        return model, _copy.deepcopy(model.graph), "graph"  # never rewrite the caller's graph
+    root = _copy.deepcopy(model) if copy else model
     try:
-        gm = _trace(root)
+        graph = Tracer().trace(root)
     except Exception as exc:  # tracing runs arbitrary user code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}. "
             "Mark the untraceable code with torch.fx.wrap, or convert a traceable submodule"
         ) from exc
+    return root, graph, "symbolic_trace"
+
+
+def graph_module(root: nn.Module, graph: torch.fx.Graph, model: nn.Module) -> torch.fx.GraphModule:
+    """The GraphModule of ``graph`` over ``root``, in ``model``'s train/eval mode, with all of
+    ``root``'s parameters and buffers (``restore_state_keys``)."""
+    if isinstance(root, torch.fx.GraphModule) and root.graph is graph:
+        root.recompile()
+        return root
+    gm = torch.fx.GraphModule(root, graph, root.__class__.__name__)
     gm.train(model.training)
     restore_state_keys(gm, root)
-    return gm, "symbolic_trace"
+    return gm
+
+
+def capture(model: nn.Module, *, copy: bool = True) -> tuple[torch.fx.GraphModule, str]:
+    """(GraphModule over a deep copy of ``model``, or over ``model`` itself with
+    ``copy=False``; name of the capture strategy used).
+
+    Raises:
+        CaptureError: if ``model`` is not an ``nn.Module`` or cannot be traced.
+    """
+    root, graph, strategy = trace_graph(model, copy=copy)
+    return graph_module(root, graph, model), strategy
 
 
 def restore_state_keys(gm: nn.Module, root: nn.Module) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 
 import torch
 import torch.fx
 import torch.nn as nn
 
 from ..errors import StripError
-from .match import is_sugar, module_path
+from ..op import OP
+from .match import module_path
 from .report import Report, Site
 
 __all__ = ["strip", "strip_", "count_sugar"]
@@ -19,13 +20,13 @@ def count_sugar(model: nn.Module) -> int:
     """SUGAR nodes in every GraphModule inside ``model``, plus one per runtime-path module."""
     from .runtime import is_runtime
 
-    return sum(
-        1
-        for m in model.modules()
-        if isinstance(m, torch.fx.GraphModule)
-        for n in m.graph.nodes
-        if is_sugar(n)
-    ) + sum(1 for m in model.modules() if is_runtime(m))
+    modules = list(model.modules())
+    return sum(len(_sugar_nodes(m)) for m in modules if isinstance(m, torch.fx.GraphModule)) + sum(
+        1 for m in modules if is_runtime(m))
+
+
+def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return gm.graph.find_nodes(op="call_function", target=OP)  # an indexed lookup, not a scan
 
 
 def strip_(model: nn.Module) -> Report:
@@ -37,29 +38,27 @@ def strip_(model: nn.Module) -> Report:
     from .runtime import detach
 
     sites = []
-    for m in model.modules():
+    modules = list(model.modules())
+    for m in modules:
         if detach(m):
             sites.append(Site(module_path_of(model, m), "runtime", "relu", "", "stripped"))
             if isinstance(getattr(m, "meta", None), dict) and isinstance(m.meta.get("sugarize"), dict):
                 m.meta["sugarize"] = {**m.meta["sugarize"], "stripped": True}
-    for gm in [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]:
+    for gm in [m for m in modules if isinstance(m, torch.fx.GraphModule)]:
         changed = False
-        for node in list(gm.graph.nodes):
-            if not is_sugar(node):
-                continue
-            info = node.meta.get("sugarize", {})
-            with gm.graph.inserting_before(node):
-                relu = gm.graph.call_function(torch.relu, (node.args[0],))
-            relu.meta = {k: v for k, v in node.meta.items() if k != "sugarize"}
-            node.replace_all_uses_with(relu)
-            gm.graph.erase_node(node)
+        for node in _sugar_nodes(gm):
+            # The node itself becomes the relu call: nothing created, erased or rewired, so
+            # the graph stays well-formed (no lint needed).
+            info = node.meta.pop("sugarize", {})
+            node.target, node.args = torch.relu, (node.args[0],)
+            if node.kwargs:
+                node.kwargs = {}
             changed = True
             sites.append(
-                Site(info.get("path", module_path(relu)), info.get("spelling", "sugar"),
-                     info.get("kind", "relu"), relu.name, "stripped")
+                Site(info.get("path", module_path(node)), info.get("spelling", "sugar"),
+                     info.get("kind", "relu"), node.name, "stripped")
             )
         if changed:
-            gm.graph.lint()
             gm.recompile()
         if isinstance(gm.meta.get("sugarize"), dict):
             gm.meta["sugarize"] = {**gm.meta["sugarize"], "stripped": True}
@@ -73,17 +72,22 @@ def module_path_of(root: nn.Module, target: nn.Module) -> str:
     return next((name for name, m in root.named_modules() if m is target), "")
 
 
-def strip(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every SUGAR op back to standard ReLU (the model is untouched).
+def strip(model: nn.Module, *, copy: bool = True) -> nn.Module:
+    """``model`` with every SUGAR op back to standard ReLU.
 
     The result computes exactly what the SUGAR model computes, bit for bit, and exports to
     ONNX with the op types of the original ReLU model. Its report is
     ``result.meta["sugarize_strip"]`` when the result is a GraphModule.
 
+    Args:
+        model: a model from ``sugarize`` (or one that contains such models).
+        copy: strip a deep copy and leave ``model`` untouched (the default); with
+            ``copy=False``, ``model`` itself is stripped and returned (``strip_``).
+
     Raises:
         StripError: if a SUGAR node is left (postcondition).
     """
-    out = copy.deepcopy(model)
+    out = _copy.deepcopy(model) if copy else model
     report = strip_(out)
     if isinstance(getattr(out, "meta", None), dict):
         out.meta["sugarize_strip"] = report
