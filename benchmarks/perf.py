@@ -1,6 +1,6 @@
 """SUGAR's training and inference cost next to ReLU's, measured side by side in one run.
 
-    python benchmarks/perf.py [--repeats 7] [--no-compile] [--out benchmarks/results]
+    python benchmarks/perf.py [--repeats 7] [--compiled-repeats 9] [--no-compile] [--out benchmarks/results]
 
 Writes ``perf.md`` and ``perf.json``. Every figure is a ratio to plain ReLU in the same run:
 - training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
@@ -156,7 +156,7 @@ def peak_rss_child(model_name: str, variant: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 5) -> list[dict]:
+def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 3) -> list[dict]:
     """Median of interleaved runs (garbage collected before each) for each model size.
 
     - ``trace``: one ``torch.fx.symbolic_trace`` (graph and generated code);
@@ -255,7 +255,8 @@ def inference(repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved eager steps per variant")
+    ap.add_argument("--compiled-repeats", type=int, default=9, help="interleaved compiled steps per variant")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -272,12 +273,16 @@ def main(argv=None) -> int:
         x, _ = batch(model_name)
         mem = {v: saved_bytes(build(model_name, v), x) for v in VARIANTS}
         print(f"[{time.perf_counter() - start:.0f} s] {model_name}: peak RSS", flush=True)
-        rss = {v: peak_rss_child(model_name, v) for v in VARIANTS}
+        # One fresh process per variant, two at a time: each measures only its own address space.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            rss = dict(zip(VARIANTS, pool.map(lambda v: peak_rss_child(model_name, v), VARIANTS)))
         comp = {}
         if not args.no_compile:
             print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
             comp = timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED,
-                               args.repeats, compiled=True)
+                               args.compiled_repeats, compiled=True)
         data["training"][model_name], data["compiled"][model_name] = eager, comp
         data["memory"][model_name] = {v: {"saved_bytes": mem[v], **rss[v]} for v in VARIANTS}
         base, base_mem = eager["ReLU"]["step_ms"], mem["ReLU"]
