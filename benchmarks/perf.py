@@ -1,6 +1,6 @@
 """SUGAR's training and inference cost next to ReLU's, measured side by side in one run.
 
-    python benchmarks/perf.py [--repeats 7] [--compiled-repeats 9] [--no-compile] [--out benchmarks/results]
+    python benchmarks/perf.py [--repeats 6] [--compiled-repeats 9] [--no-compile] [--out benchmarks/results]
 
 Writes ``perf.md`` and ``perf.json``. Every figure is a ratio to plain ReLU in the same run:
 - training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
@@ -15,7 +15,6 @@ Writes ``perf.md`` and ``perf.json``. Every figure is a ratio to plain ReLU in t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -122,20 +121,22 @@ def timed_steps(model_name: str, variants: list[str], repeats: int, compiled: bo
         step()
         steps[v] = step
     times = {v: [] for v in variants}
-    for _ in range(repeats):  # interleaved: drift hits every variant alike
-        for v in variants:
+    for r in range(repeats):  # interleaved, the order rotated each round: drift and position hit all alike
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             t = time.perf_counter()
             steps[v]()
             times[v].append(time.perf_counter() - t)
     for v in variants:
         out[v]["step_ms"] = 1e3 * statistics.median(times[v])
+        # the ratio to ReLU within each round, then the median over rounds
+        out[v]["ratio"] = statistics.median(a / b for a, b in zip(times[v], times["ReLU"]))
         if compiled:
             out[v]["compile_s"] = out[v]["first_step_s"] - out[v]["step_ms"] / 1e3
     return out
 
 
 def peak_rss_child(model_name: str, variant: str) -> dict:
-    """Runs in a fresh process: RSS growth over 2 steps after a warm-up step.
+    """Runs in a fresh process: RSS growth over one step after a warm-up step.
 
     The peak is VmHWM of the child's own address space (``ru_maxrss`` would carry the
     parent's high-water mark over fork and exec)."""
@@ -146,7 +147,7 @@ def peak_rss_child(model_name: str, variant: str) -> dict:
         "step()\n"  # warm-up: one-time allocations and the fused kernels' compilation
         "open('/proc/self/clear_refs', 'w').write('5')\n"  # resets VmHWM to the current RSS
         "before = int(open('/proc/self/statm').read().split()[1]) * %d\n"
-        "for _ in range(2): step()\n"
+        "step()\n"
         "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print(json.dumps({'before': before, 'peak': int(hwm.split()[1]) * 1024}))\n"
     ) % (str(HERE), model_name, variant, model_name, os.sysconf("SC_PAGE_SIZE"))
@@ -179,7 +180,6 @@ def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 3) -> list[dict]
             "nocopy": lambda: sugarize.strip(sugarize.sugarize(model, copy=False), copy=False),
             "copy": lambda: sugarize.strip(sugarize.sugarize(model)),
             "codegen": traced.recompile,
-            "deepcopy": lambda: copy.deepcopy(model),
         }
         times = {k: [] for k in runs}
         for _ in range(repeats):
@@ -191,7 +191,7 @@ def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 3) -> list[dict]
         med = {k: statistics.median(v) for k, v in times.items()}
         tr = med["trace"]
         rows.append({"sites": n, "trace_s": tr, "nocopy_s": med["nocopy"], "copy_s": med["copy"],
-                     "codegen_s": med["codegen"], "deepcopy_s": med["deepcopy"],
+                     "codegen_s": med["codegen"],
                      "nocopy_beyond_ratio": (med["nocopy"] - tr) / tr, "copy_beyond_ratio": (med["copy"] - tr) / tr,
                      "codegen_ratio": med["codegen"] / tr, "nocopy_per_site_ms": 1e3 * med["nocopy"] / n})
     return rows
@@ -255,7 +255,7 @@ def inference(repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved eager steps per variant")
+    ap.add_argument("--repeats", type=int, default=6, help="interleaved eager steps per variant")
     ap.add_argument("--compiled-repeats", type=int, default=9, help="interleaved compiled steps per variant")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
     md = ["# SUGAR cost next to ReLU", "",
           f"`python benchmarks/perf.py` on {machine_line(m)}.", "",
-          "Ratios are to plain ReLU in the same run (interleaved steps, median). GPU: none on this "
+          "Ratios are to plain ReLU in the same run: steps interleaved (the order rotated every "
+          "round), the ratio to ReLU's step taken within each round, then the median over rounds. GPU: none on this "
           "machine, so no GPU rows; run the script where `torch.cuda.is_available()` to add them.", ""]
     for model_name in MODELS:
         print(f"[{time.perf_counter() - start:.0f} s] {model_name}: eager steps", flush=True)
@@ -285,16 +286,16 @@ def main(argv=None) -> int:
                                args.compiled_repeats, compiled=True)
         data["training"][model_name], data["compiled"][model_name] = eager, comp
         data["memory"][model_name] = {v: {"saved_bytes": mem[v], **rss[v]} for v in VARIANTS}
-        base, base_mem = eager["ReLU"]["step_ms"], mem["ReLU"]
+        base_mem = mem["ReLU"]
         base_rss = rss["ReLU"]["peak"] - rss["ReLU"]["before"]
         rows = []
         for v in VARIANTS:
             c = comp.get(v)
             rows.append([
-                v, f"{eager[v]['step_ms']:.1f}", f"{eager[v]['step_ms'] / base:.3f}",
+                v, f"{eager[v]['step_ms']:.1f}", f"{eager[v]['ratio']:.3f}",
                 f"{mem[v] / 2**20:.1f}", f"{mem[v] / base_mem:.3f}",
                 f"{(rss[v]['peak'] - rss[v]['before']) / base_rss:.3f}",
-                f"{c['step_ms'] / comp['ReLU']['step_ms']:.3f}" if c else "-",
+                f"{c['ratio']:.3f}" if c else "-",
                 f"{c['compile_s']:.0f}" if c else "-",
             ])
         md += [f"## Training: {model_name}", "",
@@ -308,11 +309,11 @@ def main(argv=None) -> int:
            "one symbolic_trace. `copy=False` is what the CLI uses; the library default copies the model "
            "in both passes. *codegen / trace*: regenerating a graph's code, which strip must do once.", "",
            md_table(["sites", "symbolic_trace s", "copy=False s", "beyond / trace (copy=False)",
-                     "defaults s", "beyond / trace (defaults)", "codegen / trace", "one deepcopy s",
+                     "defaults s", "beyond / trace (defaults)", "codegen / trace",
                      "ms per site (copy=False)"],
                     [[r["sites"], f"{r['trace_s']:.3f}", f"{r['nocopy_s']:.3f}", f"{r['nocopy_beyond_ratio']:.2f}",
                       f"{r['copy_s']:.3f}", f"{r['copy_beyond_ratio']:.2f}", f"{r['codegen_ratio']:.2f}",
-                      f"{r['deepcopy_s']:.3f}", f"{r['nocopy_per_site_ms']:.3f}"]
+                      f"{r['nocopy_per_site_ms']:.3f}"]
                      for r in conv]), ""]
     print(f"[{time.perf_counter() - start:.0f} s] onnxruntime inference", flush=True)
     inf = inference(max(30, 5 * args.repeats))
