@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "fused_encode", "fused_decode"]
+__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "traced", "fused_encode", "fused_decode"]
 
 MIN_NUMEL = 1 << 16
 _state = {"enabled": os.environ.get("SUGARIZE_FUSED", "1") != "0", "failed": False}
@@ -39,15 +39,19 @@ def set_enabled(on: bool) -> None:
     _state["enabled"] = bool(on)
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
-    if not enabled():
-        return False
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether the op runs under a tracer or compiler (or on tensor subclasses), not plain eager."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or any(type(t) is not torch.Tensor for t in tensors))
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    if not enabled() or traced(*tensors):
         return False
-    return all(type(t) is torch.Tensor and t.is_contiguous() and t.numel() >= MIN_NUMEL
-               and t.device.type in ("cpu", "cuda") for t in tensors)
+    return all(t.is_contiguous() and t.numel() >= MIN_NUMEL and t.device.type in ("cpu", "cuda")
+               for t in tensors)
 
 
 def _compile(fn: Callable) -> Callable:

@@ -27,7 +27,7 @@ import torch
 
 from .compiled import register_inductor_decomposition
 from .errors import ParameterError
-from .kernels import fused_decode, fused_encode
+from .kernels import fused_decode, fused_encode, traced
 from .surrogates import get_surrogate, keep_positive_one, resolve_params
 
 __all__ = ["sugar", "surrogate_grad", "SAVE_MODES", "DEFAULT_SAVE", "OP"]
@@ -104,17 +104,11 @@ def _(x, surrogate, params, negative_only, save):
     return torch.empty_like(x)
 
 
-def _tracing(x: torch.Tensor) -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return type(x) is not torch.Tensor or _get_current_dispatch_mode() is not None
-
-
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
     ctx.grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-    if _tracing(x):  # compiled or traced: the plain formula, for the tracer to fuse
+    if traced(x):  # compiled or traced: the plain formula, for the tracer to fuse
         saved = _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, ctx.grid)
     else:
         saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
