@@ -89,10 +89,17 @@ def _config(surrogate, param, negative_only, include, exclude, save, relufy, rel
                        relufy_surrogate=relufy_surrogate)
 
 
-def _sites_table(report) -> Table:
-    table = Table(title=f"activation sites (capture: {report.capture})", title_justify="left")
-    for col in ("#", "module path", "spelling", "status", "surrogate", "note"):
+def _table(title: str, *columns: str) -> Table:
+    """A left-titled rich table with these column headers."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
         table.add_column(col)
+    return table
+
+
+def _sites_table(report) -> Table:
+    table = _table(f"activation sites (capture: {report.capture})",
+                   "#", "module path", "spelling", "status", "surrogate", "note")
     colors = {"converted": "green", "sugar": "green", "convertible": "cyan", "skipped": "yellow", "stripped": "blue"}
     for i, s in enumerate(report.sites):
         c = colors.get(s.status, "white")
@@ -101,9 +108,8 @@ def _sites_table(report) -> Table:
 
 
 def _parity_table(report) -> Table:
-    table = Table(title=f"parity: {report.runtime}, {report.providers[0]}, {report.optimization}", title_justify="left")
-    for col in ("output", "vs", "shape", "dtype", "max abs", "max rel", "mismatched", "ok"):
-        table.add_column(col)
+    table = _table(f"parity: {report.runtime}, {report.providers[0]}, {report.optimization}",
+                   "output", "vs", "shape", "dtype", "max abs", "max rel", "mismatched", "ok")
     for o in report.outputs:
         ok = "[green]yes[/]" if o.passed else "[red]NO[/]"
         table.add_row(o.name, o.reference, "x".join(map(str, o.shape)), o.dtype, f"{o.max_abs:.2e}",
@@ -262,9 +268,7 @@ def surrogates_cmd(
     if as_json:
         return _emit_json([{"name": e.name, "params": e.defaults(), "formula": e.summary(), "source": e.source}
                            for e in rows])
-    table = Table(title="surrogates (default: bsilu)", title_justify="left")
-    for col in ("name", "defaults", "formula", "source"):
-        table.add_column(col)
+    table = _table("surrogates (default: bsilu)", "name", "defaults", "formula", "source")
     for e in rows:
         table.add_row(e.name, ", ".join(f"{k}={v:g}" for k, v in e.defaults().items()) or "-", e.summary(), e.source)
     out.print(table)
@@ -289,9 +293,8 @@ def audit_cmd(
                         plot=str(plot) if plot else None)
     if as_json:
         return _emit_json(report.to_dict())
-    table = Table(title=f"audit over {report.samples} inputs", title_justify="left")
-    for col in ("module path", "spelling", "units", "dead", "dead %", "zeros %"):
-        table.add_column(col)
+    table = _table(f"audit over {report.samples} inputs",
+                   "module path", "spelling", "units", "dead", "dead %", "zeros %")
     for s in report.sites:
         table.add_row(s.path or "<model>", s.spelling, str(s.units), str(s.dead), f"{100 * s.dead_fraction:.1f}",
                       f"{100 * s.sparsity:.1f}")
@@ -380,9 +383,7 @@ def demo_cmd(
     out.print(f"pretrained ReLU MLP ({cfg.depth}x{cfg.width}, {cfg.pretrain_optimizer} lr {cfg.pretrain_lr}): val acc {100 * acc0:.1f}%, "
               f"dead units {100 * dead0:.1f}%; each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} "
               f"from those weights, {len(cfg.seeds)} seeds")
-    table = Table(title="digits validation (mean ± std over seeds)", title_justify="left")
-    for col in ("variant", "val accuracy %", "dead units %", "note"):
-        table.add_column(col)
+    table = _table("digits validation (mean ± std over seeds)", "variant", "val accuracy %", "dead units %", "note")
     for r in rows:
         if r["seeds"] == 0:
             table.add_row(r["variant"], "diverged", "-", f"{r['diverged']} of {len(cfg.seeds)} seeds diverged")
