@@ -5,7 +5,8 @@ node when a converted model is traced again by ``torch.fx.symbolic_trace``,
 ``torch.export`` or ``torch.compile`` (a plain ``autograd.Function`` would be inlined and
 its surrogate gradient silently lost). A post-autograd decomposition to ``aten.relu``
 makes ``torch.onnx.export`` emit a plain ``Relu`` even when a model was not stripped, and
-(``compiled.py``) lets Inductor fuse the forward into its producer's kernel as it fuses ReLU.
+(``compiled.py``) lets Inductor fuse the forward, and the saved derivative with it, into the
+producer's kernel as it fuses ReLU.
 
 For the backward pass the op saves only ``s'(x)`` (never ``x``), in the precision chosen by
 ``save``:
@@ -24,8 +25,9 @@ import math
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .compiled import register_inductor_decomposition
+from . import compiled
 from .errors import ParameterError
 from .kernels import fused_decode, fused_encode, traced
 from .surrogates import get_surrogate, keep_positive_one, resolve_params
@@ -90,6 +92,36 @@ def _decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> tor
     return grad * saved.to(grad.dtype) if save == "bfloat16" else grad * saved
 
 
+def _saved_dtype(dtype: torch.dtype, save: str) -> torch.dtype:
+    return {"full": dtype, "bfloat16": torch.bfloat16, "uint8": torch.uint8}[save]
+
+
+def _forward_math(x, surrogate, params, negative_only, save):
+    """``(relu(x), saved form of s'(x))`` with the plain formula: what a compiler fuses."""
+    grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
+    return torch.relu(x), _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
+
+
+@torch.library.custom_op("sugarize::sugar_forward", mutates_args=())
+def _sugar_forward_op(
+    x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool, save: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Internal: ``relu(x)`` and the saved form of ``s'(x)`` in one op, for compilers (compiled.py).
+
+    It has no backward formula: only the SUGAR op's decomposition and ``setup_context``
+    call it, below autograd."""
+    grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
+    saved = fused_encode(x, surrogate, params, negative_only, save, grid)
+    if saved is None:
+        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, grid)
+    return torch.relu(x), saved
+
+
+@_sugar_forward_op.register_fake
+def _(x, surrogate, params, negative_only, save):
+    return torch.empty_like(x), torch.empty_like(x, dtype=_saved_dtype(x.dtype, save))
+
+
 @torch.library.custom_op("sugarize::sugar", mutates_args=())
 def _sugar_op(
     x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool, save: str
@@ -100,7 +132,7 @@ def _sugar_op(
 @_sugar_op.register_fake
 def _(x, surrogate, params, negative_only, save):
     if torch.compiler.is_compiling():  # Dynamo's first look at the op: Inductor compiles next
-        register_inductor_decomposition(OP, _relu_decomposition)
+        compiled.register(OP, FORWARD_OP, _forward_math)
     return torch.empty_like(x)
 
 
@@ -108,7 +140,11 @@ def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
     ctx.grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-    if traced(x):  # compiled or traced: the plain formula, for the tracer to fuse
+    if traced(x) and _get_current_dispatch_mode() is not None and compiled.lowered():
+        # traced for Inductor: the forward is sugar_forward(x)[0] (compiled.py); this second
+        # call is merged with it by CSE, so the saved form is computed in the forward
+        saved = FORWARD_OP(x, surrogate, params, negative_only, save)[1]
+    elif traced(x):  # another tracer: the plain formula, for it to fuse
         saved = _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, ctx.grid)
     else:
         saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
@@ -128,6 +164,7 @@ def _backward(ctx, grad):
 _sugar_op.register_autograd(_backward, setup_context=_setup_context)
 
 OP = torch.ops.sugarize.sugar.default
+FORWARD_OP = torch.ops.sugarize.sugar_forward.default
 
 
 def _relu_decomposition(x, surrogate, params, negative_only, save):
@@ -144,7 +181,8 @@ def check_options(surrogate: str, params, negative_only: bool, save: str) -> lis
     if save not in SAVE_MODES:
         raise ParameterError(f"save={save!r} is not one of {', '.join(SAVE_MODES)}")
     values = list(resolve_params(surrogate, params).values())
-    if save == "uint8":
+    if save == "uint8" and not torch.compiler.is_compiling():
+        # (under Dynamo the op's setup_context computes the grid and raises the same error)
         _uint8_grid(surrogate, tuple(values), bool(negative_only))
     return values
 

@@ -195,11 +195,21 @@ def test_torch_compile_without_graph_breaks_same_gradients(save):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_compile_fuses_the_op_like_relu():
-    """Inductor gets the op's relu decomposition: no Python fallback call in the generated code."""
+def _compiled_code(fn):
+    """(result, forward code, backward code) of one fresh Inductor compile of ``fn``."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
+    # Compile afresh: a cached artifact would not show what this process's Inductor does.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        result, (forward_code, backward_code) = run_and_get_code(fn)
+    return result, forward_code, backward_code
+
+
+def test_torch_compile_fuses_the_op_like_relu_and_saves_the_code():
+    """Inductor computes relu and the 1-byte code in BatchNorm's kernel; the backward reads the
+    code and never evaluates the surrogate again (compiled.py)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 3, padding=1))
@@ -208,18 +218,63 @@ def test_torch_compile_fuses_the_op_like_relu():
     sm(x).square().sum().backward()
     eager = [p.grad.clone() for p in sm.parameters()]
     sm.zero_grad()
-
-    def step():
-        sm_compiled(x).square().sum().backward()
-
     sm_compiled = torch.compile(sm, fullgraph=True)
-    # Compile afresh: a cached artifact would not show what this process's Inductor does.
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        _, (forward_code, _) = run_and_get_code(step)
-    assert "torch.ops.sugarize.sugar" not in forward_code, "SUGAR ran as an opaque fallback kernel"
+    _, forward_code, backward_code = _compiled_code(lambda: sm_compiled(x).square().sum().backward())
+    assert "torch.ops.sugarize" not in forward_code + backward_code, "SUGAR ran as an opaque fallback kernel"
+    assert "torch.uint8" in forward_code  # the code, computed in the forward and saved
+    assert "sigmoid" not in backward_code and "exp(" not in backward_code  # ... and only read back
     for a, p in zip(eager, sm.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+
+
+def _forward_backward(fn, x, upstream):
+    y = fn(x)
+    y.backward(upstream)
+    return y.detach()
+
+
+@pytest.mark.parametrize("save", SAVE_MODES)
+def test_every_surrogate_lowers_to_generated_code_with_eager_gradients(save):
+    """One compile over all registered surrogates, plain and negative_only: Inductor generates
+    every formula (no extern kernel) and the gradients are eager's."""
+    from sugarize.op import _uint8_grid
+
+    cases = [(name, neg) for name in list_surrogates() for neg in (False, True)]
+    x = (torch.randn(len(cases), 257, dtype=torch.float64) * 3).float()
+
+    def f(x):
+        return torch.stack([sugarize.sugar(x[i], name, negative_only=neg, save=save)
+                            for i, (name, neg) in enumerate(cases)])
+
+    upstream = torch.randn_like(x)
+    x_eager = x.clone().requires_grad_()
+    f(x_eager).backward(upstream)
+    x_compiled = x.clone().requires_grad_()
+    compiled = torch.compile(f, fullgraph=True)
+    y, forward_code, backward_code = _compiled_code(lambda: _forward_backward(compiled, x_compiled, upstream))
+    assert "torch.ops.sugarize" not in forward_code + backward_code
+    assert same_bits(y, torch.relu(x))
+    for i, (name, neg) in enumerate(cases):
+        # eager evaluates s' with its fast formula, Inductor with the plain one: the same
+        # to float rounding, which may move a uint8 code by one step of its grid
+        step = 1 / _uint8_grid(name, tuple(sugarize.surrogates.resolve_params(name, {}).values()), neg)[0]
+        atol = (step + 1e-6) * upstream[i].abs().max() if save == "uint8" else 1e-5
+        torch.testing.assert_close(x_compiled.grad[i], x_eager.grad[i], rtol=1e-2 if save == "bfloat16" else 1e-5,
+                                   atol=atol, msg=f"{name}, negative_only={neg}")
+
+
+def test_a_surrogate_inductor_cannot_generate_runs_as_an_extern_kernel(monkeypatch):
+    """The lowering's fallback: the op's eager kernel, called from the generated code, same gradients."""
+    from sugarize import compiled
+
+    monkeypatch.setattr(compiled, "_formula", lambda *args: None)
+    x = torch.randn(64, requires_grad=True)
+    upstream = torch.randn(64)
+    eager = torch.autograd.grad(sugarize.sugar(x), x, upstream)[0]
+    fn = torch.compile(lambda x: sugarize.sugar(x), fullgraph=True)
+    (grad,), forward_code, _ = _compiled_code(lambda: torch.autograd.grad(fn(x), x, upstream))
+    assert "torch.ops.sugarize.sugar_forward" in forward_code
+    assert torch.equal(grad, eager)
 
 
 def test_default_save_is_uint8_one_byte_per_element():
