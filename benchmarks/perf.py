@@ -1,8 +1,10 @@
 """SUGAR's training and inference cost next to ReLU's, measured side by side in one run.
 
-    python benchmarks/perf.py [--repeats 6] [--compiled-repeats 9] [--no-compile] [--out benchmarks/results]
+    python benchmarks/perf.py [--repeats 5] [--compiled-repeats 8] [--no-compile] [--out benchmarks/results]
+    python benchmarks/perf.py --compiled-only [--compiled-repeats 40]
 
-Writes ``perf.md`` and ``perf.json``. Every figure is a ratio to plain ReLU in the same run:
+Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
+more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
 - training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
   batch 64) and a deep MLP, eager and under ``torch.compile`` (compile time separately);
 - memory held for the backward pass: bytes of the unique non-parameter tensors autograd
@@ -106,18 +108,39 @@ def saved_bytes(model: nn.Module, x) -> int:
     return sum(seen.values())
 
 
+def count_inductor_bytes() -> None:
+    """Has Inductor estimate the bytes its generated kernels read and write (``metrics``)."""
+    import logging
+
+    from torch._inductor.compile_fx import inductor_metrics_log
+
+    inductor_metrics_log.setLevel(logging.INFO)  # count_bytes() runs only when this log is on
+    inductor_metrics_log.propagate = False  # ... and its report goes nowhere
+    if not inductor_metrics_log.handlers:
+        inductor_metrics_log.addHandler(logging.NullHandler())
+
+
 def timed_steps(model_name: str, variants: list[str], repeats: int, compiled: bool) -> dict[str, dict]:
+    """Step times; compiled, also Inductor's kernel count and kernel bytes for one training step
+    (forward and backward graphs; extern kernels such as convolutions and matmuls not counted)."""
+    from torch._inductor import metrics
+
     x, y = batch(model_name)
     steps, out = {}, {}
+    if compiled:
+        count_inductor_bytes()
     for v in variants:
         model = build(model_name, v)
         if compiled:
             torch._dynamo.reset()
+            metrics.reset()
             model = torch.compile(model)
         step = make_step(model, x, y)
         t = time.perf_counter()
         step()  # compiles when compiled
         out[v] = {"first_step_s": time.perf_counter() - t}
+        if compiled:
+            out[v].update(kernels=metrics.generated_kernel_count, kernel_bytes=metrics.num_bytes_accessed)
         step()
         steps[v] = step
     times = {v: [] for v in variants}
@@ -128,8 +151,11 @@ def timed_steps(model_name: str, variants: list[str], repeats: int, compiled: bo
             times[v].append(time.perf_counter() - t)
     for v in variants:
         out[v]["step_ms"] = 1e3 * statistics.median(times[v])
-        # the ratio to ReLU within each round, then the median over rounds
-        out[v]["ratio"] = statistics.median(a / b for a, b in zip(times[v], times["ReLU"]))
+        # the ratio to ReLU within each round, then the median over rounds (and the quartiles)
+        ratios = sorted(a / b for a, b in zip(times[v], times["ReLU"]))
+        out[v]["ratio"] = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[v]["ratio_q1"], out[v]["ratio_q3"] = q[0], q[2]
         if compiled:
             out[v]["compile_s"] = out[v]["first_step_s"] - out[v]["step_ms"] / 1e3
     return out
@@ -253,13 +279,57 @@ def inference(repeats: int) -> dict:
     return rows
 
 
+KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training step (forward and "
+               "backward); *kernel bytes ratio*: the bytes those kernels read and write, as Inductor "
+               "estimates them (`metrics.num_bytes_accessed`), to ReLU's. Both are exact counts, the same "
+               "in every run; convolutions and matmuls are extern kernels, in neither.")
+
+
+def compiled_only(args) -> int:
+    """The torch.compile rows alone, with enough rounds to read a few percent through the noise."""
+    start = time.perf_counter()
+    m = machine()
+    data = {"machine": m, "compiled": {}}
+    md = ["# SUGAR under torch.compile next to ReLU", "",
+          f"`python benchmarks/perf.py --compiled-only --compiled-repeats {args.compiled_repeats}` on "
+          f"{machine_line(m)}.", "",
+          "Steps interleaved, the order rotated every round; *ratio*: the median over rounds of the "
+          "ratio to ReLU's step in the same round; *q1-q3*: the quartiles of those per-round ratios.", ""]
+    for model_name in MODELS:
+        print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
+        comp = timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED,
+                           args.compiled_repeats, compiled=True)
+        data["compiled"][model_name] = comp
+        base = comp["ReLU"]["kernel_bytes"]
+        md += [f"## {model_name}", "",
+               md_table(["variant", "step ms", "ratio", "q1-q3", "compile s", "compiled kernels",
+                         "kernel bytes ratio"],
+                        [[v, f"{c['step_ms']:.1f}", f"{c['ratio']:.3f}", f"{c['ratio_q1']:.3f}-{c['ratio_q3']:.3f}",
+                          f"{c['compile_s']:.0f}", c["kernels"], f"{c['kernel_bytes'] / base:.3f}"]
+                         for v, c in comp.items()]), ""]
+    md += [KERNEL_NOTE, ""]
+    total = time.perf_counter() - start
+    md.append(f"Total: {total:.0f} s.")
+    data["seconds"] = total
+    md_path, _ = write("perf_compiled", "\n".join(md) + "\n", data, args.out)
+    print("\n".join(md))
+    print(f"wrote {md_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=6, help="interleaved eager steps per variant")
-    ap.add_argument("--compiled-repeats", type=int, default=9, help="interleaved compiled steps per variant")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved eager steps per variant")
+    ap.add_argument("--compiled-repeats", type=int, default=None,
+                    help="interleaved compiled steps per variant (default 8; 40 with --compiled-only)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile rows")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.compiled_repeats is None:
+        args.compiled_repeats = 40 if args.compiled_only else 8
+    if args.compiled_only:
+        return compiled_only(args)
     start = time.perf_counter()
     m = machine()
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
@@ -297,10 +367,13 @@ def main(argv=None) -> int:
                 f"{(rss[v]['peak'] - rss[v]['before']) / base_rss:.3f}",
                 f"{c['ratio']:.3f}" if c else "-",
                 f"{c['compile_s']:.0f}" if c else "-",
+                f"{c['kernels']}" if c else "-",
+                f"{c['kernel_bytes'] / comp['ReLU']['kernel_bytes']:.3f}" if c else "-",
             ])
         md += [f"## Training: {model_name}", "",
                md_table(["variant", "eager step ms", "eager ratio", "saved MiB", "saved ratio",
-                         "peak RSS growth ratio", "compiled ratio", "compile s"], rows), ""]
+                         "peak RSS growth ratio", "compiled ratio", "compile s", "compiled kernels",
+                         "kernel bytes ratio"], rows), "", KERNEL_NOTE, ""]
     print(f"[{time.perf_counter() - start:.0f} s] conversion cost", flush=True)
     conv = conversion_cost()
     data["conversion"] = conv
