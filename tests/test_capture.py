@@ -210,6 +210,7 @@ def _ddp_worker(rank, world, path, data):
         opt.step()
     if rank == 0:
         torch.save(model.module.state_dict(), path)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (it aborted once under load)
     dist.destroy_process_group()
 
 
