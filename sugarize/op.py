@@ -96,9 +96,21 @@ def _saved_dtype(dtype: torch.dtype, save: str) -> torch.dtype:
     return {"full": dtype, "bfloat16": torch.bfloat16, "uint8": torch.uint8}[save]
 
 
+def _grid(surrogate: str, params, negative_only: bool, save: str) -> tuple[float, int] | None:
+    return _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
+
+
+def _eager_saved(x, surrogate, params, negative_only, save, grid):
+    """The saved form of ``s'(x)`` in plain eager execution: the fused kernel where it applies."""
+    saved = fused_encode(x, surrogate, params, negative_only, save, grid)
+    if saved is None:
+        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, grid)
+    return saved
+
+
 def _forward_math(x, surrogate, params, negative_only, save):
     """``(relu(x), saved form of s'(x))`` with the plain formula: what a compiler fuses."""
-    grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
+    grid = _grid(surrogate, params, negative_only, save)
     return torch.relu(x), _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
 
 
@@ -110,11 +122,8 @@ def _sugar_forward_op(
 
     It has no backward formula: only the SUGAR op's decomposition and ``setup_context``
     call it, below autograd."""
-    grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-    saved = fused_encode(x, surrogate, params, negative_only, save, grid)
-    if saved is None:
-        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, grid)
-    return torch.relu(x), saved
+    return torch.relu(x), _eager_saved(x, surrogate, params, negative_only, save,
+                                       _grid(surrogate, params, negative_only, save))
 
 
 @_sugar_forward_op.register_fake
@@ -139,7 +148,7 @@ def _(x, surrogate, params, negative_only, save):
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
-    ctx.grid = _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
+    ctx.grid = _grid(surrogate, params, negative_only, save)
     if traced(x) and _get_current_dispatch_mode() is not None and compiled.lowered():
         # traced for Inductor: the forward is sugar_forward(x)[0] (compiled.py); this second
         # call is merged with it by CSE, so the saved form is computed in the forward
@@ -147,9 +156,7 @@ def _setup_context(ctx, inputs, output):
     elif traced(x):  # another tracer: the plain formula, for it to fuse
         saved = _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, ctx.grid)
     else:
-        saved = fused_encode(x, surrogate, params, negative_only, save, ctx.grid)
-        if saved is None:
-            saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, ctx.grid)
+        saved = _eager_saved(x, surrogate, params, negative_only, save, ctx.grid)
     ctx.save_for_backward(saved)
 
 
