@@ -285,6 +285,21 @@ KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training 
                "in every run; convolutions and matmuls are extern kernels, in neither.")
 
 
+def finish(name: str, md: list[str], data: dict, start: float, out: Path | None) -> int:
+    """Adds the total time, writes ``<name>.md`` and ``.json``, prints the markdown."""
+    total = time.perf_counter() - start
+    md.append(f"Total: {total:.0f} s.")
+    data["seconds"] = total
+    md_path, _ = write(name, "\n".join(md) + "\n", data, out)
+    print("\n".join(md))
+    print(f"wrote {md_path}")
+    return 0
+
+
+def compiled_steps(model_name: str, repeats: int) -> dict[str, dict]:
+    return timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED, repeats, compiled=True)
+
+
 def compiled_only(args) -> int:
     """The torch.compile rows alone, with enough rounds to read a few percent through the noise."""
     start = time.perf_counter()
@@ -297,8 +312,7 @@ def compiled_only(args) -> int:
           "ratio to ReLU's step in the same round; *q1-q3*: the quartiles of those per-round ratios.", ""]
     for model_name in MODELS:
         print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
-        comp = timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED,
-                           args.compiled_repeats, compiled=True)
+        comp = compiled_steps(model_name, args.compiled_repeats)
         data["compiled"][model_name] = comp
         base = comp["ReLU"]["kernel_bytes"]
         md += [f"## {model_name}", "",
@@ -308,13 +322,7 @@ def compiled_only(args) -> int:
                           f"{c['compile_s']:.0f}", c["kernels"], f"{c['kernel_bytes'] / base:.3f}"]
                          for v, c in comp.items()]), ""]
     md += [KERNEL_NOTE, ""]
-    total = time.perf_counter() - start
-    md.append(f"Total: {total:.0f} s.")
-    data["seconds"] = total
-    md_path, _ = write("perf_compiled", "\n".join(md) + "\n", data, args.out)
-    print("\n".join(md))
-    print(f"wrote {md_path}")
-    return 0
+    return finish("perf_compiled", md, data, start, args.out)
 
 
 def main(argv=None) -> int:
@@ -352,8 +360,7 @@ def main(argv=None) -> int:
         comp = {}
         if not args.no_compile:
             print(f"[{time.perf_counter() - start:.0f} s] {model_name}: compiled steps", flush=True)
-            comp = timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED,
-                               args.compiled_repeats, compiled=True)
+            comp = compiled_steps(model_name, args.compiled_repeats)
         data["training"][model_name], data["compiled"][model_name] = eager, comp
         data["memory"][model_name] = {v: {"saved_bytes": mem[v], **rss[v]} for v in VARIANTS}
         base_mem = mem["ReLU"]
@@ -397,13 +404,7 @@ def main(argv=None) -> int:
            md_table(["model", "ONNX nodes", "op types", "median ms", "ratio"],
                     [[k, r["nodes"], " ".join(r["ops"]), f"{r['ms']:.2f}", f"{r['ms'] / base:.3f}"]
                      for k, r in inf.items()]), ""]
-    total = time.perf_counter() - start
-    md.append(f"Total: {total:.0f} s.")
-    data["seconds"] = total
-    md_path, _ = write("perf", "\n".join(md) + "\n", data, args.out)
-    print("\n".join(md))
-    print(f"wrote {md_path}")
-    return 0
+    return finish("perf", md, data, start, args.out)
 
 
 if __name__ == "__main__":
