@@ -54,9 +54,9 @@ def register(op, forward_op, forward_math: Callable) -> None:
         from torch._inductor.lowering import lowerings, register_lowering
     except Exception:  # noqa: BLE001 - no Inductor (or it moved): the op stays a fallback kernel
         return
-    _state["forward_math"] = forward_math
     try:
-        register_lowering(forward_op, type_promotion_kind=None)(functools.partial(_lower, forward_op, lowerings))
+        register_lowering(forward_op, type_promotion_kind=None)(
+            functools.partial(_lower, forward_op, forward_math, lowerings))
         _state["lowering"] = True
     except Exception:  # noqa: BLE001 - the private API moved: keep the plain relu decomposition
         pass
@@ -81,8 +81,8 @@ def lowered() -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _formula(surrogate: str, params: tuple[float, ...], negative_only: bool, save: str,
-             dtype: torch.dtype) -> torch.fx.GraphModule | None:
+def _formula(forward_math: Callable, surrogate: str, params: tuple[float, ...], negative_only: bool,
+             save: str, dtype: torch.dtype) -> torch.fx.GraphModule | None:
     """``forward_math`` as a graph of ATen ops that all have Inductor lowerings, or None.
 
     Traced on a 0-d tensor: every op is elementwise, so the graph applies to any shape.
@@ -92,10 +92,8 @@ def _formula(surrogate: str, params: tuple[float, ...], negative_only: bool, sav
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
-    math = _state["forward_math"]
-
     def f(x):
-        return math(x, surrogate, list(params), negative_only, save)
+        return forward_math(x, surrogate, list(params), negative_only, save)
 
     try:
         with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
@@ -109,9 +107,9 @@ def _formula(surrogate: str, params: tuple[float, ...], negative_only: bool, sav
     return gm
 
 
-def _lower(forward_op, lowerings: dict, x, surrogate, params, negative_only, save):
+def _lower(forward_op, forward_math: Callable, lowerings: dict, x, surrogate, params, negative_only, save):
     """Inductor lowering of ``sugar_forward``: the traced formula through Inductor's lowerings."""
-    gm = _formula(surrogate, tuple(params), bool(negative_only), save, x.get_dtype())
+    gm = _formula(forward_math, surrogate, tuple(params), bool(negative_only), save, x.get_dtype())
     if gm is None:  # a user surrogate Inductor cannot generate: its eager kernel, as an extern call
         from torch._inductor.lowering import fallback_handler
 
