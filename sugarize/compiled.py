@@ -9,8 +9,8 @@ two of its internals, the first time Dynamo meets it:
   internal op that computes ``relu(x)`` and the saved form of ``s'(x)`` together;
 - a lowering for ``sugar_forward``: the eager formula, traced once per (surrogate,
   parameters, options, dtype) to ATen ops and replayed through Inductor's own lowerings, so
-  both outputs are elementwise code that fuses into the producer's kernel (BatchNorm's, a
-  matmul's epilogue) exactly as ReLU's relu does.
+  both outputs are elementwise code that fuses into the kernel producing ``x`` (BatchNorm's,
+  a residual add's) exactly as ReLU's relu does.
 
 The op's ``setup_context`` asks the same ``sugar_forward`` for the saved form while traced;
 AOTAutograd's CSE merges the two calls into one node. That is the point of the pair: an op
@@ -51,12 +51,12 @@ def register(op, forward_op, forward_math: Callable) -> None:
     _state["registered"] = True
     try:
         from torch._inductor import decomposition as inductor_decomp
-        from torch._inductor.lowering import lowerings, register_lowering
+        from torch._inductor.lowering import register_lowering
     except Exception:  # noqa: BLE001 - no Inductor (or it moved): the op stays a fallback kernel
         return
     try:
         register_lowering(forward_op, type_promotion_kind=None)(
-            functools.partial(_lower, forward_op, forward_math, lowerings))
+            functools.partial(_lower, forward_op, forward_math))
         _state["lowering"] = True
     except Exception:  # noqa: BLE001 - the private API moved: keep the plain relu decomposition
         pass
@@ -107,12 +107,12 @@ def _formula(forward_math: Callable, surrogate: str, params: tuple[float, ...], 
     return gm
 
 
-def _lower(forward_op, forward_math: Callable, lowerings: dict, x, surrogate, params, negative_only, save):
+def _lower(forward_op, forward_math: Callable, x, surrogate, params, negative_only, save):
     """Inductor lowering of ``sugar_forward``: the traced formula through Inductor's lowerings."""
+    from torch._inductor.lowering import fallback_handler, lowerings
+
     gm = _formula(forward_math, surrogate, tuple(params), bool(negative_only), save, x.get_dtype())
     if gm is None:  # a user surrogate Inductor cannot generate: its eager kernel, as an extern call
-        from torch._inductor.lowering import fallback_handler
-
         return fallback_handler(forward_op, add_to_fallback_set=False)(x, surrogate, params, negative_only, save)
     env: dict = {}
     for node in gm.graph.nodes:

@@ -61,10 +61,11 @@ def _compile(fn: Callable) -> Callable:
 @functools.lru_cache(maxsize=64)
 def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, save: str,
              grid: tuple[float, int] | None, dtype: torch.dtype) -> Callable:
-    from .op import _derivative, _encode  # the eager formulas, compiled into one kernel
+    # (dtype is part of the cache key only: one compiled kernel per input dtype)
+    from .op import _plain_saved  # the eager formula, compiled into one kernel
 
     def encode(x):
-        return _encode(_derivative(x, surrogate, params, negative_only, fast=False), dtype, save, grid)
+        return _plain_saved(x, surrogate, params, negative_only, save, grid)
 
     return _compile(encode)
 

@@ -100,6 +100,11 @@ def _grid(surrogate: str, params, negative_only: bool, save: str) -> tuple[float
     return _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
 
 
+def _plain_saved(x, surrogate, params, negative_only, save, grid):
+    """The saved form of ``s'(x)`` by the plain formula: what a tracer or compiler fuses."""
+    return _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
+
+
 def _eager_saved(x, surrogate, params, negative_only, save, grid):
     """The saved form of ``s'(x)`` in plain eager execution: the fused kernel where it applies."""
     saved = fused_encode(x, surrogate, params, negative_only, save, grid)
@@ -110,8 +115,8 @@ def _eager_saved(x, surrogate, params, negative_only, save, grid):
 
 def _forward_math(x, surrogate, params, negative_only, save):
     """``(relu(x), saved form of s'(x))`` with the plain formula: what a compiler fuses."""
-    grid = _grid(surrogate, params, negative_only, save)
-    return torch.relu(x), _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
+    return torch.relu(x), _plain_saved(x, surrogate, params, negative_only, save,
+                                       _grid(surrogate, params, negative_only, save))
 
 
 @torch.library.custom_op("sugarize::sugar_forward", mutates_args=())
@@ -154,7 +159,7 @@ def _setup_context(ctx, inputs, output):
         # call is merged with it by CSE, so the saved form is computed in the forward
         saved = FORWARD_OP(x, surrogate, params, negative_only, save)[1]
     elif traced(x):  # another tracer: the plain formula, for it to fuse
-        saved = _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, ctx.grid)
+        saved = _plain_saved(x, surrogate, params, negative_only, save, ctx.grid)
     else:
         saved = _eager_saved(x, surrogate, params, negative_only, save, ctx.grid)
     ctx.save_for_backward(saved)
