@@ -28,6 +28,7 @@ _EXPORTS = {
     "SugarConfig": "sugarize.config",
     "sugar": "sugarize.op",
     "surrogate_grad": "sugarize.op",
+    "save_error": "sugarize.op",
     "Param": "sugarize.surrogates",
     "Surrogate": "sugarize.surrogates",
     "register_surrogate": "sugarize.surrogates",
@@ -65,7 +66,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .config import SugarConfig
     from .errors import SugarizeError
-    from .op import sugar, surrogate_grad
+    from .op import save_error, sugar, surrogate_grad
     from .passes.report import Report, Site
     from .passes.rewrite import inspect, sugarize
     from .passes.strip import count_sugar, strip, strip_

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import SugarizeError
+from .options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 app = typer.Typer(
     name="sugarize",
@@ -117,7 +118,7 @@ def _parity_table(report) -> Table:
     return table
 
 
-COMMON_SURROGATE = typer.Option("bsilu", "--surrogate", "-s", help="Surrogate name (see `sugarize surrogates`).")
+COMMON_SURROGATE = typer.Option(DEFAULT_SURROGATE, "--surrogate", "-s", help="Surrogate name (see `sugarize surrogates`).")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
 
 
@@ -133,7 +134,7 @@ def inspect_cmd(
     """List every ReLU site: module path, spelling, and converted or skipped with the reason."""
     from .workflows import inspect_file
 
-    report = inspect_file(model, config=_config("bsilu", None, False, include, exclude, "full", relufy))
+    report = inspect_file(model, config=_config(DEFAULT_SURROGATE, None, False, include, exclude, DEFAULT_SAVE, relufy))
     if as_json:
         return _emit_json(report.to_dict())
     out.print(_sites_table(report))
@@ -150,7 +151,9 @@ def convert_cmd(
     negative_only: bool = typer.Option(False, "--negative-only", help="Keep gradient 1 for x > 0; s' only for x <= 0."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
-    save: str = typer.Option("uint8", "--save-precision", help="Saved derivative precision: full, bfloat16, uint8."),
+    save: str = typer.Option(DEFAULT_SAVE, "--save-precision",
+                             help="What the backward keeps: full (exact, default); bfloat16 or uint8 "
+                                  "(opt-in, smaller, error stated by `sugarize surrogates`)."),
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also turn these into ReLU + SUGAR: gelu,silu."),
     relufy_surrogate: Optional[str] = typer.Option(
         None, "--relufy-surrogate", help="Surrogate for relufied sites (default: the replaced activation's own)."),
@@ -257,21 +260,38 @@ def surrogates_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each s(x) and s'(x) next to ReLU's."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
 ):
-    """The surrogate registry: formulas, defaults and sources."""
+    """The surrogate registry: formulas, defaults, sources, and the opt-in compressed modes' error."""
+    from .op import save_error
     from .surrogates import get_surrogate, list_surrogates
 
     rows = [get_surrogate(n) for n in list_surrogates()]
+
+    def error(name: str, save: str) -> dict | None:
+        try:
+            return save_error(name, save)
+        except SugarizeError:
+            return None  # the mode cannot carry this surrogate: refused
+
+    errors = {e.name: {s: error(e.name, s) for s in ("bfloat16", "uint8")} for e in rows}
     if plot is not None:
         from .plots import plot_surrogates
 
         plot_surrogates(plot)
     if as_json:
-        return _emit_json([{"name": e.name, "params": e.defaults(), "formula": e.summary(), "source": e.source}
-                           for e in rows])
-    table = _table("surrogates (default: bsilu)", "name", "defaults", "formula", "source")
+        return _emit_json([{"name": e.name, "params": e.defaults(), "formula": e.summary(), "source": e.source,
+                            "save_error": errors[e.name]} for e in rows])
+    table = _table(f"surrogates (default: {DEFAULT_SURROGATE})", "name", "defaults", "formula", "source",
+                   "bfloat16 error", "uint8 error")
+
+    def cell(err: dict | None) -> str:
+        return "refused" if err is None else f"{err['abs']:.2g} ({err['rel_negative']:.1%})"
+
     for e in rows:
-        table.add_row(e.name, ", ".join(f"{k}={v:g}" for k, v in e.defaults().items()) or "-", e.summary(), e.source)
+        table.add_row(e.name, ", ".join(f"{k}={v:g}" for k, v in e.defaults().items()) or "-", e.summary(), e.source,
+                      cell(errors[e.name]["bfloat16"]), cell(errors[e.name]["uint8"]))
     out.print(table)
+    out.print("The default (--save-precision full) is exact. Compressed modes: worst absolute gradient error per "
+              "unit upstream gradient, and (in brackets) on x <= 0 as a share of the largest |s'(x)| there.")
     if plot is not None:
         out.print(f"wrote {plot}")
 

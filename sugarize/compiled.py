@@ -1,50 +1,54 @@
 """How the SUGAR op behaves under ``torch.compile`` (Inductor).
 
 A ``torch.library`` custom op is opaque to Inductor: left alone, it would run as a Python
-fallback kernel between two generated kernels. ``register`` teaches Inductor the op, through
-two of its internals, the first time Dynamo meets it:
+fallback kernel between two generated kernels. ``register`` teaches Inductor the op's two
+forms, through two of its internals (its decomposition table and ``register_lowering``), the
+first time Dynamo meets the op.
 
-- a decomposition (Inductor's table, applied below autograd, after the op's backward formula
-  has been traced): ``sugar(x)`` becomes ``sugar_forward(x)[0]``, the first output of the
-  internal op that computes ``relu(x)`` and the saved form of ``s'(x)`` together;
-- a lowering for ``sugar_forward``: the eager formula, traced once per (surrogate,
-  parameters, options, dtype) to ATen ops and replayed through Inductor's own lowerings, so
-  both outputs are elementwise code that fuses into the kernel producing ``x`` (BatchNorm's,
-  a residual add's) exactly as ReLU's relu does.
+**Exact (``save="full"``, the default).** The op decomposes to ``relu``; its backward is
+``sugar_grad(grad, x)``, whose lowering is the surrogate's formula replayed through
+Inductor's own lowerings as one elementwise expression. The op keeps ``x`` for the backward,
+and ``prefer_recompute`` marks the node that produced ``x`` (BatchNorm's affine, a residual
+add) for recomputation, the way a selective-checkpoint policy marks nodes: AOTAutograd's
+min-cut partitioner then rebuilds ``x`` in the backward from what the backward keeps anyway
+(the convolution output, BatchNorm's statistics, the residual's operands) and saves nothing
+that ReLU does not. Without the mark, the partitioner's ``ban_recompute_used_far_apart``
+heuristic saves ``x`` at every site after a residual add (measured on the benchmarks'
+ResNet-18: 1.14x ReLU's saved bytes; with it, 1.00x). The mark is set only on elementwise
+producers: a site fed by a matmul or a convolution keeps ``x``, as recomputing it would
+cost a matmul.
 
-The op's ``setup_context`` asks the same ``sugar_forward`` for the saved form while traced;
-AOTAutograd's CSE merges the two calls into one node. That is the point of the pair: an op
-the forward needs and the partitioner may not recompute, so the 1-byte code is written once
-in the forward, while ``x`` is in registers, and the backward reads 1 byte an element. With
-a plain ``relu`` decomposition the partitioner chose to recompute ``s'(x)`` in the backward
-from BatchNorm's saved input, and Inductor on CPU then wrote the recomputed ``x`` and its
-sigmoid to memory (``should_realize_on_reuse``): for the benchmarks' ResNet-18, 275 kernels
-against ReLU's 258 and 1.17x its kernel bytes. With the pair: 257 kernels and 0.94x
-(``python benchmarks/perf.py``, columns *compiled kernels* and *kernel bytes ratio*).
+**Compressed (``save="bfloat16"|"uint8"``).** The op decomposes to ``sugar_forward(x)[0]``,
+the first output of an internal op that computes ``relu(x)`` and the saved code together,
+lowered the same way, so both fuse into the kernel producing ``x``; the backward reads the
+code back.
 
-A user surrogate whose formula has an ATen op without an Inductor lowering runs
-``sugar_forward`` as an extern (eager) kernel: correct, only slower. If Inductor's lowering
-API moves, the op keeps a plain ``relu`` decomposition and its traced formula; if its
-decomposition table moves, the op is an opaque kernel. Numbers never change, only speed.
+A user surrogate whose formula has an ATen op without an Inductor lowering runs as an extern
+(eager) kernel, with a one-time warning: correct, only slower. If Inductor's lowering API
+moves, the op keeps a plain ``relu`` decomposition and its formulas run as extern kernels.
+Numbers never change, only speed.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
 
-__all__ = ["register", "lowered"]
+__all__ = ["register", "lowered", "prefer_recompute"]
 
-_state: dict = {"registered": False, "lowering": False}
+_state: dict = {"registered": False, "lowering": False, "warned": False}
 
 
-def register(op, forward_op, forward_math: Callable) -> None:
-    """Registers ``op``'s Inductor decomposition and ``forward_op``'s lowering, once per process.
+def register(op, forward_op, forward_math: Callable, grad_op, grad_math: Callable) -> None:
+    """Registers ``op``'s Inductor decomposition and the lowerings of ``forward_op`` and
+    ``grad_op``, once per process.
 
     ``forward_math(x, surrogate, params, negative_only, save)`` is the eager formula of
-    ``forward_op``: ``(relu(x), saved form of s'(x))`` with ATen ops only.
+    ``forward_op``: ``(relu(x), saved form of s'(x))``; ``grad_math(grad, x, surrogate,
+    params, negative_only)`` that of ``grad_op``: ``grad * s'(x)``; ATen ops only.
     """
     if _state["registered"]:
         return
@@ -56,13 +60,15 @@ def register(op, forward_op, forward_math: Callable) -> None:
         return
     try:
         register_lowering(forward_op, type_promotion_kind=None)(
-            functools.partial(_lower, forward_op, forward_math))
+            functools.partial(_lower_forward, forward_op, forward_math))
+        register_lowering(grad_op, type_promotion_kind=None)(
+            functools.partial(_lower_grad, grad_op, grad_math))
         _state["lowering"] = True
     except Exception:  # noqa: BLE001 - the private API moved: keep the plain relu decomposition
         pass
 
     def decomposition(x, surrogate, params, negative_only, save):
-        if _state["lowering"]:
+        if _state["lowering"] and save != "full":
             return forward_op(x, surrogate, params, negative_only, save)[0]
         return torch.relu(x)
 
@@ -80,25 +86,52 @@ def lowered() -> bool:
     return _state["lowering"]
 
 
-@functools.lru_cache(maxsize=256)
-def _formula(forward_math: Callable, surrogate: str, params: tuple[float, ...], negative_only: bool,
-             save: str, dtype: torch.dtype) -> torch.fx.GraphModule | None:
-    """``forward_math`` as a graph of ATen ops that all have Inductor lowerings, or None.
+def prefer_recompute(x: torch.Tensor) -> None:
+    """Marks the traced node that produced ``x`` for recomputation in the backward.
 
-    Traced on a 0-d tensor: every op is elementwise, so the graph applies to any shape.
+    Called by the op's ``setup_context`` while AOTAutograd traces the joint graph; sets the
+    ``recompute`` policy that selective activation checkpointing sets
+    (``CheckpointPolicy.PREFER_RECOMPUTE``), on that one node, only if it is elementwise.
+    Anything unexpected (another tracer, a moved internal) leaves the graph unmarked.
+    """
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensor
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        mode = get_proxy_mode()
+        if mode is None:
+            return
+        inner = torch._from_functional_tensor(x.elem) if isinstance(x, FunctionalTensor) else x
+        proxy = get_proxy_slot(inner, mode.tracer, None)
+        node = getattr(getattr(proxy, "proxy", None), "node", None)
+    except Exception:  # noqa: BLE001 - not traced by AOTAutograd as expected: no mark
+        return
+    target = getattr(node, "target", None)
+    if (node is not None and node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in target.tags):
+        node.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+@functools.lru_cache(maxsize=256)
+def _formula(math_fn: Callable, n_inputs: int, options: tuple, dtype: torch.dtype) -> torch.fx.GraphModule | None:
+    """``math_fn(*inputs, *options)`` as a graph of ATen ops that all have Inductor lowerings, or None.
+
+    Traced on 0-d tensors: every op is elementwise, so the graph applies to any shape.
     """
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.lowering import lowerings
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
-    def f(x):
-        return forward_math(x, surrogate, list(params), negative_only, save)
+    def f(*inputs):
+        return math_fn(*inputs, *[list(o) if isinstance(o, tuple) else o for o in options])
 
     try:
         with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
             gm = make_fx(torch.func.functionalize(f, remove="mutations_and_views"),
-                         decomposition_table=select_decomp_table())(torch.zeros((), dtype=dtype))
+                         decomposition_table=select_decomp_table())(
+                *[torch.zeros((), dtype=dtype) for _ in range(n_inputs)])
     except Exception:  # noqa: BLE001 - an untraceable user surrogate: the plain path
         return None
     for node in gm.graph.nodes:
@@ -107,22 +140,50 @@ def _formula(forward_math: Callable, surrogate: str, params: tuple[float, ...], 
     return gm
 
 
-def _lower(forward_op, forward_math: Callable, x, surrogate, params, negative_only, save):
-    """Inductor lowering of ``sugar_forward``: the traced formula through Inductor's lowerings."""
-    from torch._inductor.lowering import fallback_handler, lowerings
+def _replay(gm: torch.fx.GraphModule, inputs: list, device):
+    """The traced formula through Inductor's lowerings: one elementwise expression per output."""
+    from torch._inductor.lowering import lowerings
 
-    gm = _formula(forward_math, surrogate, tuple(params), bool(negative_only), save, x.get_dtype())
-    if gm is None:  # a user surrogate Inductor cannot generate: its eager kernel, as an extern call
-        return fallback_handler(forward_op, add_to_fallback_set=False)(x, surrogate, params, negative_only, save)
     env: dict = {}
+    placeholders = iter(inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            env[node] = x
+            env[node] = next(placeholders)
         elif node.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            if "device" in kwargs:  # constants (full, scalar_tensor) live on x's device
-                kwargs = {**kwargs, "device": x.get_device()}
+            if "device" in kwargs:  # constants (full, scalar_tensor) live on the inputs' device
+                kwargs = {**kwargs, "device": device}
             env[node] = lowerings[node.target](*args, **kwargs)
         elif node.op == "output":
-            return tuple(env[a] for a in node.args[0])
+            out = node.args[0]
+            return tuple(env[a] for a in out) if isinstance(out, (tuple, list)) else env[out]
     raise AssertionError("traced formula without an output")
+
+
+def _extern(op, *args):
+    """``op``'s eager kernel called from the generated code, with a one-time warning."""
+    from torch._inductor.lowering import fallback_handler
+
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn("sugarize: Inductor cannot generate this surrogate's formula; the SUGAR op runs "
+                      "as an extern (eager) kernel between generated kernels: correct, slower", stacklevel=2)
+    return fallback_handler(op, add_to_fallback_set=False)(*args)
+
+
+def _lower_forward(forward_op, forward_math: Callable, x, surrogate, params, negative_only, save):
+    """Inductor lowering of ``sugar_forward``: relu(x) and the saved code, elementwise."""
+    gm = _formula(forward_math, 1, (surrogate, tuple(params), bool(negative_only), save), x.get_dtype())
+    if gm is None:
+        return _extern(forward_op, x, surrogate, params, negative_only, save)
+    return _replay(gm, [x], x.get_device())
+
+
+def _lower_grad(grad_op, grad_math: Callable, grad, x, surrogate, params, negative_only):
+    """Inductor lowering of ``sugar_grad``: grad * s'(x) as one elementwise expression."""
+    if grad.get_dtype() != x.get_dtype():
+        return _extern(grad_op, grad, x, surrogate, params, negative_only)
+    gm = _formula(grad_math, 2, (surrogate, tuple(params), bool(negative_only)), x.get_dtype())
+    if gm is None:
+        return _extern(grad_op, grad, x, surrogate, params, negative_only)
+    return _replay(gm, [grad, x], x.get_device())

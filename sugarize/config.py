@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import ParameterError
+from .options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 __all__ = ["SugarConfig", "RELUFY_KINDS"]
 
@@ -22,7 +23,8 @@ class SugarConfig:
         surrogate: registered surrogate name for ReLU sites (default B-SiLU).
         params: surrogate parameters; missing ones take the surrogate's defaults.
         negative_only: ReLU's exact gradient 1 for x > 0; s' only for x <= 0.
-        save: precision of the derivative saved for backward ("full", "bfloat16", "uint8").
+        save: what the backward keeps: "full" (default, exact) or the opt-in compressed
+            "bfloat16" / "uint8" (their error: ``sugarize.save_error``).
         include: module-path globs; when given, only sites under a matching path convert.
         exclude: module-path globs whose sites are left alone (wins over include).
         relufy: also turn these activations into ReLU forward + SUGAR ("gelu", "silu").
@@ -30,10 +32,10 @@ class SugarConfig:
         relufy_surrogate: surrogate for relufied sites instead of the activation's own.
     """
 
-    surrogate: str = "bsilu"
+    surrogate: str = DEFAULT_SURROGATE
     params: Mapping[str, float] = field(default_factory=dict)
     negative_only: bool = False
-    save: str = "uint8"
+    save: str = DEFAULT_SAVE
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     relufy: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .digits import load_digits_split, loader
 from .errors import SugarizeError
+from .options import DEFAULT_SAVE
 from .train import DataSpec, evaluate, finetune, seed_everything
 
 __all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS"]
@@ -62,7 +63,7 @@ class DemoConfig:
     lr: float = 0.003
     momentum: float = 0.9
     batch_size: int = 64
-    save: str = "uint8"  # precision of the SUGAR op's saved derivative
+    save: str = DEFAULT_SAVE  # what the SUGAR op keeps for the backward (exact by default)
 
 
 def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from typing import Callable, Sequence
 
@@ -54,8 +55,12 @@ def _usable(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _compile(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compile(fn: Callable, key: tuple) -> Callable:
+    # Dynamo counts recompilations per code object (8 by default): one code object per
+    # configuration, so a model with many surrogate configurations never hits the limit
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(key)):x}")
+    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(fresh, dynamic=True, fullgraph=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,7 +72,7 @@ def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, sav
     def encode(x):
         return _plain_saved(x, surrogate, params, negative_only, save, grid)
 
-    return _compile(encode)
+    return _compile(encode, (surrogate, params, negative_only, save, grid, dtype))
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,7 +82,7 @@ def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
     def decode(grad, saved):
         return _decode_mul(grad, saved, save, grid)
 
-    return _compile(decode)
+    return _compile(decode, (save, grid))
 
 
 def _run(make: Callable[[], Callable], *args: torch.Tensor):

@@ -34,7 +34,7 @@ def _grads(model, args):
 @pytest.mark.parametrize("name", list(ZOO.ZOO))
 def test_zoo_model_every_relu_call_converted_outputs_identical_gradient_reaches(name):
     model, args, _ = ZOO.build(name)
-    sm = sugarize.sugarize(model, example_args=args, save="full")
+    sm = sugarize.sugarize(model, example_args=args)
     report = sm.meta["sugarize"]["report"]
     rt = report.runtime
     assert rt["relu_calls"] > 0 and rt["converted_calls"] == rt["relu_calls"] and rt["unconverted_calls"] == 0, rt
@@ -75,7 +75,7 @@ def test_runtime_path_gradient_equals_the_graph_paths():
 
     mod = load_fixture("tiny_resnet")
     model, args = mod.build_model(), mod.example_inputs()
-    cfg = SugarConfig(save="full")
+    cfg = SugarConfig()
     graph, runtime = sugarize.sugarize(model, config=cfg), _runtime_sugarize(model, cfg, "forced for the test")
     assert same_bits(runtime(*args), graph(*args))
     g1, g2 = _grads(graph, args), _grads(runtime, args)
@@ -121,7 +121,7 @@ def test_hugging_face_relu_models(name):
     torch.manual_seed(0)
     model = HF[name](transformers).eval()
     ids = torch.randint(0, 100, (2, 10))
-    sm = sugarize.sugarize(model, example_args=(ids,), save="full")
+    sm = sugarize.sugarize(model, example_args=(ids,))
     report = sm.meta["sugarize"]["report"]
     rt = report.runtime
     assert len(report.sites) == 2 and all(s.path and s.status == "converted" for s in report.sites)
@@ -143,7 +143,7 @@ def _mlp():
 
 def test_converted_models_pickle_and_deepcopy():
     x = torch.randn(8, 16)
-    for sm in (sugarize.sugarize(_mlp(), save="full"), sugarize.sugarize(ZOO.build("data_dependent")[0], save="full")):
+    for sm in (sugarize.sugarize(_mlp()), sugarize.sugarize(ZOO.build("data_dependent")[0])):
         for clone in (copy.deepcopy(sm), pickle.loads(pickle.dumps(sm))):
             assert sugarize.count_sugar(clone) == sugarize.count_sugar(sm) > 0
             args = (x,)
@@ -157,7 +157,7 @@ def test_trains_under_torch_compile_with_the_same_gradients(runtime_path):
     from sugarize.config import SugarConfig
     from sugarize.passes.rewrite import _runtime_sugarize
 
-    cfg = SugarConfig(save="full")
+    cfg = SugarConfig()
     sm = _runtime_sugarize(_mlp(), cfg, "test") if runtime_path else sugarize.sugarize(_mlp(), config=cfg)
     x = torch.randn(8, 16)
     eager = _grads(sm, (x,))
@@ -176,7 +176,7 @@ def test_trains_under_bfloat16_autocast():
         out = sm(x)
     assert out.dtype == torch.bfloat16
     out.float().pow(2).mean().backward()
-    ref = _grads(sugarize.sugarize(_mlp(), save="full"), (x,))
+    ref = _grads(sugarize.sugarize(_mlp()), (x,))
     for n, p in sm.named_parameters():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
         torch.testing.assert_close(p.grad, ref[n], rtol=0.1, atol=0.02)
@@ -185,7 +185,7 @@ def test_trains_under_bfloat16_autocast():
 def test_activation_checkpointing_gives_the_same_gradients():
     from torch.utils.checkpoint import checkpoint
 
-    sm = sugarize.sugarize(_mlp(), save="full")
+    sm = sugarize.sugarize(_mlp())
     x = torch.randn(8, 16)
     plain = _grads(sm, (x,))
     sm.zero_grad(set_to_none=True)
@@ -200,7 +200,7 @@ def _ddp_worker(rank, world, path, data):
 
     dist.init_process_group("gloo", init_method=f"file://{path}.init", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = DDP(sugarize.sugarize(_mlp(), save="full"))
+    model = DDP(sugarize.sugarize(_mlp()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -223,7 +223,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, path, data), nprocs=2, join=True)
     ddp = torch.load(path, weights_only=True)
     torch.manual_seed(0)
-    single = sugarize.sugarize(_mlp(), save="full")
+    single = sugarize.sugarize(_mlp())
     opt = torch.optim.SGD(single.parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()

@@ -74,7 +74,7 @@ def test_gradients_equal_reference_sugar_and_differ_from_relu(spellings):
     _, model, x = spellings
     model = copy.deepcopy(model).double()
     x = x.double() * 3
-    sm = sugarize.sugarize(model, save="full")
+    sm = sugarize.sugarize(model)
     ref = copy.deepcopy(model)
     ref.forward = lambda inp: _reference_forward(ref, inp)
     got, expected, relu = _param_grads(sm, x), _param_grads(ref, x), _param_grads(model, x)
@@ -187,7 +187,7 @@ def test_inplace_on_a_view_mutates_the_base():
 
     m = M()
     x = torch.randn(3, 4)
-    sm = sugarize.sugarize(m, save="full")
+    sm = sugarize.sugarize(m)
     assert "call_method:copy_" in node_kinds(sm)
     assert same_bits(sm(x), m(x))
     assert same_bits(sugarize.strip(sm)(x), m(x))

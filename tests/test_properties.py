@@ -88,7 +88,7 @@ def test_strip_of_sugarize_is_the_identity_bit_for_bit(case):
 def test_gradient_equals_reference_sugar(case):
     spec, conv, seed = case
     net, x = _build(spec, conv, seed)
-    sm = sugarize.sugarize(net, save="full")
+    sm = sugarize.sugarize(net)
     ref = RandomNet(spec, conv).double()
     ref.load_state_dict(net.state_dict())
     ref.reference = True

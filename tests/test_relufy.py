@@ -61,7 +61,7 @@ def test_relufied_forward_is_relu_bit_for_bit_and_strip_keeps_it():
 @pytest.mark.parametrize("chosen", [None, "bsilu"])
 def test_relufied_gradient_is_the_chosen_surrogates_derivative(act, kind, chosen):
     x = (torch.randn(300, dtype=torch.float64) * 3).requires_grad_()
-    cfg = sugarize.SugarConfig(relufy=("gelu", "silu"), relufy_surrogate=chosen, save="full")
+    cfg = sugarize.SugarConfig(relufy=("gelu", "silu"), relufy_surrogate=chosen)
     sm = sugarize.sugarize(nn.Sequential(act), config=cfg)
     upstream = torch.randn(300, dtype=torch.float64)
     y = sm(x)

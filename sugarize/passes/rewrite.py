@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..config import SugarConfig
 from ..errors import CaptureError
 from ..op import OP
+from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .capture import capture, graph_module, trace_graph
 from .match import Match, is_sugar, match_node, may_alias, module_path
 from .report import Report, Site
@@ -101,12 +102,12 @@ def _rewrite_site(graph: torch.fx.Graph, node, match: Match, cfg: SugarConfig, m
 
 def sugarize(
     model: nn.Module,
-    surrogate: str = "bsilu",
+    surrogate: str = DEFAULT_SURROGATE,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     negative_only: bool = False,
-    save: str = "uint8",
+    save: str = DEFAULT_SAVE,
     relufy: Iterable[str] | str = (),
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
@@ -135,7 +136,8 @@ def sugarize(
         surrogate: registered surrogate name (``sugarize.list_surrogates()``).
         include, exclude: module-path globs selecting the sites to convert.
         negative_only: keep ReLU's gradient 1 for x > 0; use s' only for x <= 0.
-        save: precision of the saved derivative ("full", "bfloat16", "uint8").
+        save: what the backward keeps: "full" (default, exact) or the opt-in compressed
+            "bfloat16" / "uint8" (their error: ``sugarize.save_error``).
         relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
         config: a ``SugarConfig``; when given, the keyword options above are ignored.
         example_args, example_kwargs: example inputs, as ``torch.export`` takes them.
@@ -255,7 +257,7 @@ def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: Sug
 
 def inspect(
     model: nn.Module,
-    surrogate: str = "bsilu",
+    surrogate: str = DEFAULT_SURROGATE,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
