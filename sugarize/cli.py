@@ -119,6 +119,8 @@ def _parity_table(report) -> Table:
 
 
 COMMON_SURROGATE = typer.Option(DEFAULT_SURROGATE, "--surrogate", "-s", help="Surrogate name (see `sugarize surrogates`).")
+ALLOW_NONFINITE = typer.Option(False, "--allow-nonfinite",
+                               help="Pass outputs that are NaN/inf on both sides (a failure by default).")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
 
 
@@ -182,13 +184,14 @@ def export_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to the exporter's default (18)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = typer.Option(1e-5, "--atol"),
     rtol: float = typer.Option(1e-5, "--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = typer.Option(0, "--seed"),
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx: static int8 (QDQ) quantisation."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
     calibration_batches: int = typer.Option(32, "--calibration-batches", min=1),
@@ -202,13 +205,13 @@ def export_cmd(
         res = export_file(source, str(output), weights=str(weights) if weights else None, model=model, opset=opset,
                           dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
                           batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
-                          calibration_batches=calibration_batches)
+                          calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite)
     if as_json:
         _emit_json({"onnx": str(res.export.path), "opset": res.export.opset, "op_types": res.export.op_types,
-                    "stripped_sites": res.export.stripped_sites, "notes": res.notes, "parity": res.parity.to_dict(),
+                    "stripped_sites": res.export.stripped_sites, "notes": res.notes + res.export.notes, "parity": res.parity.to_dict(),
                     "int8": res.int8.to_dict() if res.int8 else None})
     else:
-        for note in res.notes:
+        for note in res.notes + res.export.notes:
             out.print(f"[yellow]note:[/] {note}")
         out.print(f"wrote {res.export.path} (opset {res.export.opset}, {len(res.export.op_types)} nodes, "
                   f"{res.export.op_types.count('Relu')} Relu, {res.export.stripped_sites} SUGAR sites stripped)")
@@ -233,6 +236,7 @@ def verify_cmd(
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = typer.Option(0, "--seed"),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (the openvino extra)."),
+    allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Parity and structural identity: the ONNX file vs the model in PyTorch and the original's export."""
@@ -240,7 +244,7 @@ def verify_cmd(
 
     report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,
                          input_shapes=input_shape, atol=atol, rtol=rtol, batches=batches, seed=seed,
-                         runtime=runtime)
+                         runtime=runtime, allow_nonfinite=allow_nonfinite)
     if as_json:
         _emit_json(report.to_dict())
     else:

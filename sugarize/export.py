@@ -18,7 +18,10 @@ from .errors import ExportError
 from .fsutil import atomic_path
 from .passes.strip import count_sugar, strip
 
-__all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset"]
+__all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "file_opset", "MIN_OPSET"]
+
+# The lowest opset sugarize exports and verifies (parity and structure tested from here up).
+MIN_OPSET = 13
 
 
 @dataclass
@@ -38,6 +41,49 @@ def default_opset() -> int:
     from torch.onnx._internal.exporter import _constants
 
     return int(_constants.TORCHLIB_OPSET)
+
+
+def file_opset(proto) -> int | None:
+    """The default-domain opset an ONNX model declares (its ``opset_import``)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _check_opset(opset: int | None) -> int:
+    native = default_opset()
+    if opset is None:
+        return native
+    if not MIN_OPSET <= int(opset) <= native:
+        raise ExportError(f"--opset {opset} is not supported: sugarize exports opsets {MIN_OPSET} to {native} "
+                          f"(the lowest that works is {MIN_OPSET}); pick one in that range")
+    return int(opset)
+
+
+def _nonfinite_weights(model: nn.Module) -> list[str]:
+    return [name for name, t in model.state_dict().items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _export_below_native(model: nn.Module, tmp: Path, example_args: tuple, opset: int, dynamic_batch: bool) -> None:
+    """torch's TorchScript-based exporter (``dynamo=False``), which writes opsets below the
+    dynamo exporter's own. (The dynamo exporter builds its own opset and runs onnx's version
+    converter, which has no down-adapters for several ops (Relu 14 -> 13, Split, ReduceMean):
+    it logs the failure and keeps the higher opset.)"""
+    import inspect as pyinspect
+
+    params = [p.name for p in pyinspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [params[i] if i < len(params) else f"input_{i}" for i in range(len(example_args))]
+    dynamic_axes = None
+    output_names = None
+    if dynamic_batch:
+        from torch.utils._pytree import tree_flatten
+
+        outputs = [t for t in tree_flatten(model(*example_args))[0] if isinstance(t, torch.Tensor)]
+        output_names = [f"output_{i}" for i in range(len(outputs))]
+        dynamic_axes = {n: {0: "batch"} for n, a in zip(names, example_args) if isinstance(a, torch.Tensor) and a.dim()}
+        dynamic_axes.update({n: {0: "batch"} for n, t in zip(output_names, outputs) if t.dim()})
+    torch.onnx.export(model, example_args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
+                      output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
 @contextlib.contextmanager
@@ -94,7 +140,9 @@ def export_onnx(
         model: a SUGAR model, a stripped model or any ReLU model.
         path: where to write the ``.onnx`` file.
         example_args: a tuple of example inputs for ``model.forward``.
-        opset: ONNX opset (default: the exporter's own).
+        opset: ONNX opset, ``MIN_OPSET`` (13) to the dynamo exporter's default (18, its
+            default); below that default torch's TorchScript-based exporter writes it. The
+            result's ``opset`` is read back from the file.
         dynamic_batch: make dimension 0 of every tensor input dynamic.
         force: replace an existing file.
 
@@ -118,20 +166,32 @@ def export_onnx(
             torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
             for a in example_args
         )
-    opset = opset or default_opset()
+    opset = _check_opset(opset)
+    notes = []
+    bad = _nonfinite_weights(plain)
+    if bad:
+        notes.append(f"weights hold NaN or inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                     "the exported graph will compute NaN/inf")
+        warnings.warn(f"sugarize: {notes[-1]}", stacklevel=2)
+    if opset < default_opset():
+        notes.append(f"opset {opset}: exported with torch's TorchScript-based exporter (dynamo=False), as the "
+                     f"dynamo exporter writes opset {default_opset()}")
     with atomic_path(path, force=force) as tmp:
         try:
             with _quiet(), torch.no_grad():
-                program = torch.onnx.export(
-                    plain,
-                    example_args,
-                    dynamo=True,
-                    opset_version=opset,
-                    dynamic_shapes=_batch_dynamic_shapes(example_args) if dynamic_batch else None,
-                    external_data=False,
-                    verbose=False,
-                )
-                program.save(str(tmp), external_data=False)
+                if opset < default_opset():
+                    _export_below_native(plain, tmp, example_args, opset, dynamic_batch)
+                else:
+                    program = torch.onnx.export(
+                        plain,
+                        example_args,
+                        dynamo=True,
+                        opset_version=opset,
+                        dynamic_shapes=_batch_dynamic_shapes(example_args) if dynamic_batch else None,
+                        external_data=False,
+                        verbose=False,
+                    )
+                    program.save(str(tmp), external_data=False)
         except Exception as exc:
             raise ExportError(_export_failure(exc)) from exc
         try:
@@ -139,14 +199,18 @@ def export_onnx(
         except Exception as exc:
             raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
         proto = onnx.load(str(tmp))
+        written = file_opset(proto)
+        if written != opset:
+            raise ExportError(f"the exporter wrote opset {written}, not the requested {opset}; nothing was written")
     return ExportResult(
         path=Path(path),
-        opset=opset,
+        opset=written,
         op_types=[n.op_type for n in proto.graph.node],
         inputs=[i.name for i in proto.graph.input],
         outputs=[o.name for o in proto.graph.output],
         stripped_sites=stripped_sites,
         dynamic_batch=dynamic_batch,
+        notes=notes,
     )
 
 

@@ -29,6 +29,7 @@ class OutputParity:
     max_rel: float
     mismatched: int
     passed: bool
+    nonfinite: int = 0  # elements NaN (or the same inf) on both sides: a failure unless allowed
 
 
 @dataclass
@@ -87,9 +88,11 @@ class ParityReport:
         if self.graph is not None:
             graph = "; graph: same op types as the original" if self.graph.op_types_equal else (
                 f"; graph differs from the original at {self.graph.first_difference}")
+        nonfinite = sum(o.nonfinite for o in self.outputs)
+        both = f"; {nonfinite} element(s) NaN/inf on both sides" if nonfinite else ""
         line = (
             f"parity {verdict} ({self.runtime}): {len(self.outputs)} output comparisons over {self.batches} "
-            f"batch(es), max abs {self.max_abs:.2e}{rel} (atol {self.atol:g}, rtol {self.rtol:g}){graph}"
+            f"batch(es), max abs {self.max_abs:.2e}{rel} (atol {self.atol:g}, rtol {self.rtol:g}){both}{graph}"
         )
         if self.structure is not None:
             line += "\n" + self.structure.summary()
@@ -221,24 +224,31 @@ def _batch_inputs(example: Sequence[torch.Tensor], seed: int) -> tuple[torch.Ten
     return tuple(out)
 
 
-def _compare(name, reference, ort_out: np.ndarray, torch_out: torch.Tensor, atol, rtol) -> OutputParity:
+def _compare(name, reference, ort_out: np.ndarray, torch_out: torch.Tensor, atol, rtol,
+             allow_nonfinite: bool = False) -> OutputParity:
+    """Elementwise ``|ort - torch| <= atol + rtol * |torch|``, judged the way polygraphy does
+    for non-finite values: NaN or inf on one side only is a mismatch (infinitely far); NaN or
+    the same inf on both sides is counted in ``nonfinite`` and fails unless allowed."""
     expected = torch_out.detach().cpu().numpy()
     shape_ok = tuple(ort_out.shape) == tuple(expected.shape)
     dtype_ok = ort_out.dtype == expected.dtype
+    nonfinite = 0
     if shape_ok and expected.size:
         a, b = ort_out.astype(np.float64), expected.astype(np.float64)
-        diff = np.abs(a - b)
-        both_nan = np.isnan(a) & np.isnan(b)
-        diff = np.where(both_nan, 0.0, diff)
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        rel = diff / np.maximum(np.abs(b), np.finfo(np.float64).tiny)
-        bad = diff > atol + rtol * np.abs(b)
+        finite = np.isfinite(a) & np.isfinite(b)
+        both = ~np.isfinite(a) & ~np.isfinite(b) & ((np.isnan(a) & np.isnan(b)) | (a == b))
+        with np.errstate(invalid="ignore"):
+            diff = np.where(finite, np.abs(a - b), np.where(both, 0.0, np.inf))
+        rel = diff / np.maximum(np.abs(np.where(finite, b, 1.0)), np.finfo(np.float64).tiny)
+        bad = ~both & ~(diff <= atol + rtol * np.abs(np.where(finite, b, 0.0)))
+        nonfinite = int(both.sum())
         max_abs, max_rel, mismatched = float(diff.max()), float(np.where(diff == 0, 0, rel).max()), int(bad.sum())
     else:
         max_abs = max_rel = 0.0 if shape_ok else float("inf")
         mismatched = 0 if shape_ok else int(expected.size)
+    passed = shape_ok and dtype_ok and mismatched == 0 and (allow_nonfinite or nonfinite == 0)
     return OutputParity(name, reference, list(expected.shape), str(expected.dtype), shape_ok, dtype_ok,
-                        max_abs, max_rel, mismatched, shape_ok and dtype_ok and mismatched == 0)
+                        max_abs, max_rel, mismatched, passed, nonfinite)
 
 
 def verify(
@@ -256,6 +266,7 @@ def verify(
     batch_sizes: Sequence[int] | None = None,
     runtime: str = "onnxruntime",
     structure: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ParityReport:
     """Runs the ONNX model in onnxruntime (CPU) and compares every output with PyTorch.
 
@@ -269,6 +280,9 @@ def verify(
 
     ``runtime="openvino"`` runs the file in OpenVINO's CPU plugin at explicit float32 (the
     verdict), and reports the plugin's default inference precision in ``notes``.
+
+    Non-finite values: NaN or inf in an output on one side only is a mismatch; NaN or the
+    same inf on both sides is reported (``nonfinite``) and fails unless ``allow_nonfinite``.
 
     Returns:
         A ``ParityReport``; ``report.passed`` tells the verdict.
@@ -320,7 +334,7 @@ def verify(
                     raise InputError(f"the ONNX model has {len(ort_outs)} outputs, the {ref_name} model {len(flat)}; "
                                      "is it the export of this model?")
                 for name, o, t in zip(out_names, ort_outs, flat):
-                    results.append(_compare(name, ref_name, o, t, atol, rtol))
+                    results.append(_compare(name, ref_name, o, t, atol, rtol, allow_nonfinite))
                 if default_outs is not None and ref_name == "original":
                     for o, t in zip(default_outs, flat):
                         default_worst = max(default_worst, _compare("", "", o, t, atol, rtol).max_abs)
@@ -345,5 +359,5 @@ def _merge(results: list[OutputParity]) -> list[OutputParity]:
         w = rows[key]
         rows[key] = OutputParity(r.name, r.reference, r.shape, r.dtype, w.shape_ok and r.shape_ok,
                                  w.dtype_ok and r.dtype_ok, max(w.max_abs, r.max_abs), max(w.max_rel, r.max_rel),
-                                 w.mismatched + r.mismatched, w.passed and r.passed)
+                                 w.mismatched + r.mismatched, w.passed and r.passed, w.nonfinite + r.nonfinite)
     return list(rows.values())

@@ -149,7 +149,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                 opset: int | None = None, dynamic_batch: bool = False, input_shapes: Sequence[str] | None = None,
                 force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
                 seed: int = 0, int8: bool = False, data: str | None = None,
-                calibration_batches: int = 32) -> ExportOutcome:
+                calibration_batches: int = 32, allow_nonfinite: bool = False) -> ExportOutcome:
     """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``).
 
     With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
@@ -179,16 +179,17 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic_batch)
         parity = verify(out, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
-                        rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None)
+                        rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None,
+                        allow_nonfinite=allow_nonfinite)
         q = _int8(Path(out), Path(ref.path), data, calibration_batches, force) if int8 else None
     return ExportOutcome(result, parity, src.notes, q)
 
 
 def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
-                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime"):
+                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False):
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
-    from .export import export_onnx
+    from .export import export_onnx, file_opset
     from .passes.strip import strip
     from .parity import _load_onnx, verify
 
@@ -197,14 +198,14 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = file_opset(proto)
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic)
         return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
-                      runtime=runtime)
+                      runtime=runtime, allow_nonfinite=allow_nonfinite)
 
 
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",

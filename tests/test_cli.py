@@ -216,3 +216,18 @@ def test_torch_weights_only_and_no_pickle(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, good)
     assert torch.equal(sugarize.load_weights(good)["w"], torch.ones(2))
+
+
+def test_export_opset_13_writes_an_opset_13_file_and_reports_what_the_file_says(checkpoint, tmp_path):
+    import onnx
+
+    onnx_path = tmp_path / "m13.onnx"
+    res = run("export", checkpoint, "-o", onnx_path, "--opset", "13", "--json")
+    assert res.exit_code == 0, res.output
+    declared = {o.domain: o.version for o in onnx.load(str(onnx_path)).opset_import}
+    assert declared[""] == 13 and json.loads(res.output)["opset"] == 13
+    res = run("export", checkpoint, "-o", tmp_path / "m12.onnx", "--opset", "12")
+    assert res.exit_code == 2 and "lowest that works is 13" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "m12.onnx").exists()
+    res = run("verify", onnx_path, "--against", checkpoint)
+    assert res.exit_code == 0, res.output

@@ -133,16 +133,82 @@ def test_the_papers_fgi_form_exported_without_strip_differs(exported, tmp_path):
 
 
 @pytest.mark.parametrize("opset", list(range(13, 19)))
-def test_every_opset_from_13_exports_and_passes_parity(exported, tmp_path, opset):
+def test_every_opset_from_13_is_the_file_s_opset_and_passes_parity_and_structure(exported, tmp_path, opset):
+    """--opset N: the file declares N (read back from its opset_import, not from our
+    argument), and passes parity and the structure check against the original at N."""
+    import onnx
+
     from sugarize.export import default_opset
 
     assert default_opset() >= 18
-    for name in ("all_spellings", "tiny_resnet"):
+    for name in ("all_spellings", "tiny_resnet", "relu_transformer"):
         e = exported[name]
         res = export_onnx(e["sugar"], tmp_path / f"{name}.{opset}.onnx", e["args"], opset=opset)
-        assert res.opset == opset and res.op_types.count("Relu") == onnx_op_types(e["original"]).count("Relu")
-        report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]), batches=1)
+        declared = [(o.domain, o.version) for o in onnx.load(str(res.path)).opset_import if o.domain in ("", "ai.onnx")]
+        assert declared == [("", opset)] and res.opset == opset, (name, declared)
+        ref = export_onnx(e["model"], tmp_path / f"{name}.{opset}.orig.onnx", e["args"], opset=opset)
+        assert res.op_types.count("Relu") == ref.op_types.count("Relu") == onnx_op_types(e["original"]).count("Relu")
+        report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
+                                 reference_onnx=ref.path, batches=1)
         assert report.passed, report.summary()
+
+
+def test_opset_13_with_a_dynamic_batch(exported, tmp_path):
+    e = exported["tiny_resnet"]
+    res = export_onnx(e["sugar"], tmp_path / "dyn13.onnx", e["args"], opset=13, dynamic_batch=True)
+    ref = export_onnx(e["model"], tmp_path / "dyn13.orig.onnx", e["args"], opset=13, dynamic_batch=True)
+    report = sugarize.verify(res.path, e["model"], e["args"], reference_onnx=ref.path, batch_sizes=(1, 8), batches=1)
+    assert report.passed, report.summary()
+    assert res.opset == 13 and report.batches == 2
+
+
+@pytest.mark.parametrize("opset", [12, 19])
+def test_an_opset_out_of_range_is_refused_naming_the_lowest_that_works(exported, tmp_path, opset):
+    e = exported["all_spellings"]
+    with pytest.raises(sugarize.SugarizeError, match=r"--opset %d is not supported.*lowest that works is 13" % opset):
+        export_onnx(e["sugar"], tmp_path / "m.onnx", e["args"], opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _poisoned(model, value):
+    import copy
+
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for p in bad.parameters() if p.dim() > 1).view(-1)[0] = value
+    return bad
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_parity_fails_when_weights_hold_nan_or_inf(exported, tmp_path, value):
+    """NaN or inf reaching the outputs is never a PASS (polygraphy's rule), and the export warns."""
+    e = exported["tiny_resnet"]
+    bad = _poisoned(e["model"], value)
+    with pytest.warns(UserWarning, match="weights hold NaN or inf"):
+        res = export_onnx(bad, tmp_path / "bad.onnx", e["args"])
+    assert any("NaN or inf" in n for n in res.notes)
+    report = sugarize.verify(res.path, bad, e["args"], batches=1)
+    assert not report.passed and "NaN/inf on both sides" in report.summary(), report.summary()
+    assert sum(o.nonfinite for o in report.outputs) > 0
+    assert sugarize.verify(res.path, bad, e["args"], batches=1, allow_nonfinite=True).passed
+    # the file computes NaN/inf where the model does not: a mismatch, whatever is allowed
+    report = sugarize.verify(res.path, e["model"], e["args"], batches=1, allow_nonfinite=True)
+    assert not report.passed and sum(o.mismatched for o in report.outputs) > 0
+
+
+def test_one_sided_nonfinite_values_are_mismatches():
+    import numpy as np
+
+    from sugarize.parity import _compare
+
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    for ort in ([np.nan, 2, 3, 4], [np.inf, 2, 3, 4], [1, 2, 3, -np.inf]):
+        r = _compare("y", "original", np.array(ort, dtype=np.float32), ref, 1e-5, 1e-5, allow_nonfinite=True)
+        assert not r.passed and r.mismatched == 1 and r.max_abs == float("inf")
+    inf_ref = torch.tensor([np.inf, 1.0])
+    assert not _compare("y", "original", np.array([-np.inf, 1.0], dtype=np.float32), inf_ref, 1e-5, 1e-5, True).passed
+    assert _compare("y", "original", np.array([np.inf, 1.0], dtype=np.float32), inf_ref, 1e-5, 1e-5, True).passed
+    assert not _compare("y", "original", np.array([np.inf, 1.0], dtype=np.float32), inf_ref, 1e-5, 1e-5).passed
 
 
 def test_dynamic_batch_export_passes_parity_at_batch_1_and_8(exported, tmp_path):
