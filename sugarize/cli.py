@@ -376,7 +376,8 @@ def finetune_cmd(
 def demo_cmd(
     out_dir: Path = typer.Option(Path("sugarize-demo"), "--out", help="Folder for the plot and ONNX files."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per variant."),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant."),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant (case 1)."),
+    dead_case: bool = typer.Option(True, "--dead-case/--no-dead-case", help="Also run case 2, a mostly dead model."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """ReLU vs SUGAR (B-SiLU, NeLU) vs LeakyReLU and GELU on the bundled digits, then the export proof."""
@@ -384,7 +385,7 @@ def demo_cmd(
 
     from .demo import DemoConfig, run_demo
 
-    cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs)
+    cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs, dead_case=dead_case)
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training...") as status:
         result = run_demo(cfg, out_dir=out_dir, progress=lambda s: status.update(s))
@@ -399,28 +400,30 @@ def demo_cmd(
     ex = result.export
     if as_json:
         return _emit_json({"config": dataclasses.asdict(cfg), "rows": rows, "pretrained": result.pretrained,
-                           "paired": result.paired(),
+                           "paired": result.paired(), "dead_case": {
+                               "start": result.dead_start, "rows": result.rows(dead_case=True),
+                               "paired": result.paired(dead_case=True)} if result.dead_runs else None,
                            "export": {k: (v.to_dict() if k == "parity" else v) for k, v in (ex or {}).items()},
                            "seconds": result.seconds})
     acc0 = sum(a for a, _ in result.pretrained) / len(result.pretrained)
     dead0 = sum(d for _, d in result.pretrained) / len(result.pretrained)
-    out.print(f"pretrained ReLU MLP ({cfg.depth}x{cfg.width}, {cfg.pretrain_optimizer} lr {cfg.pretrain_lr}): val acc {100 * acc0:.1f}%, "
-              f"dead units {100 * dead0:.1f}%; each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} "
-              f"from those weights, {len(cfg.seeds)} seeds")
-    table = _table("digits validation (mean ± std over seeds)", "variant", "val accuracy %", "dead units %", "note")
-    for r in rows:
-        if r["seeds"] == 0:
-            table.add_row(r["variant"], "diverged", "-", f"{r['diverged']} of {len(cfg.seeds)} seeds diverged")
-            continue
-        note = f"{r['diverged']} seed(s) diverged" if r["diverged"] else ""
-        table.add_row(r["variant"], f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
-                      f"{100 * r['dead_mean']:.1f} ± {100 * r['dead_std']:.1f}", note)
-    out.print(table)
-    p = result.paired()
-    if p["seeds"]:
-        out.print(f"seed by seed, SUGAR B-SiLU vs ReLU: accuracy {100 * p['accuracy']:+.1f} points "
-                  f"(not worse in {p['accuracy_not_worse']}/{p['seeds']} seeds), dead units {100 * p['dead']:+.1f} "
-                  f"points (fewer in {p['fewer_dead']}/{p['seeds']} seeds)")
+    out.print(f"[bold]case 1, a trained model[/] (realistic): a ReLU MLP ({cfg.depth}x{cfg.width}) pretrained with "
+              f"{cfg.pretrain_optimizer} at lr {cfg.pretrain_lr}: val acc {100 * acc0:.1f}%, dead units {100 * dead0:.1f}%; "
+              f"each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} from those weights, {len(cfg.seeds)} seeds")
+    out.print(_demo_table(rows, len(cfg.seeds)))
+    _print_paired(result.paired())
+    if result.dead_runs:
+        acc1 = sum(a for a, _ in result.dead_start) / len(result.dead_start)
+        dead1 = sum(d for _, d in result.dead_start) / len(result.dead_start)
+        out.print(f"[bold]case 2, a mostly dead model[/] (what SUGAR is for): the same MLP initialised with every "
+                  f"hidden bias at {cfg.dead_bias:g}: val acc {100 * acc1:.1f}% (one class), dead units "
+                  f"{100 * dead1:.1f}%; each variant fine-tuned {cfg.dead_epochs} epochs at lr {cfg.dead_lr}, "
+                  f"{len(cfg.seeds)} seeds")
+        out.print(_demo_table(result.rows(dead_case=True), len(cfg.seeds)))
+        _print_paired(result.paired(dead_case=True))
+        out.print("what it shows: a dead unit gets no gradient from ReLU, so a model that is mostly dead stays "
+                  "dead under ReLU; SUGAR's surrogate derivative reaches below zero and can bring it back. "
+                  "In a model that trained normally, the effect is small.")
     if ex:
         out.print(f"best SUGAR model: {ex['variant']} (seed {ex['seed']}) -> strip -> {ex['path']}")
         out.print(f"ONNX op types: {' '.join(ex['op_types'])}")
@@ -432,6 +435,25 @@ def demo_cmd(
     if plot:
         out.print(f"wrote {plot}")
     out.print(f"done in {result.seconds:.0f} s")
+
+
+def _demo_table(rows, seeds: int) -> Table:
+    table = _table("digits validation (mean ± std over seeds)", "variant", "val accuracy %", "dead units %", "note")
+    for r in rows:
+        if r["seeds"] == 0:
+            table.add_row(r["variant"], "diverged", "-", f"{r['diverged']} of {seeds} seeds diverged")
+            continue
+        note = f"{r['diverged']} seed(s) diverged" if r["diverged"] else ""
+        table.add_row(r["variant"], f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}",
+                      f"{100 * r['dead_mean']:.1f} ± {100 * r['dead_std']:.1f}", note)
+    return table
+
+
+def _print_paired(p: dict) -> None:
+    if p["seeds"]:
+        out.print(f"seed by seed, SUGAR B-SiLU vs ReLU: accuracy {100 * p['accuracy']:+.1f} points "
+                  f"(not worse in {p['accuracy_not_worse']}/{p['seeds']} seeds), dead units {100 * p['dead']:+.1f} "
+                  f"points (fewer in {p['fewer_dead']}/{p['seeds']} seeds)")
 
 
 def main() -> None:  # console-script entry point

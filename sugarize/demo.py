@@ -1,12 +1,18 @@
-"""The built-in demonstration: SUGAR brings a trained ReLU model's dead units back.
+"""The built-in demonstration: SUGAR brings a ReLU model's dead units back.
 
-On the bundled digits data (offline), for each seed:
-1. a deep plain MLP (no normalisation, He init) is trained with ReLU by AdamW at a high
-   learning rate, the way units die in practice: 5-20 % of them never fire again;
-2. from those same weights, each variant is fine-tuned on the same budget: ReLU as is,
-   SUGAR with B-SiLU and with NeLU (forward still ReLU), and swaps to LeakyReLU and GELU;
-3. validation accuracy and dead units (never positive on the training data) are measured.
-Then the best SUGAR model goes through strip -> ONNX -> onnxruntime parity.
+On the bundled digits data (offline), two cases, each on several seeds:
+
+1. **A trained model** (the realistic case): a deep plain MLP (no normalisation, He init)
+   is trained with ReLU by AdamW at a high learning rate, the way units die in practice
+   (5-20 % of them never fire again); from those same weights each variant is fine-tuned
+   on the same budget: ReLU as is, SUGAR with B-SiLU and with NeLU (forward still ReLU), and
+   swaps to LeakyReLU and GELU.
+2. **A mostly dead model** (the case SUGAR exists for): the same MLP badly initialised,
+   every hidden bias at ``dead_bias``, so that about 45 % of its units never fire and it
+   predicts a single class; every variant is fine-tuned from it.
+
+Validation accuracy and dead units (never positive on the training data) are measured.
+Then the best SUGAR model of case 1 goes through strip -> ONNX -> onnxruntime parity.
 """
 
 from __future__ import annotations
@@ -64,6 +70,11 @@ class DemoConfig:
     momentum: float = 0.9
     batch_size: int = 64
     save: str = DEFAULT_SAVE  # what the SUGAR op keeps for the backward (exact by default)
+    dead_case: bool = True  # also run case 2, the mostly dead model
+    dead_bias: float = -0.75  # every hidden bias of case 2's initialisation
+    dead_epochs: int = 20
+    dead_lr: float = 0.01
+    variants: tuple[str, ...] = ("ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU")  # which to run
 
 
 def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
@@ -106,10 +117,12 @@ class DemoResult:
     firing: dict[str, list[int]]
     export: dict | None = None
     seconds: float = 0.0
+    dead_start: list[tuple[float, float]] = field(default_factory=list)  # case 2: (accuracy, dead) at init
+    dead_runs: list[Run] = field(default_factory=list)  # case 2's fine-tuned variants
 
-    def paired(self, variant: str = "SUGAR B-SiLU", against: str = "ReLU") -> dict:
-        """Seed-by-seed differences ``variant - against`` (same pretrained weights per seed)."""
-        by = {(r.variant, r.seed): r for r in self.runs}
+    def paired(self, variant: str = "SUGAR B-SiLU", against: str = "ReLU", *, dead_case: bool = False) -> dict:
+        """Seed-by-seed differences ``variant - against`` (same starting weights per seed)."""
+        by = {(r.variant, r.seed): r for r in (self.dead_runs if dead_case else self.runs)}
         pairs = [(by[(variant, s)], by[(against, s)]) for s in self.config.seeds
                  if (variant, s) in by and (against, s) in by]
         pairs = [(a, b) for a, b in pairs if a.accuracy == a.accuracy and b.accuracy == b.accuracy]
@@ -122,10 +135,11 @@ class DemoResult:
             "fewer_dead": sum(a.dead < b.dead for a, b in pairs),
         }
 
-    def rows(self):
+    def rows(self, *, dead_case: bool = False):
+        """Mean and spread per variant over seeds (case 2's with ``dead_case``)."""
         out = []
         for v in VARIANTS:
-            rs = [r for r in self.runs if r.variant == v]
+            rs = [r for r in (self.dead_runs if dead_case else self.runs) if r.variant == v]
             if not rs:
                 continue
             ok = [r for r in rs if r.accuracy == r.accuracy]
@@ -150,11 +164,21 @@ def _dead_fraction(model, x) -> float:
     return audit(model, [x]).dead_fraction
 
 
+def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
+    """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden."""
+    from .deadunits import audit
+
+    try:
+        finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False)
+    except SugarizeError:  # the loss diverged: report it, do not hide it
+        return Run(name, seed, float("nan"), float("nan"), model), None
+    report = audit(model, [xt])
+    return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model), report
+
+
 def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,
              progress: Callable[[str], None] = lambda s: None) -> DemoResult:
     """Runs the whole comparison (and the export proof); returns every figure."""
-    from .deadunits import audit
-
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     (xt, yt), (xv, yv) = load_digits_split()
@@ -170,20 +194,28 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
         finetune(base, data, epochs=config.pretrain_epochs, lr=config.pretrain_lr, optimizer=config.pretrain_optimizer,
                  momentum=config.momentum, seed=1000 + seed, audit_dead=False)
         pretrained.append((evaluate(base, val)[1], _dead_fraction(base, xt)))
-        for name in VARIANTS:
-            model = variants[name](base)
+        for name in config.variants:
             progress(f"seed {seed}: fine-tuning {name}")
-            try:
-                finetune(model, data, epochs=config.epochs, lr=config.lr, momentum=config.momentum, seed=seed,
-                         audit_dead=False)
-            except SugarizeError:  # the loss diverged: report it, do not hide it
-                runs.append(Run(name, seed, float("nan"), float("nan"), model))
-                continue
-            report = audit(model, [xt])
-            runs.append(Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model))
-            if seed == config.seeds[0]:
+            run, report = _finetune_variant(variants[name](base), name, seed, data, xt, val,
+                                            config.epochs, config.lr, config.momentum)
+            runs.append(run)
+            if report is not None and seed == config.seeds[0]:
                 firing[name] = [c for s in report.sites for c in s.fire_counts]
     result = DemoResult(config, pretrained, runs, firing)
+    if config.dead_case:
+        for seed in config.seeds:
+            seed_everything(seed)
+            base = DeepMLP(config.depth, config.width)
+            with torch.no_grad():
+                for layer in base.body:
+                    if isinstance(layer, nn.Linear):
+                        layer.bias.fill_(config.dead_bias)
+            result.dead_start.append((evaluate(base, val)[1], _dead_fraction(base, xt)))
+            for name in config.variants:
+                progress(f"mostly dead model, seed {seed}: fine-tuning {name}")
+                run, _ = _finetune_variant(variants[name](base), name, seed, data, xt, val,
+                                           config.dead_epochs, config.dead_lr, config.momentum)
+                result.dead_runs.append(run)
     if export:
         result.export = _export_best(result, xt, out_dir, progress)
     result.seconds = time.perf_counter() - start
