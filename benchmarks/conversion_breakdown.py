@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import sugarize
-from sugarize.config import SugarConfig
+from sugarize.passes.config import SugarConfig
 from sugarize.passes.capture import Tracer, graph_module, trace_graph
 from sugarize.passes.rewrite import convert_graph
 

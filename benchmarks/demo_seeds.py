@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, machine_line, md_table, mean_std, write  # noqa: E402
 
-from sugarize.demo import VARIANTS, DemoConfig, run_demo  # noqa: E402
+from sugarize.app.demo import VARIANTS, DemoConfig, run_demo  # noqa: E402
 
 
 def settings(seeds: int) -> list[tuple[str, DemoConfig]]:

@@ -1,6 +1,6 @@
 """Models the benchmarks use, built in code with random weights (no downloads).
 
-The deep MLP is the demo's (``sugarize.demo.DeepMLP``) at a larger size."""
+The deep MLP is the demo's (``sugarize.app.demo.DeepMLP``) at a larger size."""
 
 from __future__ import annotations
 

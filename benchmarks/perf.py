@@ -41,7 +41,7 @@ from _common import machine, machine_line, md_table, write  # noqa: E402
 from models import ACTIVATIONS, ResNet18  # noqa: E402
 
 import sugarize  # noqa: E402
-from sugarize.demo import DeepMLP  # noqa: E402
+from sugarize.app.demo import DeepMLP  # noqa: E402
 
 SUGAR_VARIANTS = {  # (surrogate, save); None: the default (exact)
     "sugarize B-SiLU (default, exact)": ("bsilu", None),
@@ -67,7 +67,7 @@ def build(model_name: str, variant: str, seed: int = 0) -> nn.Module:
         surrogate, save = SUGAR_VARIANTS[variant]
         options = {} if save is None else {"save": save}
         if "runtime path" in variant:  # what untraceable models get: the TorchFunctionMode path
-            from sugarize.config import SugarConfig
+            from sugarize.passes.config import SugarConfig
             from sugarize.passes.rewrite import _runtime_sugarize
 
             return _runtime_sugarize(make(nn.ReLU), SugarConfig(surrogate, **options), "benchmark")
@@ -227,7 +227,7 @@ def conversion_cost(sizes=(50, 500, 2000, 5000), repeats: int = 3) -> list[dict]
 
 
 def ort_latency(path, x, repeats: int = 30) -> float:
-    from sugarize.parity import ort_session
+    from sugarize.deploy.runtimes import ort_session
 
     sess = ort_session(path, threads=torch.get_num_threads())
     feed = {sess.get_inputs()[0].name: x.numpy()}
@@ -237,7 +237,7 @@ def ort_latency(path, x, repeats: int = 30) -> float:
 
 
 def inference(repeats: int) -> dict:
-    from sugarize.export import export_onnx
+    from sugarize.deploy.export import export_onnx
 
     model_name = "ResNet-18 (32x32, batch 64)"
     x = torch.randn(8, 3, 32, 32)

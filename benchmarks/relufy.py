@@ -29,10 +29,10 @@ import torch.nn as nn  # noqa: E402
 from _common import machine, machine_line, md_table, mean_std, write  # noqa: E402
 
 import sugarize  # noqa: E402
-from sugarize.deadunits import audit  # noqa: E402
-from sugarize.digits import load_digits_split, loader  # noqa: E402
-from sugarize.export import export_onnx  # noqa: E402
-from sugarize.train import DataSpec, evaluate, finetune, seed_everything  # noqa: E402
+from sugarize.training.deadunits import audit  # noqa: E402
+from sugarize.training.digits import load_digits_split, loader  # noqa: E402
+from sugarize.deploy.export import export_onnx  # noqa: E402
+from sugarize.training.train import DataSpec, evaluate, finetune, seed_everything  # noqa: E402
 
 
 class ChannelsLayerNorm(nn.Module):
@@ -77,7 +77,7 @@ def swap_gelu_for_relu(model: nn.Module) -> nn.Module:
 
 
 def ort_ms(path, x) -> float:
-    from sugarize.parity import ort_latency
+    from sugarize.deploy.runtimes import ort_latency
 
     return 1e3 * ort_latency(path, x)
 

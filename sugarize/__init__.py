@@ -25,26 +25,26 @@ _EXPORTS = {
     "count_sugar": "sugarize.passes.strip",
     "Report": "sugarize.passes.report",
     "Site": "sugarize.passes.report",
-    "SugarConfig": "sugarize.config",
-    "sugar": "sugarize.op",
-    "surrogate_grad": "sugarize.op",
-    "save_error": "sugarize.op",
-    "Param": "sugarize.surrogates",
-    "Surrogate": "sugarize.surrogates",
-    "register_surrogate": "sugarize.surrogates",
-    "get_surrogate": "sugarize.surrogates",
-    "list_surrogates": "sugarize.surrogates",
+    "SugarConfig": "sugarize.passes.config",
+    "sugar": "sugarize.method.op",
+    "surrogate_grad": "sugarize.method.op",
+    "save_error": "sugarize.method.saved",
+    "Param": "sugarize.method.surrogates",
+    "Surrogate": "sugarize.method.surrogates",
+    "register_surrogate": "sugarize.method.surrogates",
+    "get_surrogate": "sugarize.method.surrogates",
+    "list_surrogates": "sugarize.method.surrogates",
     "SugarizeError": "sugarize.errors",
-    "load_model": "sugarize.io",
-    "save_checkpoint": "sugarize.io",
-    "load_checkpoint": "sugarize.io",
-    "load_weights": "sugarize.io",
-    "save_weights": "sugarize.io",
-    "export_onnx": "sugarize.export",
-    "verify": "sugarize.parity",
-    "compare_graphs": "sugarize.parity",
-    "audit": "sugarize.deadunits",
-    "finetune": "sugarize.train",
+    "load_model": "sugarize.files.modelfile",
+    "save_checkpoint": "sugarize.files.checkpoint",
+    "load_checkpoint": "sugarize.files.checkpoint",
+    "load_weights": "sugarize.files.weights",
+    "save_weights": "sugarize.files.weights",
+    "export_onnx": "sugarize.deploy.export",
+    "verify": "sugarize.deploy.parity",
+    "compare_graphs": "sugarize.deploy.parity",
+    "audit": "sugarize.training.deadunits",
+    "finetune": "sugarize.training.train",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -64,10 +64,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import SugarConfig
+    from .passes.config import SugarConfig
     from .errors import SugarizeError
-    from .op import save_error, sugar, surrogate_grad
+    from .method.saved import save_error
+    from .method.op import sugar, surrogate_grad
     from .passes.report import Report, Site
     from .passes.rewrite import inspect, sugarize
     from .passes.strip import count_sugar, strip, strip_
-    from .surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate
+    from .method.surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate

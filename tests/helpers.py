@@ -34,7 +34,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def fgi(x: torch.Tensor, name: str = "bsilu", negative_only: bool = False, **params) -> torch.Tensor:
     """Reference SUGAR by forward gradient injection (the paper's form):
     y = s(x) - sg(s(x)) + sg(relu(x)); its gradient is autograd of the primitive s."""
-    from sugarize.surrogates import get_surrogate, resolve_params
+    from sugarize.method.surrogates import get_surrogate, resolve_params
 
     entry = get_surrogate(name)
     s = entry.primitive(x, **resolve_params(name, params))

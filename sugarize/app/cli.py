@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .errors import SugarizeError
-from .options import DEFAULT_SAVE, DEFAULT_SURROGATE
+from .. import __version__
+from ..errors import SugarizeError
+from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 app = typer.Typer(
     name="sugarize",
@@ -76,8 +76,8 @@ def _emit_json(data: Any) -> None:
 
 
 def _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None):
-    from .config import SugarConfig
-    from .errors import ParameterError
+    from ..passes.config import SugarConfig
+    from ..errors import ParameterError
 
     params = {}
     for p in param or []:
@@ -265,8 +265,8 @@ def surrogates_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
 ):
     """The surrogate registry: formulas, defaults, sources, and the opt-in compressed modes' error."""
-    from .op import save_error
-    from .surrogates import get_surrogate, list_surrogates
+    from ..method.saved import save_error
+    from ..method.surrogates import get_surrogate, list_surrogates
 
     rows = [get_surrogate(n) for n in list_surrogates()]
 

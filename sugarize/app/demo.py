@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .digits import load_digits_split, loader
-from .errors import SugarizeError
-from .options import DEFAULT_SAVE
-from .train import DataSpec, evaluate, finetune, seed_everything
+from ..training.digits import load_digits_split, loader
+from ..errors import SugarizeError
+from ..options import DEFAULT_SAVE
+from ..training.train import DataSpec, evaluate, finetune, seed_everything
 
 __all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS"]
 
@@ -86,7 +86,7 @@ def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _variants(save: str):
-    from .passes.rewrite import sugarize
+    from ..passes.rewrite import sugarize
 
     return {
         "ReLU": lambda m: copy.deepcopy(m),
@@ -159,14 +159,14 @@ class DemoResult:
 
 
 def _dead_fraction(model, x) -> float:
-    from .deadunits import audit
+    from ..training.deadunits import audit
 
     return audit(model, [x]).dead_fraction
 
 
 def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
     """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden."""
-    from .deadunits import audit
+    from ..training.deadunits import audit
 
     try:
         finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False)
@@ -223,9 +223,10 @@ def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = 
 
 
 def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
-    from .export import export_onnx
-    from .passes.strip import strip
-    from .parity import ort_latencies, verify
+    from ..deploy.export import export_onnx
+    from ..passes.strip import strip
+    from ..deploy.runtimes import ort_latencies
+    from ..deploy.parity import verify
 
     sugar_runs = [r for r in result.runs if r.variant.startswith("SUGAR") and r.accuracy == r.accuracy]
     best = max(sugar_runs, key=lambda r: r.accuracy)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SugarizeError
-from .fsutil import atomic_path
+from ..errors import SugarizeError
+from ..files.fsutil import atomic_path
 
 __all__ = ["plot_surrogates", "save_figure"]
 
@@ -34,7 +34,7 @@ def plot_surrogates(path) -> Path:
     """One panel per surrogate: s(x) and s'(x) with default parameters, next to ReLU and its 0/1 derivative."""
     import torch
 
-    from .surrogates import get_surrogate, list_surrogates
+    from ..method.surrogates import get_surrogate, list_surrogates
 
     plt = _pyplot()
     names = list_surrogates()

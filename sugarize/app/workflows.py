@@ -9,13 +9,13 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .config import SugarConfig
-from .errors import InputError
-from .io import (
-    LoadedModel, is_checkpoint, load_model, load_state_into, load_weights, make_inputs,
-    open_checkpoint, parse_input_spec, run_model, save_checkpoint,
-)
-from .passes.report import Report
+from ..errors import InputError
+from ..files.checkpoint import is_checkpoint, open_checkpoint, save_checkpoint
+from ..files.inputs import make_inputs, parse_input_spec, run_model
+from ..files.modelfile import LoadedModel, load_model
+from ..files.weights import load_state_into, load_weights
+from ..passes.config import SugarConfig
+from ..passes.report import Report
 
 __all__ = ["resolve_inputs", "inspect_file", "convert_file", "export_file", "verify_file", "open_source"]
 
@@ -62,7 +62,7 @@ def open_source(source: str, *, weights: str | None = None, model: str | None = 
 
 def inspect_file(model: str, *, config: SugarConfig | None = None) -> Report:
     """The activation sites of a model file or checkpoint (``sugarize inspect``)."""
-    from .passes.rewrite import inspect
+    from ..passes.rewrite import inspect
 
     src = open_source(model)
     return inspect(src.sugar if src.sugar is not None else src.original, config=config, example_args=src.inputs)
@@ -79,9 +79,9 @@ class ConvertOutcome:
 def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Sequence[str] | None = None,
                  force: bool = False) -> ConvertOutcome:
     """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``)."""
-    from .fsutil import check_writable
-    from .io import input_specs
-    from .passes.rewrite import sugarize
+    from ..files.fsutil import check_writable
+    from ..files.inputs import input_specs
+    from ..passes.rewrite import sugarize
 
     check_writable(out, force=force)
     loaded = load_model(model)
@@ -122,9 +122,9 @@ def _int8(onnx_path: Path, ref_path: Path, data: str, calibration_batches: int, 
     """Quantises the export and the original's export; compares their QDQ graphs and accuracy."""
     import onnx
 
-    from .quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
-    from .structure import compare_structure
-    from .train import _batches, _loader, load_data
+    from ..deploy.quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
+    from ..deploy.structure import compare_structure
+    from ..training.train import _batches, _loader, load_data
 
     spec = load_data(data)
     dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
@@ -155,10 +155,10 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
     train_loader) and compares it with the quantised original and on ``data``'s val_loader.
     """
-    from .export import export_onnx
-    from .fsutil import check_writable
-    from .passes.strip import count_sugar, strip
-    from .parity import verify
+    from ..deploy.export import export_onnx
+    from ..files.fsutil import check_writable
+    from ..passes.strip import count_sugar, strip
+    from ..deploy.parity import verify
 
     check_writable(out, force=force)
     if int8 and not data:
@@ -189,9 +189,9 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
                 batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False):
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
-    from .export import export_onnx, file_opset
-    from .passes.strip import strip
-    from .parity import _load_onnx, verify
+    from ..deploy.export import export_onnx, file_opset
+    from ..passes.strip import strip
+    from ..deploy.parity import _load_onnx, verify
 
     proto = _load_onnx(onnx_path)
     src = open_source(against, weights=weights, model=model)
@@ -211,9 +211,9 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",
                plot: str | None = None, force: bool = True):
     """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
-    from .deadunits import audit
-    from .errors import DataFileError
-    from .train import _loader, load_data
+    from ..training.deadunits import audit
+    from ..errors import DataFileError
+    from ..training.train import _loader, load_data
 
     src = open_source(model, weights=weights)
     spec = load_data(data)
@@ -234,15 +234,16 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
     """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
     import json
 
-    from .fsutil import check_writable
-    from .io import load_weights, read_recipe, save_weights
-    from .train import finetune, load_data
+    from ..files.fsutil import check_writable
+    from ..files.weights import load_weights, save_weights
+    from ..files.checkpoint import read_recipe
+    from ..training.train import finetune, load_data
 
     check_writable(out, force=force)
     spec = load_data(data)
     src = open_source(checkpoint, model=model)
     if src.sugar is None:
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"{checkpoint} is not a SUGAR checkpoint; create one with `sugarize convert`")
     start, optim_state = 0, {}

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ExportError
-from .fsutil import atomic_path
-from .passes.strip import count_sugar, strip
+from ..errors import ExportError
+from ..files.fsutil import atomic_path
+from ..passes.strip import count_sugar, strip
 
 __all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "file_opset", "MIN_OPSET"]
 

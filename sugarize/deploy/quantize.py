@@ -15,8 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import DataFileError, ExportError
-from .fsutil import atomic_path
+from ..errors import DataFileError, ExportError
+from ..files.fsutil import atomic_path
 
 __all__ = ["quantize_int8", "onnx_accuracy", "Int8Report"]
 
@@ -100,7 +100,7 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
 
 def onnx_accuracy(onnx_path, loader: Iterable) -> float | None:
     """Top-1 accuracy of a classifier ONNX file over ``(x, y)`` batches; None if not a classifier."""
-    from .parity import ort_session
+    from .runtimes import ort_session
 
     sess = ort_session(onnx_path)
     name = sess.get_inputs()[0].name

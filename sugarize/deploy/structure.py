@@ -107,7 +107,7 @@ def optimized_model(path, out_path) -> Any:
     """onnxruntime's ORT_ENABLE_ALL graph of ``path`` (CPU), written to ``out_path`` and loaded."""
     import onnx
 
-    from .parity import ort_session
+    from .runtimes import ort_session
 
     ort_session(path, optimization="all", optimized_path=str(out_path))
     return onnx.load(str(out_path))

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputPathError
+from ..errors import OutputPathError
 
 __all__ = ["atomic_path", "check_writable"]
 

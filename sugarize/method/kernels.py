@@ -67,7 +67,7 @@ def _compile(fn: Callable, key: tuple) -> Callable:
 def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, save: str,
              grid: tuple[float, int] | None, dtype: torch.dtype) -> Callable:
     # (dtype is part of the cache key only: one compiled kernel per input dtype)
-    from .op import _plain_saved  # the eager formula, compiled into one kernel
+    from .saved import _plain_saved  # the eager formula, compiled into one kernel
 
     def encode(x):
         return _plain_saved(x, surrogate, params, negative_only, save, grid)
@@ -77,7 +77,7 @@ def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, sav
 
 @functools.lru_cache(maxsize=64)
 def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
-    from .op import _decode_mul
+    from .saved import _decode_mul
 
     def decode(grad, saved):
         return _decode_mul(grad, saved, save, grid)

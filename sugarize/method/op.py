@@ -20,124 +20,18 @@ What the op keeps for the backward pass is chosen by ``save``:
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Sequence
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import compiled
-from .errors import ParameterError
-from .options import DEFAULT_SAVE, DEFAULT_SURROGATE, SAVE_MODES
+from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .kernels import fused_decode, fused_encode, traced
-from .surrogates import get_surrogate, keep_positive_one, resolve_params
+from .saved import _decode_mul, _derivative, _encode, _grad_math, _grid, _plain_saved, _saved_dtype, check_options
+from .surrogates import resolve_params
 
-__all__ = ["sugar", "surrogate_grad", "save_error", "SAVE_MODES", "DEFAULT_SAVE", "OP"]
-
-# A compressed mode is refused where its worst error on x <= 0 exceeds this share of the
-# largest |s'(x)| there: it would no longer carry the surrogate's negative side.
-MAX_NEGATIVE_SIDE_ERROR = 0.10
-
-
-def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool,
-                fast: bool = True):
-    """s'(x) evaluated in float32 or better, with ReLU's exact 1 for x > 0 if asked.
-
-    ``fast`` picks the entry's eager-optimised form (fused ATen kernels, in-place); a
-    compiler fuses the plain formula better, so compiled kernels pass ``fast=False``.
-    """
-    entry = get_surrogate(surrogate)
-    kwargs = {p.name: v for p, v in zip(entry.params, params)}
-    xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    d = entry.fast_derivative(xc, **kwargs) if fast else entry.derivative(xc, **kwargs)
-    if negative_only:
-        d = keep_positive_one(d, xc)
-    return d
-
-
-@functools.lru_cache(maxsize=256)
-def _uint8_grid(surrogate: str, params: tuple[float, ...], negative_only: bool) -> tuple[float, int]:
-    """(k, zero_point) such that code = round(d * k) + zp covers s' on the real line in 0..255."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
-    with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
-        x = torch.linspace(-64.0, 64.0, 200_001, dtype=torch.float64)
-        d = _derivative(x, surrogate, params, negative_only)
-        lo, hi = min(float(d.min()), 0.0), max(float(d.max()), 1.0)
-    k = math.floor(255.0 / (hi - lo) * (1 - 1e-9))
-    if k < 1:
-        raise ParameterError(
-            f"surrogate {surrogate!r} with parameters {list(params)}: its derivative spans "
-            f"[{lo:.3g}, {hi:.3g}], too wide for save='uint8'; use save='full' (exact) or 'bfloat16'"
-        )
-    with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
-        negative = d[x <= 0].abs().max().item()
-    share = (0.5 / k) / negative if negative > 0 else 0.0
-    if share > MAX_NEGATIVE_SIDE_ERROR:
-        raise ParameterError(
-            f"save='uint8' cannot carry surrogate {surrogate!r} with parameters {list(params)}: its "
-            f"derivative on x <= 0 is at most {negative:.3g} in magnitude, and the 1-byte grid's error "
-            f"is {0.5 / k:.3g} ({share:.0%} of it); use save='full' (exact, the default) or 'bfloat16'"
-        )
-    return float(k), int(math.ceil(-lo * k - 1e-9))
-
-
-def save_error(surrogate: str, save: str, *, negative_only: bool = False, **params: float) -> dict[str, float]:
-    """Worst-case error of the gradient a ``save`` mode gives, against the exact ``s'(x)``.
-
-    Measured on a dense grid of float32 inputs over [-64, 64] against s' in float64, per unit
-    of upstream gradient:
-    ``abs``: the largest absolute error; ``rel_negative``: that error on x <= 0 as a share of
-    the largest ``|s'(x)|`` there (what decides whether a mode carries the negative side).
-    ``"full"`` is exact: both are 0.
-
-    Raises:
-        ParameterError: if the mode cannot carry the surrogate (``uint8`` for NeLU a=0.01).
-    """
-    values = check_options(surrogate, params, negative_only, save)
-    x = torch.linspace(-64.0, 64.0, 400_001, dtype=torch.float64).float()  # what a float32 model gives
-    exact = _derivative(x.double(), surrogate, values, negative_only)
-    grid = _grid(surrogate, values, negative_only, save)
-    saved = _encode(_derivative(x, surrogate, values, negative_only), x.dtype, save, grid)
-    got = _decode_mul(torch.ones_like(x), saved, save, grid).double()
-    err = (got - exact).abs()
-    neg = x <= 0
-    scale = exact[neg].abs().max().item()
-    return {"abs": err.max().item(), "rel_negative": err[neg].max().item() / scale if scale else 0.0}
-
-
-def _encode(d: torch.Tensor, dtype: torch.dtype, save: str, grid: tuple[float, int] | None):
-    """The saved form of ``d`` (which this function may overwrite)."""
-    if save == "full":
-        return d.to(dtype)
-    if save == "bfloat16":
-        return d.to(torch.bfloat16)
-    k, zp = grid
-    # round(d * k) + zp, in place: truncation of a value >= 0 plus 0.5 rounds half up
-    return d.mul_(k).add_(zp + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
-
-
-def _decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> torch.Tensor:
-    if save == "uint8":
-        k, zp = grid
-        # grad * (code - zp) / k, in the gradient's dtype
-        return (saved.to(grad.dtype) - zp).mul_(grad).div_(k)
-    return grad * saved.to(grad.dtype) if save == "bfloat16" else grad * saved
-
-
-def _saved_dtype(dtype: torch.dtype, save: str) -> torch.dtype:
-    return {"full": dtype, "bfloat16": torch.bfloat16, "uint8": torch.uint8}[save]
-
-
-def _grid(surrogate: str, params, negative_only: bool, save: str) -> tuple[float, int] | None:
-    return _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
-
-
-def _plain_saved(x, surrogate, params, negative_only, save, grid):
-    """The saved form of ``s'(x)`` by the plain formula: what a tracer or compiler fuses."""
-    return _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
+__all__ = ["sugar", "surrogate_grad", "OP", "FORWARD_OP", "GRAD_OP"]
 
 
 def _eager_saved(x, surrogate, params, negative_only, save, grid):
@@ -169,11 +63,6 @@ def _sugar_forward_op(
 @_sugar_forward_op.register_fake
 def _(x, surrogate, params, negative_only, save):
     return torch.empty_like(x), torch.empty_like(x, dtype=_saved_dtype(x.dtype, save))
-
-
-def _grad_math(grad, x, surrogate, params, negative_only):
-    """``grad * s'(x)``, s' by the plain formula in float32 or better, in the gradient's dtype."""
-    return grad * _derivative(x, surrogate, params, negative_only, fast=False).to(grad.dtype)
 
 
 @torch.library.custom_op("sugarize::sugar_grad", mutates_args=())
@@ -259,17 +148,6 @@ def _relu_decomposition(x, surrogate, params, negative_only, save):
 # After autograd has been handled, SUGAR is ReLU: exporters and compilers that decompose
 # (torch.onnx's dynamo exporter does) see a plain relu.
 torch._decomp.register_decomposition(OP)(_relu_decomposition)
-
-
-def check_options(surrogate: str, params, negative_only: bool, save: str) -> list[float]:
-    """Validated parameter list for the op, in the surrogate's declaration order."""
-    if save not in SAVE_MODES:
-        raise ParameterError(f"save={save!r} is not one of {', '.join(SAVE_MODES)}")
-    values = list(resolve_params(surrogate, params).values())
-    if save == "uint8" and not torch.compiler.is_compiling():
-        # (under Dynamo the op's setup_context computes the grid and raises the same error)
-        _uint8_grid(surrogate, tuple(values), bool(negative_only))
-    return values
 
 
 def sugar(

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .errors import ParameterError, UnknownSurrogateError
+from ..errors import ParameterError, UnknownSurrogateError
 
 __all__ = [
     "Param",

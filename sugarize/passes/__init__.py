@@ -1,1 +1,1 @@
-"""Graph passes: capture, match, rewrite (sugarize), strip, and their report."""
+"""Graph passes: capture, match, rewrite (sugarize), strip, their report, and the conversion config."""

@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from .errors import ParameterError
-from .options import DEFAULT_SAVE, DEFAULT_SURROGATE
+from ..errors import ParameterError
+from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 __all__ = ["SugarConfig", "RELUFY_KINDS"]
 
@@ -42,8 +42,8 @@ class SugarConfig:
     relufy_surrogate: str | None = None
 
     def __post_init__(self) -> None:
-        from .op import check_options
-        from .surrogates import resolve_params
+        from ..method.saved import check_options
+        from ..method.surrogates import resolve_params
 
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -56,7 +56,7 @@ class SugarConfig:
 
     def surrogate_for(self, kind: str) -> tuple[str, list[float]]:
         """(surrogate, parameter list) used at a site of activation ``kind``."""
-        from .surrogates import resolve_params
+        from ..method.surrogates import resolve_params
 
         if kind == "relu":
             return self.surrogate, list(self.params.values())

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..op import OP
+from ..method.op import OP
 
 __all__ = ["Match", "match_node", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
 

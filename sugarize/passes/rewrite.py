@@ -9,9 +9,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..config import SugarConfig
+from .config import SugarConfig
 from ..errors import CaptureError
-from ..op import OP
+from ..method.op import OP
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .capture import capture, graph_module, trace_graph
 from .match import Match, is_sugar, match_node, may_alias, module_path

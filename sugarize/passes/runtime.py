@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..op import OP
+from ..method.op import OP
 
 __all__ = ["RELU_FUNCTIONS", "ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
 

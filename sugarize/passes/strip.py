@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..errors import StripError
-from ..op import OP
+from ..method.op import OP
 from .match import module_path
 from .report import Report, Site
 

@@ -15,9 +15,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import InputError
-from .passes.capture import capture
-from .passes.match import is_sugar, match_node, module_path
+from ..errors import InputError
+from ..passes.capture import capture
+from ..passes.match import is_sugar, match_node, module_path
 
 __all__ = ["audit", "AuditReport", "SiteAudit"]
 

@@ -11,7 +11,7 @@ __all__ = ["digits_path", "load_digits_split", "loader"]
 
 _CANDIDATES = [
     Path(__file__).resolve().parent / "data" / "digits.npz",
-    Path(__file__).resolve().parents[1] / "fixtures" / "digits.npz",
+    Path(__file__).resolve().parents[2] / "fixtures" / "digits.npz",
 ]
 
 
@@ -19,7 +19,7 @@ def digits_path() -> Path:
     for p in _CANDIDATES:
         if p.exists():
             return p
-    from .errors import DataFileError
+    from ..errors import DataFileError
 
     raise DataFileError("the bundled digits data is missing (fixtures/digits.npz); run python fixtures/make_digits.py")
 

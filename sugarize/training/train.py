@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DataFileError, SugarizeError
+from ..errors import DataFileError, SugarizeError
 
 OPTIM_PREFIX = "__optim__."
 
@@ -37,8 +37,8 @@ def load_data(path) -> DataSpec:
     Raises:
         DataFileError: the file is missing, fails to import, or lacks ``train_loader``.
     """
-    from .errors import ModelFileError
-    from .io import _import_file
+    from ..errors import ModelFileError
+    from ..files.modelfile import _import_file
 
     path = Path(path)
     if not path.exists():

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import sugarize
-from sugarize.cli import app
+from sugarize.app.cli import app
 
 from helpers import MODELS, load_fixture
 
@@ -164,11 +164,11 @@ def test_existing_output_is_kept_without_force(tmp_path):
     assert res.exit_code == 2 and "already exists; pass --force" in res.stderr
     assert out.read_bytes() == b"precious"
     assert run("convert", SPELL, "-o", out, "--force").exit_code == 0
-    assert sugarize.io.read_recipe(out)["report"]["totals"]["converted"] == 8
+    assert sugarize.files.checkpoint.read_recipe(out)["report"]["totals"]["converted"] == 8
 
 
 def test_unwritable_folder(tmp_path, monkeypatch):
-    import sugarize.fsutil as fsutil
+    import sugarize.files.fsutil as fsutil
 
     monkeypatch.setattr(fsutil.os, "access", lambda path, mode: False)  # root ignores chmod
     res = run("convert", SPELL, "-o", tmp_path / "x.safetensors")
@@ -182,7 +182,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_checkpoint_recipe_records_model_and_hash(checkpoint):
-    recipe = sugarize.io.read_recipe(checkpoint)
+    recipe = sugarize.files.checkpoint.read_recipe(checkpoint)
     assert recipe["model"]["name"] == "build_model" and len(recipe["model"]["sha256"]) == 64
     assert recipe["config"]["surrogate"] == "nelu" and recipe["inputs"] == [{"shape": [2, 3, 32, 32], "dtype": "float32"}]
     assert len(recipe["report"]["sites"]) == 13

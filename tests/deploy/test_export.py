@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sugarize
-from sugarize.export import export_onnx, onnx_op_types
+from sugarize.deploy.export import export_onnx, onnx_op_types
 
 from helpers import load_fixture
 
@@ -63,7 +63,7 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_stripped_export_is_structurally_identical_including_ort_optimised_graph(exported, name):
-    from sugarize.structure import compare_structure
+    from sugarize.deploy.structure import compare_structure
 
     e = exported[name]
     rep = compare_structure(e["stripped"], e["original"])
@@ -73,7 +73,7 @@ def test_stripped_export_is_structurally_identical_including_ort_optimised_graph
 
 
 def test_ort_fuses_conv_relu_the_same_way(exported, tmp_path):
-    from sugarize.structure import optimized_model
+    from sugarize.deploy.structure import optimized_model
 
     e = exported["tiny_resnet"]
     def fused(n):  # ORT folds Relu into the Conv before it (NCHWc Conv or FusedConv, activation=Relu)
@@ -99,7 +99,7 @@ def _swap_one_relu(model):
 
 
 def test_a_different_graph_is_reported_with_its_first_differing_node(exported, tmp_path):
-    from sugarize.structure import compare_structure
+    from sugarize.deploy.structure import compare_structure
 
     e = exported["tiny_resnet"]
     leaky = export_onnx(_swap_one_relu(e["model"]), tmp_path / "leaky.onnx", e["args"]).path
@@ -114,7 +114,7 @@ def test_the_papers_fgi_form_exported_without_strip_differs(exported, tmp_path):
     """Forward gradient injection leaves extra nodes in the export; the check must catch it."""
     import torch.nn as nn
 
-    from sugarize.structure import compare_structure
+    from sugarize.deploy.structure import compare_structure
 
     class FGI(nn.Module):
         def forward(self, x):
@@ -138,7 +138,7 @@ def test_every_opset_from_13_is_the_file_s_opset_and_passes_parity_and_structure
     argument), and passes parity and the structure check against the original at N."""
     import onnx
 
-    from sugarize.export import default_opset
+    from sugarize.deploy.export import default_opset
 
     assert default_opset() >= 18
     for name in ("all_spellings", "tiny_resnet", "relu_transformer"):
@@ -199,7 +199,7 @@ def test_parity_fails_when_weights_hold_nan_or_inf(exported, tmp_path, value):
 def test_one_sided_nonfinite_values_are_mismatches():
     import numpy as np
 
-    from sugarize.parity import _compare
+    from sugarize.deploy.parity import _compare
 
     ref = torch.tensor([1.0, 2.0, 3.0, 4.0])
     for ort in ([np.nan, 2, 3, 4], [np.inf, 2, 3, 4], [1, 2, 3, -np.inf]):
@@ -233,11 +233,11 @@ def test_openvino_parity_in_float32(exported):
 
 
 def test_int8_demo_model_keeps_accuracy_and_qdq_structure(tmp_path):
-    from sugarize.demo import DeepMLP
-    from sugarize.digits import load_digits_split, loader
-    from sugarize.quantize import onnx_accuracy, qdq_count, quantize_int8
-    from sugarize.structure import compare_structure
-    from sugarize.train import DataSpec, finetune
+    from sugarize.app.demo import DeepMLP
+    from sugarize.training.digits import load_digits_split, loader
+    from sugarize.deploy.quantize import onnx_accuracy, qdq_count, quantize_int8
+    from sugarize.deploy.structure import compare_structure
+    from sugarize.training.train import DataSpec, finetune
 
     (xt, yt), (xv, yv) = load_digits_split()
     data = DataSpec(lambda: loader(xt, yt, 64, shuffle=True), None, torch.nn.functional.cross_entropy)
@@ -267,10 +267,10 @@ def test_cli_export_int8_and_verify_with_openvino(tmp_path):
     from typer.testing import CliRunner
 
     from helpers import FIXTURES
-    from sugarize.cli import app
+    from sugarize.app.cli import app
 
     model = tmp_path / "mlp.py"
-    model.write_text("import torch\nfrom sugarize.demo import DeepMLP\n"
+    model.write_text("import torch\nfrom sugarize.app.demo import DeepMLP\n"
                      "def build_model():\n    torch.manual_seed(0)\n    return DeepMLP(depth=3, width=16)\n"
                      "def example_inputs():\n    return (torch.randn(4, 64),)\n")
     out = tmp_path / "mlp.onnx"

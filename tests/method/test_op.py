@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import sugarize
-from sugarize.op import OP, SAVE_MODES
-from sugarize.surrogates import list_surrogates
+from sugarize.method.op import OP
+from sugarize.method.surrogates import list_surrogates
 
 from helpers import fgi, same_bits
 
@@ -187,7 +187,7 @@ def test_compressed_modes_stay_within_their_stated_error(name, save):
     assert err.max().item() <= stated["abs"] * 1.02
     neg = x.detach() <= 0
     assert err[neg].max().item() <= stated["rel_negative"] * exact[neg].abs().max().item() * 1.02
-    assert stated["rel_negative"] <= sugarize.op.MAX_NEGATIVE_SIDE_ERROR
+    assert stated["rel_negative"] <= sugarize.method.saved.MAX_NEGATIVE_SIDE_ERROR
     assert torch.equal(x.grad[exact == 0], exact[exact == 0].float())
     assert torch.equal(x.grad[exact == 1], exact[exact == 1].float())
 
@@ -422,7 +422,7 @@ def test_compiled_default_gradient_equals_the_reference_on_every_surrogate():
 def test_every_surrogate_lowers_to_generated_code_with_eager_gradients(save):
     """The compressed modes, compiled: every formula Inductor generates (no extern kernel)
     gives eager's gradients; surrogates a mode cannot carry are refused, not compiled."""
-    from sugarize.op import _uint8_grid
+    from sugarize.method.saved import _uint8_grid
 
     cases = [(name, neg) for name in list_surrogates() for neg in (False, True) if _carries(name, save)]
     x = (torch.randn(len(cases), 257, dtype=torch.float64) * 3).float()
@@ -435,7 +435,7 @@ def test_every_surrogate_lowers_to_generated_code_with_eager_gradients(save):
         # eager evaluates s' with its fast formula, Inductor with the plain one: the same
         # to float rounding, which may move a uint8 code by one step of its grid
         if save == "uint8":
-            step = 1 / _uint8_grid(name, tuple(sugarize.surrogates.resolve_params(name, {}).values()), neg)[0]
+            step = 1 / _uint8_grid(name, tuple(sugarize.method.surrogates.resolve_params(name, {}).values()), neg)[0]
             atol = (step + 1e-6) * upstream[i].abs().max()
         else:
             atol = 1e-5
@@ -445,7 +445,7 @@ def test_every_surrogate_lowers_to_generated_code_with_eager_gradients(save):
 
 def test_a_surrogate_inductor_cannot_generate_runs_as_an_extern_kernel(monkeypatch):
     """The lowering's fallback: the op's eager kernel, called from the generated code, same gradients."""
-    from sugarize import compiled
+    from sugarize.method import compiled
 
     monkeypatch.setattr(compiled, "_formula", lambda *args: None)
     x = torch.randn(64, requires_grad=True)
@@ -465,7 +465,7 @@ def test_a_surrogate_inductor_cannot_generate_runs_as_an_extern_kernel(monkeypat
                          [("bsilu", "uint8", False), ("nelu", None, True)])
 def test_fused_kernels_match_the_eager_formulas(name, save, negative_only):
     """Large tensors take the torch.compile kernels; they must give the eager path's gradient."""
-    from sugarize import kernels
+    from sugarize.method import kernels
 
     if not kernels.enabled():
         pytest.skip("fused kernels are turned off (SUGARIZE_FUSED=0 or no compiler)")
@@ -481,8 +481,8 @@ def test_fused_kernels_match_the_eager_formulas(name, save, negative_only):
             grads[fused] = xi.grad
         finally:
             kernels.set_enabled(True)
-    save = save or sugarize.op.DEFAULT_SAVE
-    grid = sugarize.op._grid(name, (sugarize.get_surrogate(name).defaults()["alpha"],), negative_only, save)
+    save = save or sugarize.options.DEFAULT_SAVE
+    grid = sugarize.method.saved._grid(name, (sugarize.get_surrogate(name).defaults()["alpha"],), negative_only, save)
     tol = 1.01 / grid[0] if save == "uint8" else 1e-6  # codes may differ by one grid step at a rounding tie
     assert (grads[True] - grads[False]).abs().div(upstream.abs().clamp(min=1e-3)).max() <= tol
     alpha = sugarize.get_surrogate(name).defaults()["alpha"]

@@ -9,7 +9,7 @@ import torch
 
 import sugarize
 from sugarize.errors import ParameterError, UnknownSurrogateError
-from sugarize.surrogates import get_surrogate, list_surrogates, resolve_params
+from sugarize.method.surrogates import get_surrogate, list_surrogates, resolve_params
 
 # Hand-computed s'(x) at a few points, with default parameters. A new registry entry
 # without a row here fails test_every_surrogate_has_reference_values.
@@ -119,7 +119,7 @@ def test_unknown_parameter_names_the_valid_ones():
 
 
 def test_register_surrogate_and_duplicate_name():
-    from sugarize.surrogates import _REGISTRY, Param, Surrogate, register_surrogate
+    from sugarize.method.surrogates import _REGISTRY, Param, Surrogate, register_surrogate
 
     @register_surrogate("test_softsign", params=[Param("scale", 1.0, low=0.0)], source="test")
     class SoftSign(Surrogate):

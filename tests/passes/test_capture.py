@@ -57,7 +57,7 @@ def test_relu6_and_hardswish_are_left_alone():
 
 @pytest.mark.parametrize("name", [n for n, (_, _, e) in ZOO.ZOO.items() if e])
 def test_zoo_stripped_export_matches_the_original(name, tmp_path):
-    from sugarize.export import export_onnx, onnx_op_types
+    from sugarize.deploy.export import export_onnx, onnx_op_types
 
     model, args, _ = ZOO.build(name)
     sm = sugarize.sugarize(model)
@@ -70,7 +70,7 @@ def test_zoo_stripped_export_matches_the_original(name, tmp_path):
 
 
 def test_runtime_path_gradient_equals_the_graph_paths():
-    from sugarize.config import SugarConfig
+    from sugarize.passes.config import SugarConfig
     from sugarize.passes.rewrite import _runtime_sugarize
 
     mod = load_fixture("tiny_resnet")
@@ -154,7 +154,7 @@ def test_converted_models_pickle_and_deepcopy():
 
 @pytest.mark.parametrize("runtime_path", [False, True])
 def test_trains_under_torch_compile_with_the_same_gradients(runtime_path):
-    from sugarize.config import SugarConfig
+    from sugarize.passes.config import SugarConfig
     from sugarize.passes.rewrite import _runtime_sugarize
 
     cfg = SugarConfig()
@@ -247,7 +247,7 @@ def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
 
 def test_hugging_face_bert_on_the_runtime_path_exports_like_the_original(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    from sugarize.export import export_onnx, onnx_op_types
+    from sugarize.deploy.export import export_onnx, onnx_op_types
 
     torch.manual_seed(0)
     model = HF["bert"](transformers).eval()

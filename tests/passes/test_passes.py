@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sugarize
-from sugarize.op import OP
+from sugarize.method.op import OP
 
 from helpers import fgi, load_fixture, same_bits
 
@@ -337,6 +337,6 @@ def test_public_functions_are_not_shadowed_by_submodules():
     import importlib
 
     for name in ("verify", "audit", "sugarize", "strip", "inspect", "finetune", "export_onnx"):
-        importlib.import_module("sugarize.parity")
-        importlib.import_module("sugarize.deadunits")
+        importlib.import_module("sugarize.deploy.parity")
+        importlib.import_module("sugarize.training.deadunits")
         assert callable(getattr(sugarize, name)) and not isinstance(getattr(sugarize, name), type(sugarize)), name

@@ -73,7 +73,7 @@ def test_relufied_gradient_is_the_chosen_surrogates_derivative(act, kind, chosen
 
 
 def test_stripped_relufied_model_exports_a_pure_relu_graph(tmp_path):
-    from sugarize.export import export_onnx, onnx_op_types
+    from sugarize.deploy.export import export_onnx, onnx_op_types
 
     model = FIX.build_model()
     args = FIX.example_inputs()
@@ -92,7 +92,7 @@ def test_cli_convert_relufy_says_fine_tuning_is_needed(tmp_path):
     from typer.testing import CliRunner
 
     from helpers import MODELS
-    from sugarize.cli import app
+    from sugarize.app.cli import app
 
     out = tmp_path / "m.safetensors"
     res = CliRunner().invoke(app, ["convert", str(MODELS / "gelu_silu_spellings.py"), "-o", str(out),

@@ -10,8 +10,8 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 import sugarize
-from sugarize.cli import app
-from sugarize.train import DataSpec, finetune
+from sugarize.app.cli import app
+from sugarize.training.train import DataSpec, finetune
 
 from helpers import FIXTURES, MODELS
 
@@ -111,7 +111,7 @@ def test_finetune_and_audit_cli(tmp_path):
     data = FIXTURES / "digits_data.py"
     digits_model = tmp_path / "mlp.py"
     digits_model.write_text(
-        "import torch\nfrom sugarize.demo import DeepMLP\n"
+        "import torch\nfrom sugarize.app.demo import DeepMLP\n"
         "def build_model():\n    torch.manual_seed(0)\n    return DeepMLP(depth=3, width=16)\n"
         "def example_inputs():\n    return (torch.randn(4, 64),)\n")
     assert runner.invoke(app, ["convert", str(digits_model), "-o", str(ck)]).exit_code == 0
@@ -168,7 +168,7 @@ def test_bad_data_files_are_answered(tmp_path):
 
 
 def test_demo_runs_small_and_exports(tmp_path):
-    from sugarize.demo import DemoConfig, run_demo
+    from sugarize.app.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(seeds=(0,), pretrain_epochs=1, epochs=1, depth=3, width=16), out_dir=tmp_path)
     assert [r["variant"] for r in result.rows()] == ["ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU"]
@@ -178,7 +178,7 @@ def test_demo_runs_small_and_exports(tmp_path):
 
 
 def test_demo_paired_compares_seed_by_seed():
-    from sugarize.demo import DemoConfig, DemoResult, Run
+    from sugarize.app.demo import DemoConfig, DemoResult, Run
 
     runs = [Run("ReLU", 0, 0.90, 0.20, None), Run("SUGAR B-SiLU", 0, 0.93, 0.10, None),
             Run("ReLU", 1, 0.95, 0.05, None), Run("SUGAR B-SiLU", 1, 0.94, 0.06, None),

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, runtimes (onnxruntime, OpenVINO), parity, structural identity, int8."""

@@ -1,0 +1,92 @@
+"""ONNX runtimes: onnxruntime and OpenVINO sessions with explicit settings, and latency."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ExportError, InputError
+
+__all__ = ["ort_session", "ort_latency", "ort_latencies"]
+
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(path, *, optimization: str = "all", optimized_path: str | None = None, threads: int | None = None):
+    """An onnxruntime CPU session with an explicit optimisation level."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if optimized_path:
+        opts.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+class _Runner:
+    """One inference engine over an ONNX file: input/output names and ``run(list of arrays)``."""
+
+    def __init__(self, path, runtime: str, optimization: str, precision: str | None = None):
+        self.runtime = runtime
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            self.session = ort_session(path, optimization=optimization)
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
+        elif runtime == "openvino":
+            try:
+                import openvino as ov
+            except ImportError:
+                raise InputError("--runtime openvino needs the openvino extra: pip install 'sugarize[openvino]'") from None
+            core = ov.Core()
+            config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+            try:
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            except Exception as exc:
+                raise ExportError(f"OpenVINO cannot compile {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+            self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+            self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+            self.version = f"openvino {ov.__version__.split('-')[0]} (CPU, inference precision {hint})"
+            self.providers = ["CPU"]
+        else:
+            raise InputError(f"runtime {runtime!r} is not one of onnxruntime, openvino")
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.runtime == "onnxruntime":
+            return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
+        res = self.compiled(arrays)
+        return [np.asarray(res[o]) for o in self.compiled.outputs]
+
+
+def ort_latency(path, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> float:
+    """Median seconds of one onnxruntime CPU run of a single-input model on ``x``."""
+    return ort_latencies([path], x, repeats=repeats, warmup=warmup, threads=threads)[0]
+
+
+def ort_latencies(paths, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> list[float]:
+    """Median seconds per run of each model, runs interleaved so drift hits all alike."""
+    import time
+
+    sessions = [ort_session(p, threads=threads) for p in paths]
+    feeds = [{s.get_inputs()[0].name: x.numpy()} for s in sessions]
+    for _ in range(warmup):
+        for s, f in zip(sessions, feeds):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[i].append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]

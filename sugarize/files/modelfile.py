@@ -1,0 +1,174 @@
+"""Model files: ``file.py[:NAME]`` discovery and import, like fastapi-cli's ``discover.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import InputError, ModelFileError, first_line
+from .inputs import _as_tuple
+
+__all__ = ["LoadedModel", "load_model", "CONVENTIONAL_NAMES"]
+
+
+CONVENTIONAL_NAMES = ("model", "build_model", "get_model", "create_model")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    path: Path
+    name: str
+    example_inputs: tuple | None
+    sha256: str
+    module: Any = field(repr=False, default=None)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+def _split_spec(spec: str) -> tuple[Path, str | None]:
+    text = str(spec)
+    if ":" in text and not text.endswith(".py"):
+        path, _, name = text.rpartition(":")
+        return Path(path), name or None
+    return Path(text), None
+
+
+def _import_file(path: Path):
+    path = path.resolve()
+    folder = path.parent
+    if (folder / "__init__.py").exists():  # part of a package: relative imports work
+        pkg_root, name = folder.parent, f"{folder.name}.{path.stem}"
+    else:
+        pkg_root, name = folder, path.stem
+    for p in (str(folder), str(pkg_root)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(name, None)
+        raise ModelFileError(
+            f"syntax error in {path.name} line {exc.lineno}: {exc.msg}; fix the file and try again"
+        ) from exc
+    except ImportError as exc:
+        sys.modules.pop(name, None)
+        raise ModelFileError(
+            f"importing {path.name} failed: {type(exc).__name__}: {exc}; install the missing package "
+            "or fix the import"
+        ) from exc
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ModelFileError(
+            f"running {path.name} failed: {type(exc).__name__}: {first_line(exc)} ({_where(exc, path)}); "
+            f"run `python {path}` to see the full traceback"
+        ) from exc
+    return module
+
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name == path.name]
+    return f"{path.name} line {frames[-1].lineno}" if frames else path.name
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _resolve(module, path: Path, name: str | None) -> tuple[nn.Module, str]:
+    if name is not None:
+        if not hasattr(module, name):
+            found = _candidates(module)
+            hint = f"; it defines: {', '.join(found)}" if found else ""
+            raise ModelFileError(f"{path.name} has no {name!r}{hint}")
+        return _materialise(getattr(module, name), path, name), name
+    for conv in CONVENTIONAL_NAMES:
+        if hasattr(module, conv):
+            return _materialise(getattr(module, conv), path, conv), conv
+    instances = [k for k, v in vars(module).items() if isinstance(v, nn.Module) and not k.startswith("_")]
+    if len(instances) == 1:
+        return getattr(module, instances[0]), instances[0]
+    if len(instances) > 1:
+        raise ModelFileError(
+            f"{path.name} holds several nn.Module instances ({', '.join(instances)}); "
+            f"pick one with {path.name}:NAME"
+        )
+    raise ModelFileError(
+        f"no model found in {path.name}: define `model = MyNet()` or a `build_model()` function, "
+        f"or name one with {path.name}:NAME"
+    )
+
+
+def _candidates(module) -> list[str]:
+    return sorted(
+        k for k, v in vars(module).items()
+        if not k.startswith("_") and (isinstance(v, nn.Module) or (callable(v) and getattr(v, "__module__", None) == module.__name__))
+    )
+
+
+def _materialise(obj: Any, path: Path, name: str) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise ModelFileError(
+                f"{path.name}:{name} cannot be called without arguments ({first_line(exc)}); "
+                f"give a zero-argument factory or an nn.Module instance"
+            ) from exc
+        except Exception as exc:
+            raise ModelFileError(
+                f"{path.name}:{name}() raised {type(exc).__name__}: {first_line(exc)} ({_where(exc, path)})"
+            ) from exc
+        if isinstance(obj, nn.Module):
+            return obj
+    raise ModelFileError(
+        f"{path.name}:{name} is a {type(obj).__name__}, not a torch.nn.Module; "
+        "point at a model instance or a factory that returns one"
+    )
+
+
+def load_model(spec: str | os.PathLike) -> LoadedModel:
+    """Loads the model named by ``path/to/model.py[:NAME]``.
+
+    NAME is an ``nn.Module`` instance or a zero-argument factory. Without NAME the
+    conventional names (model, build_model, get_model, create_model) are tried, then a
+    single ``nn.Module`` instance. An ``example_inputs()`` function in the file, if any,
+    provides example inputs.
+
+    Raises:
+        ModelFileError: with what to try next, for every way this can fail.
+    """
+    path, name = _split_spec(str(spec))
+    if not path.exists():
+        raise ModelFileError(f"model file {path} not found; give a path like model.py or model.py:build_model")
+    if path.suffix != ".py":
+        hint = " (that looks like a checkpoint: use `sugarize export`)" if path.suffix == ".safetensors" else ""
+        raise ModelFileError(f"{path} is not a Python file{hint}; give model.py or model.py:NAME")
+    module = _import_file(path)
+    model, name = _resolve(module, path, name)
+    example = None
+    if callable(getattr(module, "example_inputs", None)):
+        try:
+            example = module.example_inputs()
+        except Exception as exc:
+            raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
+        example = _as_tuple(example, f"{path.name}:example_inputs()")
+    return LoadedModel(model, path.resolve(), name, example, _sha256(path), module)

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop and data files, the dead-unit audit, the bundled digits data."""
