@@ -52,9 +52,11 @@ def _exists(name: str, root: Path) -> bool:
 def import_graph(root: Path) -> dict[str, set[str]]:
     """Module -> the sugarize modules it imports. The package's own ``__init__`` (the lazy
     public facade: it imports nothing at run time but on attribute access, and every layer
-    may read ``__version__`` from it) is left out."""
+    may read ``__version__`` from it) and ``__main__`` (``python -m sugarize``, the entry
+    point above every layer) are left out."""
     graph = {module_name(p, root): imports_of(p, root) for p in sorted(root.rglob("*.py"))}
     graph.pop(root.name, None)
+    graph.pop(f"{root.name}.__main__", None)
     return {m: deps - {root.name} for m, deps in graph.items()}
 
 

@@ -121,6 +121,10 @@ def _parity_table(report) -> Table:
 COMMON_SURROGATE = typer.Option(DEFAULT_SURROGATE, "--surrogate", "-s", help="Surrogate name (see `sugarize surrogates`).")
 ALLOW_NONFINITE = typer.Option(False, "--allow-nonfinite",
                                help="Pass outputs that are NaN/inf on both sides (a failure by default).")
+MODEL_FILE = typer.Option(None, "--model", help="The model file a checkpoint was made from (model.py[:NAME]): "
+                                                 "its code runs only if you name it here.")
+TRUST_RECIPE = typer.Option(False, "--trust-recipe",
+                            help="Run the model file a checkpoint's recipe names (after the sha256 check).")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
 
 
@@ -131,12 +135,17 @@ def inspect_cmd(
     include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also list GELU/SiLU sites as convertible: gelu,silu."),
+    model_file: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """List every ReLU site: module path, spelling, and converted or skipped with the reason."""
+    """List every ReLU site: module path, spelling, and converted or skipped with the reason.
+
+    On a checkpoint without --model, the report its recipe recorded (no code runs)."""
     from .workflows import inspect_file
 
-    report = inspect_file(model, config=_config(DEFAULT_SURROGATE, None, False, include, exclude, DEFAULT_SAVE, relufy))
+    report = inspect_file(model, config=_config(DEFAULT_SURROGATE, None, False, include, exclude, DEFAULT_SAVE, relufy),
+                          model_file=model_file, trust_recipe=trust_recipe)
     if as_json:
         return _emit_json(report.to_dict())
     out.print(_sites_table(report))
@@ -183,7 +192,8 @@ def export_cmd(
     source: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint (.safetensors)."),
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    model: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to the exporter's default (18)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
@@ -205,7 +215,8 @@ def export_cmd(
         res = export_file(source, str(output), weights=str(weights) if weights else None, model=model, opset=opset,
                           dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
                           batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
-                          calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite)
+                          calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite,
+                          trust_recipe=trust_recipe)
     if as_json:
         _emit_json({"onnx": str(res.export.path), "opset": res.export.opset, "op_types": res.export.op_types,
                     "stripped_sites": res.export.stripped_sites, "notes": res.notes + res.export.notes, "parity": res.parity.to_dict(),
@@ -229,7 +240,8 @@ def verify_cmd(
     onnx_file: Path = typer.Argument(..., help="The ONNX file to check."),
     against: str = typer.Option(..., "--against", help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    model: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = typer.Option(1e-5, "--atol"),
     rtol: float = typer.Option(1e-5, "--rtol"),
@@ -244,7 +256,7 @@ def verify_cmd(
 
     report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,
                          input_shapes=input_shape, atol=atol, rtol=rtol, batches=batches, seed=seed,
-                         runtime=runtime, allow_nonfinite=allow_nonfinite)
+                         runtime=runtime, allow_nonfinite=allow_nonfinite, trust_recipe=trust_recipe)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -308,13 +320,15 @@ def audit_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="State dict to load first."),
     split: str = typer.Option("train", "--split", help="Which loader to audit: train or val."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-site bars and a firing histogram (PNG)."),
+    model_file: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Dead units and activation sparsity per ReLU/SUGAR site, with totals."""
     from .workflows import audit_file
 
     report = audit_file(model, str(data), weights=str(weights) if weights else None, split=split,
-                        plot=str(plot) if plot else None)
+                        plot=str(plot) if plot else None, model_file=model_file, trust_recipe=trust_recipe)
     if as_json:
         return _emit_json(report.to_dict())
     table = _table(f"audit over {report.samples} inputs",
@@ -340,7 +354,8 @@ def finetune_cmd(
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw."),
     seed: int = typer.Option(0, "--seed"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from weights written by finetune."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model file, if the checkpoint's moved."),
+    model: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
 ):
@@ -365,7 +380,7 @@ def finetune_cmd(
         task = bar.add_task("fine-tuning", total=None)
         history = finetune_file(str(checkpoint), str(data), str(output), epochs=epochs, lr=lr, optimizer=optimizer,
                                 seed=seed, resume=str(resume) if resume else None, model=model, force=force,
-                                on_step=lambda e, s: bar.advance(task), on_epoch=line)
+                                on_step=lambda e, s: bar.advance(task), on_epoch=line, trust_recipe=trust_recipe)
     if as_json:
         return _emit_json({"weights": str(output), "history": [asdict(h) for h in history]})
     out.print(f"wrote {output}")
@@ -458,3 +473,7 @@ def _print_paired(p: dict) -> None:
 
 def main() -> None:  # console-script entry point
     app()
+
+
+if __name__ == "__main__":  # python -m sugarize.app.cli
+    main()

@@ -44,10 +44,14 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-def open_source(source: str, *, weights: str | None = None, model: str | None = None) -> Source:
-    """Opens MODEL (``file.py[:NAME]``) or CHECKPOINT (``.safetensors``), then --weights if given."""
+def open_source(source: str, *, weights: str | None = None, model: str | None = None,
+                trust_recipe: bool = False) -> Source:
+    """Opens MODEL (``file.py[:NAME]``) or CHECKPOINT (``.safetensors``), then --weights if given.
+
+    A checkpoint's model file runs only if ``model`` names it or ``trust_recipe`` is set,
+    and only if its hash matches the recipe (``files.checkpoint.model_file_of``)."""
     if is_checkpoint(source):
-        ck = open_checkpoint(source, model=model)
+        ck = open_checkpoint(source, model=model, trust_recipe=trust_recipe)
         src = Source(ck.original, ck.sugar, ck.inputs, Path(source).name, ck.loaded, list(ck.notes))
     else:
         loaded = load_model(source)
@@ -60,11 +64,22 @@ def open_source(source: str, *, weights: str | None = None, model: str | None = 
     return src
 
 
-def inspect_file(model: str, *, config: SugarConfig | None = None) -> Report:
-    """The activation sites of a model file or checkpoint (``sugarize inspect``)."""
+def inspect_file(model: str, *, config: SugarConfig | None = None, model_file: str | None = None,
+                 trust_recipe: bool = False) -> Report:
+    """The activation sites of a model file or checkpoint (``sugarize inspect``).
+
+    A checkpoint with neither ``model_file`` nor ``trust_recipe`` shows the report its recipe
+    recorded, and runs no code."""
+    from ..files.checkpoint import read_recipe
     from ..passes.rewrite import inspect
 
-    src = open_source(model)
+    if is_checkpoint(model) and model_file is None and not trust_recipe:
+        recipe = read_recipe(model)
+        report = Report.from_dict(recipe["report"])
+        report.notes.append(f"recorded in {Path(model).name}'s recipe at `sugarize convert` time; no code was "
+                            "run (pass --model to rebuild and inspect the model itself)")
+        return report
+    src = open_source(model, model=model_file, trust_recipe=trust_recipe)
     return inspect(src.sugar if src.sugar is not None else src.original, config=config, example_args=src.inputs)
 
 
@@ -149,7 +164,8 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                 opset: int | None = None, dynamic_batch: bool = False, input_shapes: Sequence[str] | None = None,
                 force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
                 seed: int = 0, int8: bool = False, data: str | None = None,
-                calibration_batches: int = 32, allow_nonfinite: bool = False) -> ExportOutcome:
+                calibration_batches: int = 32, allow_nonfinite: bool = False,
+                trust_recipe: bool = False) -> ExportOutcome:
     """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``).
 
     With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
@@ -165,7 +181,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
         raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
     if int8:
         check_writable(Path(out).with_name(Path(out).stem + ".int8.onnx"), force=force)
-    src = open_source(source, weights=weights, model=model)
+    src = open_source(source, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     trained = src.sugar if src.sugar is not None else src.original
@@ -187,14 +203,15 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
 
 def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
-                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False):
+                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False,
+                trust_recipe: bool = False):
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
     from ..deploy.export import export_onnx, file_opset
     from ..passes.strip import strip
     from ..deploy.parity import _load_onnx, verify
 
     proto = _load_onnx(onnx_path)
-    src = open_source(against, weights=weights, model=model)
+    src = open_source(against, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
@@ -209,13 +226,14 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
 
 
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",
-               plot: str | None = None, force: bool = True):
+               plot: str | None = None, force: bool = True, model_file: str | None = None,
+               trust_recipe: bool = False):
     """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
     from ..training.deadunits import audit
     from ..errors import DataFileError
     from ..training.train import _loader, load_data
 
-    src = open_source(model, weights=weights)
+    src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
     spec = load_data(data)
     make = spec.train_loader if split == "train" else spec.val_loader
     if make is None:
@@ -230,7 +248,7 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
 
 def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: float, optimizer: str = "sgd",
                   seed: int = 0, resume: str | None = None, model: str | None = None, force: bool = False,
-                  on_step=None, on_epoch=None):
+                  on_step=None, on_epoch=None, trust_recipe: bool = False):
     """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
     import json
 
@@ -241,7 +259,7 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
 
     check_writable(out, force=force)
     spec = load_data(data)
-    src = open_source(checkpoint, model=model)
+    src = open_source(checkpoint, model=model, trust_recipe=trust_recipe)
     if src.sugar is None:
         from ..errors import CheckpointError
 

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, SugarizeError, first_line
 from .inputs import input_specs, make_inputs
 from .modelfile import LoadedModel, load_model
 from .weights import _looks_like_safetensors, load_state_into, load_weights, save_weights
 
-__all__ = ["save_checkpoint", "load_checkpoint", "open_checkpoint", "read_recipe", "is_checkpoint", "LoadedCheckpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "open_checkpoint", "read_recipe", "validate_recipe", "model_file_of",
+           "is_checkpoint", "LoadedCheckpoint"]
 
 FORMAT = "sugarize-checkpoint/1"
 
@@ -55,7 +56,13 @@ def save_checkpoint(sm: nn.Module, path, *, loaded: LoadedModel, inputs: tuple |
 
 
 def read_recipe(path) -> dict[str, Any]:
-    """The JSON recipe in a SUGAR checkpoint's header, without loading any tensor."""
+    """The JSON recipe in a SUGAR checkpoint's header, validated, without loading any tensor
+    or running any code.
+
+    Raises:
+        CheckpointError: the file is missing, not a SUGAR checkpoint, or its recipe does not
+            match the schema (every field, type and the format version are checked).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -75,9 +82,69 @@ def read_recipe(path) -> dict[str, Any]:
         recipe = json.loads(meta["sugarize"])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path} has a damaged recipe ({exc}); create it again") from exc
-    if recipe.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {recipe.get('format')!r}; this sugarize reads {FORMAT}")
+    validate_recipe(recipe, path)
     return recipe
+
+
+_HEX = set("0123456789abcdef")
+
+
+def validate_recipe(recipe: Any, path) -> None:
+    """Checks a recipe against the checkpoint schema (``FORMAT``) before any field is used.
+
+    Raises:
+        CheckpointError: naming the first field that is missing, mistyped or out of range.
+    """
+    from ..passes.config import SugarConfig
+
+    name = Path(path).name
+
+    def bad(field_: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {name}: recipe field {field_} {what}; "
+                               "create the checkpoint again with `sugarize convert`")
+
+    def need(obj: Any, key: str, kind: type | tuple, where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise bad(f"{where}{key}", "is missing")
+        value = obj[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            kinds = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise bad(f"{where}{key}", f"must be a {kinds}, not {type(value).__name__}")
+        return value
+
+    if not isinstance(recipe, dict):
+        raise bad("(the whole recipe)", "must be a JSON object")
+    if recipe.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {name} has format {recipe.get('format')!r}; this sugarize reads {FORMAT}")
+    for key in ("sugarize", "torch"):
+        need(recipe, key, str, "")
+    model = need(recipe, "model", dict, "")
+    for key in ("path", "relpath", "name", "sha256"):
+        need(model, key, str, "model.")
+    if not model["name"].isidentifier():
+        raise bad("model.name", f"must be a Python identifier, not {model['name']!r}")
+    if len(model["sha256"]) != 64 or not set(model["sha256"]) <= _HEX:
+        raise bad("model.sha256", "must be 64 lowercase hex digits")
+    inputs = recipe.get("inputs")
+    if "inputs" not in recipe:
+        raise bad("inputs", "is missing (null when none were recorded)")
+    if inputs is not None:
+        if not isinstance(inputs, list):
+            raise bad("inputs", f"must be a list or null, not {type(inputs).__name__}")
+        for i, spec in enumerate(inputs):
+            shape = need(spec, "shape", list, f"inputs[{i}].")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
+                raise bad(f"inputs[{i}].shape", "must be a list of non-negative integers")
+            need(spec, "dtype", str, f"inputs[{i}].")
+    config = need(recipe, "config", dict, "")
+    try:
+        SugarConfig.from_dict(config)
+    except (TypeError, ValueError, SugarizeError) as exc:
+        raise bad("config", f"is not a valid conversion config ({first_line(exc)})") from None
+    report = need(recipe, "report", dict, "")
+    for i, site in enumerate(need(report, "sites", list, "report.")):
+        if not isinstance(site, dict) or not all(isinstance(site.get(k), str) for k in ("path", "spelling", "kind", "status")):
+            raise bad(f"report.sites[{i}]", "must hold path, spelling, kind and status strings")
 
 
 @dataclass
@@ -90,43 +157,87 @@ class LoadedCheckpoint:
     notes: list[str]
 
 
-def open_checkpoint(path, *, model: str | None = None) -> LoadedCheckpoint:
-    """Rebuilds the SUGAR model of a checkpoint and the original model with its weights."""
+def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, trust_recipe: bool = False) -> str:
+    """The model file (``file.py:NAME``) a checkpoint may run, checked before anything is imported.
+
+    The trust rule: a checkpoint never picks the code that runs. The model file runs only if
+    the caller names it (``model``), or explicitly trusts the recipe (``trust_recipe``, like
+    Hugging Face's ``trust_remote_code``), and in both cases only if its sha256 is the one
+    recorded at ``sugarize convert`` time.
+
+    Raises:
+        CheckpointError: no file was named, the file is missing, or its hash differs.
+    """
+    from .modelfile import _sha256, _split_spec
+
+    path = Path(path)
+    rec = recipe["model"]
+    if model is None and not trust_recipe:
+        raise CheckpointError(
+            f"{path.name} was made from {rec['path']}:{rec['name']}; opening it runs that file, and sugarize runs "
+            f"only code you name: pass --model path/to/{Path(rec['path']).name} (Python: model=...), or "
+            "--trust-recipe to run the file the recipe names"
+        )
+    if model is None:
+        candidates = [(path.resolve().parent / rec["relpath"]).resolve(), Path(rec["path"])]
+        file = next((c for c in candidates if c.is_file()), None)
+        if file is None:
+            raise CheckpointError(
+                f"the model file of {path.name} ({rec['path']}) is gone; pass --model path/to/model.py"
+            )
+        name = rec["name"]
+    else:
+        file, name = _split_spec(str(model))
+        name = name or rec["name"]
+        if not file.is_file():
+            raise CheckpointError(f"model file {file} not found; give the file {path.name} was made from")
+    digest = _sha256(file)
+    if digest != rec["sha256"]:
+        raise CheckpointError(
+            f"{file.name} is not the file {path.name} was made from: its sha256 is {digest[:12]}..., the "
+            f"recipe's {rec['sha256'][:12]}... (it changed since `sugarize convert`); nothing was run: convert "
+            f"it again (sugarize convert {file} -o NEW.safetensors) or give the original file"
+        )
+    return f"{file}:{name}"
+
+
+def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = False) -> LoadedCheckpoint:
+    """Rebuilds the SUGAR model of a checkpoint and the original model with its weights.
+
+    The recipe is validated and the model file's hash checked before its code is imported
+    (``model_file_of``: the file runs only if named, or with ``trust_recipe``).
+    """
     from ..passes.config import SugarConfig
     from ..passes.rewrite import sugarize as convert
 
     path = Path(path)
     recipe = read_recipe(path)
-    notes = []
-    if model is None:
-        rel = (path.resolve().parent / recipe["model"]["relpath"]).resolve()
-        candidates = [rel, Path(recipe["model"]["path"])]
-        found = next((c for c in candidates if c.exists()), None)
-        if found is None:
-            raise CheckpointError(
-                f"the model file of {path.name} ({recipe['model']['path']}) is gone; pass --model path/to/model.py"
-            )
-        model = f"{found}:{recipe['model']['name']}"
-    loaded = load_model(model)
-    if loaded.sha256 != recipe["model"]["sha256"]:
-        notes.append(f"{loaded.path.name} changed since the checkpoint was written (sha256 differs)")
+    loaded = load_model(model_file_of(path, recipe, model=model, trust_recipe=trust_recipe))
     state = load_weights(path)
     load_state_into(loaded.model, state, f"checkpoint {path.name}")
     sm = convert(loaded.model, config=SugarConfig.from_dict(recipe["config"]))
     inputs = loaded.example_inputs
     if inputs is None and recipe.get("inputs"):
         inputs = make_inputs(recipe["inputs"])
-    return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, notes)
+    return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, [])
 
 
-def load_checkpoint(path, *, model: str | None = None):
-    """The trainable SUGAR module (a GraphModule) stored in a SUGAR checkpoint.
+def load_checkpoint(path, *, model: str | None = None, trust_recipe: bool = False):
+    """The trainable SUGAR module stored in a SUGAR checkpoint.
+
+    Opening a checkpoint runs its model file's code, so that file runs only if you name it
+    (``model``) or trust the recipe (``trust_recipe=True``), and only if its sha256 is the
+    one recorded when the checkpoint was written.
 
     Args:
         path: a ``.safetensors`` file written by ``sugarize convert`` or ``save_checkpoint``.
-        model: the model file, if it moved since the checkpoint was written.
+        model: the model file (``model.py`` or ``model.py:NAME``) the checkpoint was made from.
+        trust_recipe: run the model file the recipe names (after the hash check).
 
     Raises:
         CheckpointError, ModelFileError: with what to do next.
+
+    Example:
+        >>> sm = sugarize.load_checkpoint("resnet.sugar.safetensors", model="models/resnet.py")
     """
-    return open_checkpoint(path, model=model).sugar
+    return open_checkpoint(path, model=model, trust_recipe=trust_recipe).sugar

@@ -45,15 +45,24 @@ def _split_spec(spec: str) -> tuple[Path, str | None]:
 
 
 def _import_file(path: Path):
+    """Imports a user's Python file under a private module name.
+
+    The file's folder goes at the *end* of ``sys.path``, so the file can import the modules
+    beside it but cannot shadow the tool's own dependencies (an ``onnx.py`` beside it is not
+    onnx); and the module is registered under a name of its own (``sugarize_user_<stem>_<hash>``),
+    so a model file called ``inspect.py`` does not replace the standard library's ``inspect``.
+    A file inside a package (a folder with ``__init__.py``) is imported as that package's
+    module, so its relative imports work.
+    """
     path = path.resolve()
     folder = path.parent
     if (folder / "__init__.py").exists():  # part of a package: relative imports work
         pkg_root, name = folder.parent, f"{folder.name}.{path.stem}"
     else:
-        pkg_root, name = folder, path.stem
+        pkg_root, name = folder, f"sugarize_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     for p in (str(folder), str(pkg_root)):
         if p not in sys.path:
-            sys.path.insert(0, p)
+            sys.path.append(p)
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

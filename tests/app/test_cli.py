@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
 
 def test_finetune_then_export_pipeline(checkpoint, tmp_path):
     # convert (fixture) -> load in Python -> a few SGD steps -> save weights
-    sm = sugarize.load_checkpoint(checkpoint)
+    sm = sugarize.load_checkpoint(checkpoint, model=RESNET)
     assert sugarize.count_sugar(sm) == 13
     assert sm.meta["sugarize"]["config"]["params"] == {"alpha": 0.05}
     sm.train()
@@ -53,7 +53,7 @@ def test_finetune_then_export_pipeline(checkpoint, tmp_path):
     assert not missing and not unexpected
 
     onnx_path = tmp_path / "ft.onnx"
-    res = run("export", checkpoint, "--weights", weights, "-o", onnx_path, "--json")
+    res = run("export", checkpoint, "--model", RESNET, "--weights", weights, "-o", onnx_path, "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["stripped_sites"] == 13 and data["op_types"].count("Relu") == 13
@@ -61,7 +61,7 @@ def test_finetune_then_export_pipeline(checkpoint, tmp_path):
     assert data["parity"]["graph"]["op_types_equal"] and data["parity"]["graph"]["standard_domain_only"]
     assert {o["reference"] for o in data["parity"]["outputs"]} == {"original", "stripped"}
 
-    res = run("verify", onnx_path, "--against", checkpoint, "--weights", weights, "--batches", "2")
+    res = run("verify", onnx_path, "--against", checkpoint, "--model", RESNET, "--weights", weights, "--batches", "2")
     assert res.exit_code == 0, res.output
     assert "parity PASS" in res.stdout
 
@@ -138,7 +138,8 @@ def _cases(tmp_path: Path, checkpoint: Path):
          "folder", tmp_path / "no"),
         (["export", trunc, "-o", onnx_out], "cannot read checkpoint", onnx_out),
         (["export", garbage, "-o", onnx_out], "cannot read checkpoint", onnx_out),
-        (["export", checkpoint, "--weights", other_w, "-o", onnx_out], "does not fit this model", onnx_out),
+        (["export", checkpoint, "--model", RESNET, "--weights", other_w, "-o", onnx_out], "does not fit this model",
+         onnx_out),
         (["export", RESNET, "--weights", tmp_path / "nothere.pt", "-o", onnx_out], "weights file", onnx_out),
         (["verify", badonnx, "--against", RESNET], "is not a valid ONNX model", None),
         (["verify", tmp_path / "absent.onnx", "--against", RESNET], "not found", None),
@@ -222,12 +223,12 @@ def test_export_opset_13_writes_an_opset_13_file_and_reports_what_the_file_says(
     import onnx
 
     onnx_path = tmp_path / "m13.onnx"
-    res = run("export", checkpoint, "-o", onnx_path, "--opset", "13", "--json")
+    res = run("export", checkpoint, "--model", RESNET, "-o", onnx_path, "--opset", "13", "--json")
     assert res.exit_code == 0, res.output
     declared = {o.domain: o.version for o in onnx.load(str(onnx_path)).opset_import}
     assert declared[""] == 13 and json.loads(res.output)["opset"] == 13
-    res = run("export", checkpoint, "-o", tmp_path / "m12.onnx", "--opset", "12")
+    res = run("export", checkpoint, "--model", RESNET, "-o", tmp_path / "m12.onnx", "--opset", "12")
     assert res.exit_code == 2 and "lowest that works is 13" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "m12.onnx").exists()
-    res = run("verify", onnx_path, "--against", checkpoint)
+    res = run("verify", onnx_path, "--against", checkpoint, "--trust-recipe")
     assert res.exit_code == 0, res.output

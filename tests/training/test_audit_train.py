@@ -118,8 +118,8 @@ def test_finetune_and_audit_cli(tmp_path):
     outs = []
     for name in ("w1", "w2"):
         w = tmp_path / f"{name}.safetensors"
-        res = runner.invoke(app, ["finetune", str(ck), "--data", str(data), "--epochs", "2", "--lr", "0.01",
-                                  "--seed", "3", "-o", str(w), "--json"])
+        res = runner.invoke(app, ["finetune", str(ck), "--model", str(digits_model), "--data", str(data),
+                                  "--epochs", "2", "--lr", "0.01", "--seed", "3", "-o", str(w), "--json"])
         assert res.exit_code == 0, res.output
         hist = json.loads(res.stdout)["history"]
         assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.3
@@ -128,16 +128,18 @@ def test_finetune_and_audit_cli(tmp_path):
     # resume: 1 + 1 epochs == 2 epochs
     w1 = tmp_path / "r1.safetensors"
     w2 = tmp_path / "r2.safetensors"
-    runner.invoke(app, ["finetune", str(ck), "--data", str(data), "--epochs", "1", "--lr", "0.01", "--seed", "3", "-o", str(w1)])
-    res = runner.invoke(app, ["finetune", str(ck), "--data", str(data), "--epochs", "1", "--lr", "0.01", "--seed", "3",
-                              "--resume", str(w1), "-o", str(w2)])
+    res = runner.invoke(app, ["finetune", str(ck), "--model", str(digits_model), "--data", str(data), "--epochs", "1",
+                              "--lr", "0.01", "--seed", "3", "-o", str(w1)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["finetune", str(ck), "--model", str(digits_model), "--data", str(data), "--epochs", "1",
+                              "--lr", "0.01", "--seed", "3", "--resume", str(w1), "-o", str(w2)])
     assert res.exit_code == 0, res.output
     resumed = sugarize.load_weights(w2)
     assert resumed.keys() == outs[0].keys()
     assert all(torch.equal(resumed[k], outs[0][k]) for k in resumed)  # momentum state travels too
 
-    res = runner.invoke(app, ["audit", str(ck), "--data", str(data), "--weights", str(tmp_path / "w1.safetensors"),
-                              "--json", "--plot", str(tmp_path / "a.png")])
+    res = runner.invoke(app, ["audit", str(ck), "--trust-recipe", "--data", str(data),
+                              "--weights", str(tmp_path / "w1.safetensors"), "--json", "--plot", str(tmp_path / "a.png")])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["samples"] == 1348 and len(rep["sites"]) == 3 and rep["units"] == 48
@@ -161,7 +163,8 @@ def test_bad_data_files_are_answered(tmp_path):
     ]
     for data, fragment in cases:
         out = tmp_path / "w.safetensors"
-        res = runner.invoke(app, ["finetune", str(ck), "--data", str(data), "-o", str(out)])
+        res = runner.invoke(app, ["finetune", str(ck), "--model", str(MODELS / "all_spellings.py"), "--data", str(data),
+                                  "-o", str(out)])
         assert res.exit_code == 2, res.output
         assert fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert not out.exists()
