@@ -42,13 +42,29 @@ def _root(
     _state["debug"] = debug
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def command(fn: Callable) -> Callable:
     """Maps library errors to one line on stderr and their exit code; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            err.print("terminated")
+            raise typer.Exit(143) from None
         except SugarizeError as exc:
             if _state["debug"]:
                 raise
@@ -218,13 +234,14 @@ def export_cmd(
                           calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite,
                           trust_recipe=trust_recipe)
     if as_json:
-        _emit_json({"onnx": str(res.export.path), "opset": res.export.opset, "op_types": res.export.op_types,
+        _emit_json({"onnx": str(res.export.path), "written": res.written, "opset": res.export.opset, "op_types": res.export.op_types,
                     "stripped_sites": res.export.stripped_sites, "notes": res.notes + res.export.notes, "parity": res.parity.to_dict(),
                     "int8": res.int8.to_dict() if res.int8 else None})
     else:
         for note in res.notes + res.export.notes:
             out.print(f"[yellow]note:[/] {note}")
-        out.print(f"wrote {res.export.path} (opset {res.export.opset}, {len(res.export.op_types)} nodes, "
+        did = "wrote" if res.written else "checked, NOT written (a check failed; any previous file is untouched):"
+        out.print(f"{did} {res.export.path} (opset {res.export.opset}, {len(res.export.op_types)} nodes, "
                   f"{res.export.op_types.count('Relu')} Relu, {res.export.stripped_sites} SUGAR sites stripped)")
         out.print(_parity_table(res.parity))
         out.print(res.parity.summary())

@@ -116,6 +116,7 @@ class ExportOutcome:
     parity: Any
     notes: list[str]
     int8: Any = None  # an Int8Report with --int8
+    written: bool = True  # False: a check failed, and the output was not written (an old one is untouched)
 
 
 def _rechunk(batches, size: int | None, limit: int | None = None):
@@ -133,7 +134,7 @@ def _rechunk(batches, size: int | None, limit: int | None = None):
             yield x[i:i + step], y[i:i + step]
 
 
-def _int8(onnx_path: Path, ref_path: Path, data: str, calibration_batches: int, force: bool):
+def _int8(onnx_path: Path, q_path: Path, ref_path: Path, data: str, calibration_batches: int, force: bool):
     """Quantises the export and the original's export; compares their QDQ graphs and accuracy."""
     import onnx
 
@@ -147,7 +148,6 @@ def _int8(onnx_path: Path, ref_path: Path, data: str, calibration_batches: int, 
 
     train = _batches(_loader(spec.train_loader, "train_loader", spec.path), "train_loader()")
     calib = [(x,) for x, _ in _rechunk(train, static, calibration_batches)]
-    q_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
     quantize_int8(onnx_path, q_path, calib, force=force)
     q_ref = ref_path.with_name("original.int8.onnx")
     quantize_int8(ref_path, q_ref, calib)
@@ -172,9 +172,9 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     train_loader) and compares it with the quantised original and on ``data``'s val_loader.
     """
     from ..deploy.export import export_onnx
-    from ..files.fsutil import check_writable
-    from ..passes.strip import count_sugar, strip
     from ..deploy.parity import verify
+    from ..files.fsutil import atomic_path, check_writable
+    from ..passes.strip import count_sugar, strip
 
     check_writable(out, force=force)
     if int8 and not data:
@@ -189,16 +189,31 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     # Once, in place (the checkpoint's model is not used again): exported below and compared
     # in the parity check.
     plain = strip(trained, copy=False) if src.sugar is not None else trained
-    result = export_onnx(plain, out, inputs, opset=opset, dynamic_batch=dynamic_batch, force=force)
-    result = replace(result, stripped_sites=sites)
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
+    # Every check runs on a temporary file beside the output; it becomes the output only if
+    # they all pass, so a failed check (or a kill) leaves a previous output as it was.
+    with tempfile.TemporaryDirectory() as refdir:
+        ref = export_onnx(src.original, Path(refdir) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic_batch)
-        parity = verify(out, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
-                        rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic_batch else None,
-                        allow_nonfinite=allow_nonfinite)
-        q = _int8(Path(out), Path(ref.path), data, calibration_batches, force) if int8 else None
+        try:
+            with atomic_path(out, force=force) as tmp:
+                result = export_onnx(plain, tmp, inputs, opset=opset, dynamic_batch=dynamic_batch, force=True)
+                result = replace(result, path=Path(out), stripped_sites=sites)
+                parity = verify(tmp, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
+                                rtol=rtol, batches=batches, seed=seed,
+                                batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite)
+                if not parity.passed:
+                    raise _ChecksFailed()
+                q = None
+                if int8:
+                    q = _int8(tmp, Path(out).with_name(Path(out).stem + ".int8.onnx"), Path(ref.path), data,
+                              calibration_batches, force)
+        except _ChecksFailed:
+            return ExportOutcome(result, parity, src.notes, None, written=False)
     return ExportOutcome(result, parity, src.notes, q)
+
+
+class _ChecksFailed(Exception):
+    """A check failed on the temporary export: it is not renamed to the output."""
 
 
 def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,

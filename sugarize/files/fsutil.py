@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..errors import OutputPathError
 
-__all__ = ["atomic_path", "check_writable"]
+__all__ = ["atomic_path", "check_writable", "remove_stale_temps"]
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -32,16 +32,72 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     return path
 
 
+TEMP_MARK = ".sugarize-"  # temporary files: .<target name>.sugarize-<pid>-<random>.tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Removes temporary files of ours left in ``folder`` by a process that no longer runs
+    (a kill -9, a power cut); returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
+        pid = tmp.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
-    """Yields a temporary path; on success it replaces ``path``, on failure it is removed."""
+    """Yields a temporary path beside ``path``; when the block succeeds, it becomes ``path``.
+
+    - The temporary file is removed on every exit path Python controls (an exception,
+      Ctrl-C, SIGTERM under the CLI); one left by a kill -9 is named after this process
+      (``.<name>.sugarize-<pid>-<random>.tmp``), so the next write to that folder removes it.
+    - Without ``force`` the rename is an exclusive create: when two writers race for one new
+      path, one wins and the other gets ``OutputPathError``; an existing file is never touched.
+    - With ``force`` an existing file is replaced atomically, and only by a complete file.
+    - The result gets the mode a plain ``open()`` would give (0o666 less the umask).
+    """
     path = check_writable(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    folder = path.parent if str(path.parent) else Path(".")
+    remove_stale_temps(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
     os.close(fd)
+    tmp = Path(tmp)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: an exclusive create
+            except FileExistsError:
+                raise OutputPathError(f"{path} already exists (another run wrote it first); pass --force "
+                                      "to replace it") from None
+            except OSError:  # a filesystem without hard links: check, then rename
+                if path.exists():
+                    raise OutputPathError(f"{path} already exists; pass --force to replace it") from None
+                os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)
+    finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            tmp.unlink()
