@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import CaptureError
 
-__all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "Tracer"]
+__all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "keep_non_persistent", "Tracer"]
 
 
 class Tracer(torch.fx.Tracer):
@@ -83,7 +83,8 @@ def capture(model: nn.Module, *, copy: bool = True) -> tuple[torch.fx.GraphModul
 
 
 def restore_state_keys(gm: nn.Module, root: nn.Module) -> None:
-    """Give ``gm`` every parameter and buffer of ``root`` that tracing left out.
+    """Give ``gm`` every parameter and buffer of ``root`` that tracing left out, and the same
+    persistence: ``gm.state_dict()`` has exactly the keys of ``root.state_dict()``.
 
     A GraphModule keeps only what its graph references; an unused parameter would
     otherwise vanish from ``state_dict()`` and weights would not load back into the
@@ -103,3 +104,19 @@ def restore_state_keys(gm: nn.Module, root: nn.Module) -> None:
             owner.register_parameter(name, value)
         else:
             owner.register_buffer(name, value)
+    keep_non_persistent(gm, root)
+
+
+def keep_non_persistent(gm: nn.Module, root: nn.Module) -> None:
+    """Buffers ``root`` registered with ``persistent=False`` stay out of ``gm.state_dict()``.
+
+    A GraphModule (and its deep copy) registers every tensor its graph reads as a persistent
+    buffer; without this, the converted model's checkpoint would not fit its own class."""
+    for path, module in root.named_modules():
+        for name in module._non_persistent_buffers_set:
+            try:
+                owner = gm.get_submodule(path) if path else gm
+            except AttributeError:
+                continue
+            if name in owner._buffers:
+                owner._non_persistent_buffers_set.add(name)

@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from ..method.op import OP
 
-__all__ = ["Match", "match_node", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
+__all__ = ["Match", "match_node", "relu_call", "scripted_sites", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
 
 # Hugging Face transformers' activation classes (what ``ACT2FN[config.hidden_act]`` returns),
 # matched by class name so that copies of them in other code bases count too.
@@ -34,9 +34,70 @@ class Match:
     spelling: str  # as the user wrote it, e.g. "F.relu(inplace=True)"
     inplace: bool
     input: Node | None
+    note: str = ""  # what to know about a converted site
 
 
 _ATEN = torch.ops.aten
+
+# The one table of ReLU spellings, for the fx matcher, the runtime path and the report:
+# function -> (spelling, in place). Calls that are ReLU only for some arguments (clamp with
+# min=0 and no max, threshold(0, 0)) are checked in ``relu_call``.
+_RELU = {
+    torch.relu: ("torch.relu", False), torch.relu_: ("torch.relu_", True),
+    torch.Tensor.relu: ("Tensor.relu", False), torch.Tensor.relu_: ("Tensor.relu_", True),
+    _ATEN.relu.default: ("aten.relu", False), _ATEN.relu_.default: ("aten.relu_", True),
+}
+_CLAMP = {  # clamp(input, min=None, max=None): ReLU when min == 0 and max is None
+    torch.clamp: ("torch.clamp(min=0)", False), torch.Tensor.clamp: ("Tensor.clamp(min=0)", False),
+    torch.clamp_: ("torch.clamp_(min=0)", True), torch.Tensor.clamp_: ("Tensor.clamp_(min=0)", True),
+    _ATEN.clamp.default: ("aten.clamp(min=0)", False),
+}
+_CLAMP_MIN = {  # clamp_min(input, min): ReLU when min == 0
+    torch.clamp_min: ("torch.clamp_min(0)", False), torch.Tensor.clamp_min: ("Tensor.clamp_min(0)", False),
+    torch.clamp_min_: ("torch.clamp_min_(0)", True), torch.Tensor.clamp_min_: ("Tensor.clamp_min_(0)", True),
+    _ATEN.clamp_min.default: ("aten.clamp_min(0)", False),
+}
+_THRESHOLD = {  # threshold(input, threshold, value): ReLU when both are 0, but for the sign of -0.0
+    F.threshold: ("F.threshold(0, 0)", None), torch.threshold: ("torch.threshold(0, 0)", False),
+    F.threshold_: ("F.threshold_(0, 0)", True), torch.threshold_: ("torch.threshold_(0, 0)", True),
+}
+THRESHOLD_NOTE = "threshold(x, 0, 0) gives +0.0 where ReLU keeps -0.0: values equal, the sign of a zero may differ"
+
+
+def _given(args, kwargs, index: int, name: str, default=None):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def relu_call(func, args, kwargs) -> tuple[str, bool] | None:
+    """``(spelling, in place)`` if calling ``func(*args, **kwargs)`` computes ReLU, else None.
+
+    ReLU in all its spellings, and in all but name: ``clamp(min=0)`` with no max and
+    ``clamp_min(0)`` (bit for bit ReLU), ``threshold(x, 0, 0)`` (ReLU but for the sign of
+    -0.0). ``relu6`` and ``clamp(0, 6)`` are not ReLU.
+    """
+    kwargs = kwargs or {}
+    if func is F.relu:
+        inplace = bool(_given(args, kwargs, 1, "inplace", False))
+        return ("F.relu(inplace=True)" if inplace else "F.relu"), inplace
+    if func in _RELU:
+        return _RELU[func]
+    if func in _CLAMP:
+        if _zero(_given(args, kwargs, 1, "min")) and _given(args, kwargs, 2, "max") is None:
+            return _CLAMP[func]
+        return None
+    if func in _CLAMP_MIN:
+        return _CLAMP_MIN[func] if _zero(_given(args, kwargs, 1, "min")) else None
+    if func in _THRESHOLD:
+        if _zero(_given(args, kwargs, 1, "threshold")) and _zero(_given(args, kwargs, 2, "value")):
+            spelling, inplace = _THRESHOLD[func]
+            if inplace is None:
+                inplace = bool(_given(args, kwargs, 3, "inplace", False))
+            return spelling, inplace
+    return None
 
 
 def _arg(node: Node, index: int, name: str, default=None):
@@ -76,17 +137,9 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
     if node.op == "call_function":
         t = node.target
         x = node.args[0] if node.args else node.kwargs.get("input")
-        if t is F.relu:
-            inplace = bool(_arg(node, 1, "inplace", False))
-            return Match("relu", "F.relu(inplace=True)" if inplace else "F.relu", inplace, x)
-        if t is torch.relu or t is _ATEN.relu.default:
-            return Match("relu", "torch.relu" if t is torch.relu else "aten.relu", False, x)
-        if t is torch.relu_ or t is _ATEN.relu_.default:
-            return Match("relu", "torch.relu_" if t is torch.relu_ else "aten.relu_", True, x)
-        if t is torch.Tensor.relu:
-            return Match("relu", "Tensor.relu", False, x)
-        if t is torch.Tensor.relu_:
-            return Match("relu", "Tensor.relu_", True, x)
+        hit = relu_call(t, node.args, node.kwargs)
+        if hit is not None:
+            return Match("relu", hit[0], hit[1], x, THRESHOLD_NOTE if t in _THRESHOLD else "")
         if t is F.relu6 or t is _ATEN.relu6.default:
             return Match("relu6", "F.relu6", False, x)
         if t is F.gelu or t is _ATEN.gelu.default:
@@ -101,12 +154,34 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
         return None
     if node.op == "call_method":
         x = node.args[0] if node.args else None
-        if node.target == "relu":
-            return Match("relu", "Tensor.relu", False, x)
-        if node.target == "relu_":
-            return Match("relu", "Tensor.relu_", True, x)
-        return None
+        hit = relu_call(getattr(torch.Tensor, str(node.target), None), node.args, node.kwargs)
+        return Match("relu", hit[0], hit[1], x) if hit is not None else None
     return None
+
+
+_SCRIPTED_RELU = {"aten::relu", "aten::relu_"}
+
+
+def scripted_sites(model: nn.Module) -> list:
+    """One skipped Site per TorchScript submodule that calls ReLU: its code is compiled, so no
+    pass can rewrite it (nor see it run); the report says so instead of missing it."""
+    from .report import Site
+
+    sites = []
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.jit.ScriptModule) or any(
+                path.startswith(f"{p}.") for p, _ in sites):
+            continue
+        try:
+            calls = sum(1 for n in module.inlined_graph.nodes() if n.kind() in _SCRIPTED_RELU)
+        except Exception:  # noqa: BLE001 - a scripted module without a graph to read
+            calls = 0
+        if calls:
+            sites.append((path, calls))
+    return [Site(path, "TorchScript", "relu", f"{n} call(s)", "skipped",
+                 f"inside a TorchScript module (torch.jit.script/trace): {n} ReLU call(s) compiled there cannot be "
+                 "rewritten; convert the Python module before scripting it")
+            for path, n in sites]
 
 
 def is_sugar(node: Node) -> bool:

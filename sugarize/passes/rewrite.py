@@ -14,7 +14,7 @@ from ..errors import CaptureError
 from ..method.op import OP
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .capture import capture, graph_module, trace_graph
-from .match import Match, is_sugar, match_node, may_alias, module_path
+from .match import Match, is_sugar, match_node, may_alias, module_path, scripted_sites
 from .report import Report, Site
 
 __all__ = ["sugarize", "inspect", "plan_sites"]
@@ -182,6 +182,7 @@ def sugarize(
         gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
     if example_args is not None or example_kwargs:
         _count_calls(model, gm, tuple(example_args or ()), dict(example_kwargs or {}))
+    gm.meta["sugarize"]["report"].sites.extend(scripted_sites(model))
     return gm
 
 
@@ -245,7 +246,7 @@ def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: Sug
             continue
         new = _rewrite_site(graph, node, match, cfg, modules, order)
         rewired = rewired or match.inplace
-        note = "forward changes: fine-tune needed" if match.kind != "relu" else ""
+        note = "forward changes: fine-tune needed" if match.kind != "relu" else match.note
         sites.append(
             Site(new.meta["sugarize"]["path"], match.spelling, match.kind, new.name, "converted", note,
                  surrogate=str(new.args[1]), forward_changed=match.kind != "relu")
@@ -289,7 +290,8 @@ def inspect(
         if is_runtime(model):
             sites = [Site("", "runtime", "relu", f"{counts.sugar} call(s)", "sugar", "converted at runtime",
                           cfg.surrogate)]
-        return Report(sites=sites, capture="runtime", notes=[f"not traceable ({str(exc).split('. Mark')[0]})"])
+        return Report(sites=sites + scripted_sites(model), capture="runtime",
+                      notes=[f"not traceable ({str(exc).split('. Mark')[0]})"])
     sites = []
     for node, match, convert, reason in plan_sites(gm.graph, dict(gm.named_modules()), cfg):
         if match is None:
@@ -299,4 +301,4 @@ def inspect(
             sur = cfg.surrogate_for(match.kind)[0] if convert else ""
             sites.append(Site(module_path(node), match.spelling, match.kind, node.name, status, reason, sur,
                               forward_changed=convert and match.kind != "relu"))
-    return Report(sites=sites, capture=strategy)
+    return Report(sites=sites + scripted_sites(model), capture=strategy)

@@ -3,7 +3,7 @@
 ``torch.fx.symbolic_trace`` fails on data-dependent control flow, iteration over inputs and
 much of Hugging Face's code. The runtime path needs no graph: a ``TorchFunctionMode``,
 active while the model's own ``forward`` runs (forward hooks on the root module), turns each
-ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``, ``Tensor.relu``...) into the
+ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``, ``Tensor.relu``, ``clamp(min=0)``...) into the
 SUGAR op as it executes, whatever the control flow. The model keeps its class, call
 signature, outputs and ``state_dict`` keys; ``strip`` removes the hooks.
 
@@ -16,31 +16,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..method.op import OP
+from .match import relu_call
 
-__all__ = ["RELU_FUNCTIONS", "ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
-
-# function -> (spelling, in place?)
-RELU_FUNCTIONS = {
-    F.relu: ("F.relu", None),  # in place when inplace=True
-    torch.relu: ("torch.relu", False),
-    torch.relu_: ("torch.relu_", True),
-    torch.Tensor.relu: ("Tensor.relu", False),
-    torch.Tensor.relu_: ("Tensor.relu_", True),
-    torch.ops.aten.relu.default: ("aten.relu", False),
-    torch.ops.aten.relu_.default: ("aten.relu_", True),
-}
-
-
-def _inplace(func, args, kwargs) -> bool:
-    spelling, inplace = RELU_FUNCTIONS[func]
-    if inplace is None:
-        return bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
-    return inplace
-
+__all__ = ["ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
 
 class ReluCounter(TorchFunctionMode):
     """Counts ReLU calls (by module path and spelling) and SUGAR op calls while active.
@@ -83,9 +64,9 @@ class ReluCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in RELU_FUNCTIONS:
-            spelling = RELU_FUNCTIONS[func][0] + ("(inplace=True)" if func is F.relu and _inplace(func, args, kwargs)
-                                                  else "")
+        hit = relu_call(func, args, kwargs)
+        if hit is not None:
+            spelling = hit[0]
             self.relu[spelling] = self.relu.get(spelling, 0) + 1
             key = (self._stack[-1] if self._stack else "", spelling)
             self.sites[key] = self.sites.get(key, 0) + 1
@@ -118,10 +99,11 @@ class _SugarMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in RELU_FUNCTIONS:
+        hit = relu_call(func, args, kwargs)
+        if hit is not None:
             x = args[0] if args else kwargs["input"]
             y = OP(x, *self.options)
-            return x.copy_(y) if _inplace(func, args, kwargs) else y
+            return x.copy_(y) if hit[1] else y
         return func(*args, **kwargs)
 
 

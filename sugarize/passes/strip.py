@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..errors import StripError
 from ..method.op import OP
+from .capture import keep_non_persistent
 from .match import module_path
 from .report import Report, Site
 
@@ -88,6 +89,8 @@ def strip(model: nn.Module, *, copy: bool = True) -> nn.Module:
         StripError: if a SUGAR node is left (postcondition).
     """
     out = _copy.deepcopy(model) if copy else model
+    if copy:
+        keep_non_persistent(out, model)
     report = strip_(out)
     if isinstance(getattr(out, "meta", None), dict):
         out.meta["sugarize_strip"] = report

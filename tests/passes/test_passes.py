@@ -238,7 +238,7 @@ def test_lookalikes_are_left_alone():
 
         def forward(self, x):
             x = self.r6(self.fc(x))
-            x = self.hs(x) + F.relu6(x) + torch.clamp(x, min=0) + x.clamp(min=0) + F.hardtanh(x, 0, 6)
+            x = self.hs(x) + F.relu6(x) + torch.clamp(x, min=0, max=6) + x.clamp(min=0, max=1) + F.hardtanh(x, 0, 6)
             return F.leaky_relu(x) + F.gelu(x) + F.relu(x)
 
     sm = sugarize.sugarize(M())
@@ -340,3 +340,106 @@ def test_public_functions_are_not_shadowed_by_submodules():
         importlib.import_module("sugarize.deploy.parity")
         importlib.import_module("sugarize.training.deadunits")
         assert callable(getattr(sugarize, name)) and not isinstance(getattr(sugarize, name), type(sugarize)), name
+
+
+# --- keys and sites: what the converted model keeps, and ReLU in all but name ---
+
+
+class _Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+        self.register_buffer("shift", torch.ones(4))
+
+    def forward(self, x):
+        return F.relu(self.lin(x) * self.scale + self.shift)
+
+
+def test_non_persistent_buffers_stay_non_persistent():
+    """The converted and the stripped model's state_dict load into the user's class, strictly."""
+    model = _Buffers()
+    sm = sugarize.sugarize(model)
+    for converted in (sm, sugarize.strip(sm), sugarize.sugarize(model, copy=False)):
+        assert sorted(converted.state_dict()) == sorted(model.state_dict()) == ["lin.bias", "lin.weight", "shift"]
+        assert _Buffers().load_state_dict(converted.state_dict(), strict=True)
+    x = torch.randn(3, 4)
+    assert same_bits(sm(x), model(x))
+
+
+class _AllButName(nn.Module):
+    """ReLU in all but name: clamp(min=0) with no max, clamp_min(0), threshold(0, 0), in place too;
+    and two look-alikes that are not ReLU."""
+
+    def forward(self, x):
+        a = x.clamp(min=0) + torch.clamp(x, min=0.0) + x.clamp_min(0) + torch.clamp_min(x, 0)
+        b = x * 3
+        b.clamp_(min=0)
+        keep = x.clamp(min=0, max=6) + x.clamp(min=0.5)  # a max, a non-zero min: left alone
+        return a + b + keep
+
+
+def test_relu_equivalent_spellings_convert_bit_for_bit_with_the_surrogate_gradient():
+    model = _AllButName()
+    sm = sugarize.sugarize(model)
+    report = sm.meta["sugarize"]["report"]
+    assert [s.spelling for s in report.converted] == [
+        "Tensor.clamp(min=0)", "torch.clamp(min=0)", "Tensor.clamp_min(0)", "torch.clamp_min(0)",
+        "Tensor.clamp_(min=0)"]
+    assert len(report.sites) == 5  # the look-alikes are not ReLU sites
+    x = torch.cat([torch.randn(500) * 3, torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
+    assert same_bits(sm(x), model(x)) and same_bits(sugarize.strip(sm)(x), model(x))
+    xs, xr = x[:500].clone().requires_grad_(), x[:500].clone().requires_grad_()
+    sm(xs).sum().backward()
+    reference = lambda v: 4 * fgi(v) + fgi(3 * v) + v.clamp(min=0, max=6) + v.clamp(min=0.5)  # noqa: E731
+    reference(xr).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_zero_zero_converts_with_its_signed_zero_noted():
+    class T(nn.Module):
+        def forward(self, x):
+            return F.threshold(x, 0, 0) + F.threshold(x, 0.5, 0)  # the second is not ReLU
+
+    sm = sugarize.sugarize(T())
+    (site,) = sm.meta["sugarize"]["report"].converted
+    assert site.spelling == "F.threshold(0, 0)" and "sign of a zero" in site.reason
+    x = torch.randn(200)
+    torch.testing.assert_close(sm(x), T()(x), rtol=0, atol=0)
+
+
+def test_relu_equivalent_spellings_convert_on_the_runtime_path_too():
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: no symbolic trace
+                return x.clamp(min=0) * 2
+            return torch.clamp_min(x, 0) + F.threshold(x, 0, 0)
+
+    model = Untraceable()
+    x = torch.randn(64).abs()
+    sm = sugarize.sugarize(model, example_args=(x,))
+    report = sm.meta["sugarize"]["report"]
+    assert report.capture == "runtime" and report.runtime["converted_calls"] == 1
+    assert report.runtime["unconverted_calls"] == 0 and report.sites[0].spelling == "Tensor.clamp(min=0)"
+    xs = (-x).requires_grad_()
+    out = sm(xs)
+    assert same_bits(out, model(-x))
+    out.sum().backward()
+    torch.testing.assert_close(xs.grad, 2 * sugarize.surrogate_grad(-x.detach()), rtol=1e-6, atol=0)
+
+
+def test_a_torchscript_submodule_is_a_skipped_site_with_the_reason():
+    class WithScript(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()))
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.scripted(x))
+
+    for report in (sugarize.inspect(WithScript()), sugarize.sugarize(WithScript()).meta["sugarize"]["report"]):
+        skipped = report.skipped
+        assert [(s.path, s.spelling, s.status) for s in skipped] == [("scripted", "TorchScript", "skipped")]
+        assert "2 ReLU call(s)" in skipped[0].reason and "before scripting" in skipped[0].reason
+        assert [s.path for s in report.sites if s.status in ("converted", "convertible")] == ["act"]
