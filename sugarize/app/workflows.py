@@ -244,16 +244,17 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
                plot: str | None = None, force: bool = True, model_file: str | None = None,
                trust_recipe: bool = False):
     """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
-    from ..training.deadunits import audit
     from ..errors import DataFileError
-    from ..training.train import _loader, load_data
+    from ..training.deadunits import audit
+    from ..training.train import _batches, _loader, load_data
 
     src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
     spec = load_data(data)
     make = spec.train_loader if split == "train" else spec.val_loader
     if make is None:
         raise DataFileError(f"{Path(data).name} has no val_loader(); use --split train")
-    report = audit(src.sugar if src.sugar is not None else src.original, _loader(make, f"{split}_loader", spec.path))
+    batches = _batches(_loader(make, f"{split}_loader", spec.path), f"{split}_loader()")
+    report = audit(src.sugar if src.sugar is not None else src.original, batches)
     if plot:
         from .plots import plot_audit
 

@@ -58,6 +58,15 @@ def _check_opset(opset: int | None) -> int:
     return int(opset)
 
 
+def _check_dtypes(model: nn.Module, example_args: tuple) -> None:
+    """bfloat16 weights or inputs: onnxruntime's CPU provider has no bfloat16 Gemm or Conv."""
+    tensors = [*model.parameters(), *model.buffers(), *(a for a in example_args if isinstance(a, torch.Tensor))]
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise ExportError("the model or its inputs are bfloat16, which onnxruntime's CPU provider cannot run (no "
+                          "bfloat16 Gemm/Conv): export a float32 copy (model.float(), float32 inputs); quantise "
+                          "the ONNX file afterwards if you need it smaller")
+
+
 def _nonfinite_weights(model: nn.Module) -> list[str]:
     return [name for name, t in model.state_dict().items()
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -167,6 +176,7 @@ def export_onnx(
             for a in example_args
         )
     opset = _check_opset(opset)
+    _check_dtypes(plain, example_args)
     notes = []
     bad = _nonfinite_weights(plain)
     if bad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,10 +50,31 @@ def random_tensor(shape, dtype: torch.dtype, g: torch.Generator, low: int = 0, h
     return torch.randint(low, high, shape, generator=g).to(dtype)
 
 
+# Example inputs above this size are refused before allocation (a typo like 1,3,2240,2240,3).
+MAX_INPUT_BYTES = 1 << 31
+
+
 def make_inputs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded random tensors for input specs (floats ~ N(0,1), integers in [0, 2))."""
+    """Seeded random tensors for input specs (floats ~ N(0,1), integers in [0, 2)).
+
+    Raises:
+        InputError: a spec over ``MAX_INPUT_BYTES`` (2 GiB), or one the machine cannot allocate.
+    """
     g = torch.Generator().manual_seed(seed)
-    return tuple(random_tensor(s["shape"], getattr(torch, s["dtype"]), g) for s in specs)
+    out = []
+    for s in specs:
+        dtype = getattr(torch, s["dtype"])
+        size = math.prod(s["shape"]) * torch.empty((), dtype=dtype).element_size()
+        shape = ",".join(map(str, s["shape"]))
+        if size > MAX_INPUT_BYTES:
+            raise InputError(f"input shape {shape} needs {size / 2**30:.3g} GiB for one example; example inputs "
+                             f"are limited to {MAX_INPUT_BYTES / 2**30:g} GiB: give a smaller --input-shape")
+        try:
+            out.append(random_tensor(s["shape"], dtype, g))
+        except (RuntimeError, MemoryError) as exc:
+            raise InputError(f"cannot allocate an example input of shape {shape} ({first_line(exc, 120)}); "
+                             "give a smaller --input-shape") from exc
+    return tuple(out)
 
 
 def input_specs(inputs: tuple) -> list[dict[str, Any]]:
@@ -60,12 +82,15 @@ def input_specs(inputs: tuple) -> list[dict[str, Any]]:
 
 
 def run_model(model: nn.Module, inputs: tuple) -> Any:
-    """``model(*inputs)`` in eval mode without grad; a rejection becomes an InputError."""
+    """``model(*inputs)`` in eval mode without grad; a rejection, or an output with no tensor
+    in it (``forward`` returning None), becomes an InputError."""
+    from torch.utils._pytree import tree_flatten
+
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(*inputs)
+            out = model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(t.shape)) + ("" if t.dtype == torch.float32 else f":{t.dtype}".replace("torch.", "")) for t in inputs)
         raise InputError(
@@ -74,3 +99,7 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
         ) from exc
     finally:
         model.train(was)
+    if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+        raise InputError(f"the model's forward returned {type(out).__name__}, no tensor: sugarize checks a model "
+                         "by its outputs; return them from forward")
+    return out

@@ -180,4 +180,7 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
         except Exception as exc:
             raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
         example = _as_tuple(example, f"{path.name}:example_inputs()")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ModelFileError(f"{path.name}:{name} is on the meta device (its weights hold no data): build it on the "
+                             "CPU, or give it real weights (model.to_empty(device='cpu') and load_state_dict) first")
     return LoadedModel(model, path.resolve(), name, example, _sha256(path), module)

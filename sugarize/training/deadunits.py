@@ -15,7 +15,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..passes.capture import capture
 from ..passes.match import is_sugar, match_node, module_path
 
@@ -149,8 +149,14 @@ def audit(model: nn.Module, batches: Iterable[Any]) -> AuditReport:
     with torch.no_grad():
         for batch in batches:
             inputs = _first(batch)
-            gm(*inputs)
+            try:
+                gm(*inputs)
+            except Exception as exc:
+                raise InputError(f"the model rejected a batch (x {tuple(inputs[0].shape)} {inputs[0].dtype}): "
+                                 f"{type(exc).__name__}: {first_line(exc, 200)}; make the batches fit the model") from exc
             recorder.samples += inputs[0].shape[0]
+    if not recorder.samples:
+        raise InputError("no batches to audit: the loader yielded nothing")
     out = []
     for i, (path, spelling, kind) in enumerate(sites):
         fires = recorder.fires.get(i)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DataFileError, SugarizeError
+from ..errors import DataFileError, SugarizeError, first_line
 
 OPTIM_PREFIX = "__optim__."
 
@@ -66,10 +66,50 @@ def _loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
 
 
 def _batches(loader: Iterable, what: str):
+    """``(x, y)`` pairs of tensors from a data file's loader, checked; an empty loader is an error."""
+    empty = True
     for batch in loader:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise DataFileError(f"{what} must yield (x, y) batches, got {type(batch).__name__}")
-        yield batch[0], batch[1]
+        x, y = batch[0], batch[1]
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                fix = "; wrap it with torch.from_numpy" if type(t).__module__.startswith("numpy") else ""
+                raise DataFileError(f"{what} yielded {name} of type {type(t).__name__}: batches must be torch "
+                                    f"tensors{fix}")
+        if len(x) != len(y):
+            raise DataFileError(f"{what} yielded x with {len(x)} rows and y with {len(y)}: one label per row")
+        empty = False
+        yield x, y
+    if empty:
+        raise DataFileError(f"{what} yielded no batches; it must yield (x, y) batches")
+
+
+def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, what: str) -> tuple:
+    """``(output, loss)``; a batch the model or the loss rejects is the data file's problem,
+    named with its shapes (the model already ran on its example inputs)."""
+    try:
+        out = model(x)
+    except Exception as exc:
+        raise DataFileError(f"the model rejected a batch from {what} (x {tuple(x.shape)} {x.dtype}): "
+                            f"{type(exc).__name__}: {first_line(exc, 200)}; make the batches fit the model") from exc
+    if not isinstance(out, torch.Tensor):
+        raise DataFileError(f"the model returns a {type(out).__name__}, not a tensor of outputs: define "
+                            "loss_fn(output, y) in the data file to compute the loss from it")
+    if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= out.shape[1]:
+            raise DataFileError(f"{what} yielded labels {lo}..{hi}, but the model has {out.shape[1]} outputs "
+                                f"(classes 0..{out.shape[1] - 1}); fix the labels or the model's output size")
+    try:
+        loss = loss_fn(out, y)
+    except Exception as exc:
+        raise DataFileError(f"the loss rejected a batch from {what} (output {tuple(out.shape)}, y {tuple(y.shape)} "
+                            f"{y.dtype}): {type(exc).__name__}: {first_line(exc, 200)}; class labels are int64 "
+                            "indices, or define loss_fn in the data file") from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise DataFileError(f"the data file's loss_fn must return a scalar tensor, not {type(loss).__name__}")
+    return out, loss
 
 
 def seed_everything(seed: int) -> None:
@@ -100,8 +140,8 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad():
         for x, y in _batches(loader, "val_loader()"):
-            out = model(x)
-            loss_sum += float(loss_fn(out, y)) * len(y)
+            out, loss = _forward_loss(model, loss_fn, x, y, "val_loader()")
+            loss_sum += float(loss) * len(y)
             if out.dim() == 2 and y.dim() == 1:
                 correct += int((out.argmax(1) == y).sum())
             total += len(y)
@@ -162,7 +202,7 @@ def finetune(
         loader = _loader(data.train_loader, "train_loader", data.path)
         for step, (x, y) in enumerate(_batches(loader, "train_loader()")):
             opt.zero_grad(set_to_none=True)
-            loss = data.loss_fn(model(x), y)
+            _, loss = _forward_loss(model, data.loss_fn, x, y, "train_loader()")
             if not torch.isfinite(loss):
                 raise SugarizeError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
             loss.backward()

@@ -1,0 +1,118 @@
+"""A battery of careless or hostile inputs through every command that reads them: each is exit 2,
+one line naming the problem and the fix, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from sugarize.app.cli import app
+
+from helpers import FIXTURES
+
+runner = CliRunner()
+
+MLP = """import torch, torch.nn as nn
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+def example_inputs():
+    return (torch.randn(4, 64),)
+"""
+DATA = {
+    "wrong_size": "import torch\ndef train_loader():\n    return [(torch.randn(8, 32), torch.randint(0, 10, (8,)))]\n",
+    "labels_out_of_range": "import torch\ndef train_loader():\n    return [(torch.randn(8, 64), torch.full((8,), 99))]\n",
+    "numpy": "import numpy as np\ndef train_loader():\n    return [(np.zeros((8, 64), 'float32'), np.zeros(8, 'int64'))]\n",
+    "none": "def train_loader():\n    return [(None, None)]\n",
+    "empty": "def train_loader():\n    return []\n",
+    "float_labels": "import torch\ndef train_loader():\n    return [(torch.randn(8, 64), torch.randn(8))]\n",
+    "rows_mismatch": "import torch\ndef train_loader():\n    return [(torch.randn(8, 64), torch.zeros(5, dtype=torch.long))]\n",
+}
+FRAGMENT = {
+    "wrong_size": "rejected a batch",
+    "labels_out_of_range": "labels 99..99, but the model has 10 outputs",
+    "numpy": "wrap it with torch.from_numpy",
+    "none": "yielded x of type NoneType",
+    "empty": "yielded no batches",
+    "float_labels": "the loss rejected a batch",
+    "rows_mismatch": "x with 8 rows and y with 5",
+}
+MODELS = {
+    "meta": ("import torch, torch.nn as nn\ndef build_model():\n    with torch.device('meta'):\n"
+             "        return nn.Sequential(nn.Linear(64, 16), nn.ReLU())\n"
+             "def example_inputs():\n    return (torch.randn(2, 64),)\n", "on the meta device"),
+    "bfloat16": ("import torch, torch.nn as nn\ndef build_model():\n"
+                 "    return nn.Sequential(nn.Linear(64, 16), nn.ReLU()).to(torch.bfloat16)\n"
+                 "def example_inputs():\n    return (torch.randn(4, 64, dtype=torch.bfloat16),)\n", "bfloat16"),
+    "returns_none": ("import torch, torch.nn as nn\nclass M(nn.Module):\n    def __init__(self):\n"
+                     "        super().__init__(); self.l = nn.Linear(64, 16)\n    def forward(self, x):\n"
+                     "        torch.relu(self.l(x))\nmodel = M()\ndef example_inputs():\n    return (torch.randn(4, 64),)\n",
+                     "forward returned NoneType"),
+}
+
+
+def check(tmp_path, args, fragment, outputs):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, (args, res.output)
+    assert fragment in res.stderr, (args, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output, res.stderr
+    for out in outputs:
+        assert not out.exists(), (args, out)
+    assert not list(tmp_path.glob(".*.tmp")), args
+
+
+@pytest.fixture()
+def mlp(tmp_path):
+    model = tmp_path / "mlp.py"
+    model.write_text(MLP)
+    ck = tmp_path / "mlp.sugar.safetensors"
+    assert runner.invoke(app, ["convert", str(model), "-o", str(ck)]).exit_code == 0
+    return model, ck
+
+
+@pytest.mark.parametrize("case", sorted(DATA))
+def test_bad_data_files_through_finetune_audit_and_int8_export(mlp, tmp_path, case):
+    model, ck = mlp
+    data = tmp_path / f"{case}.py"
+    data.write_text(DATA[case])
+    weights, onnx = tmp_path / "w.safetensors", tmp_path / "m.onnx"
+    check(tmp_path, ["finetune", ck, "--model", model, "--data", data, "-o", weights], FRAGMENT[case], [weights])
+    if case not in ("labels_out_of_range", "float_labels"):  # audit reads no labels
+        check(tmp_path, ["audit", ck, "--model", model, "--data", data], FRAGMENT[case], [])
+    if case in ("numpy", "none", "empty", "rows_mismatch"):  # int8 calibration reads the same batches
+        check(tmp_path, ["export", model, "--int8", "--data", data, "-o", onnx], FRAGMENT[case],
+              [onnx, tmp_path / "m.int8.onnx"])
+
+
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_unusable_models_through_convert_and_export(tmp_path, case):
+    source, fragment = MODELS[case]
+    model = tmp_path / f"{case}.py"
+    model.write_text(source)
+    out, onnx = tmp_path / "m.safetensors", tmp_path / "m.onnx"
+    if case != "bfloat16":  # a bfloat16 model converts and fine-tunes; only its export cannot run
+        check(tmp_path, ["convert", model, "-o", out], fragment, [out])
+    check(tmp_path, ["export", model, "-o", onnx], fragment, [onnx])
+
+
+def test_a_model_returning_a_dict_cannot_finetune_without_a_loss_fn(tmp_path):
+    model = tmp_path / "dict_out.py"
+    model.write_text("import torch, torch.nn as nn\nclass M(nn.Module):\n    def __init__(self):\n"
+                     "        super().__init__(); self.l = nn.Linear(64, 10)\n    def forward(self, x):\n"
+                     "        return {'logits': torch.relu(self.l(x))}\n"
+                     "def build_model():\n    torch.manual_seed(0); return M()\n"
+                     "def example_inputs():\n    return (torch.randn(4, 64),)\n")
+    ck = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["convert", str(model), "-o", str(ck)]).exit_code == 0
+    out = tmp_path / "w.safetensors"
+    check(tmp_path, ["finetune", ck, "--model", model, "--data", FIXTURES / "digits_data.py", "-o", out],
+          "returns a dict, not a tensor of outputs: define loss_fn", [out])
+
+
+def test_impossible_input_shapes(mlp, tmp_path):
+    model, _ = mlp
+    onnx = tmp_path / "m.onnx"
+    check(tmp_path, ["export", model, "--input-shape", "100000,100000,100000", "-o", onnx],
+          "limited to 2 GiB: give a smaller --input-shape", [onnx])
+    check(tmp_path, ["convert", model, "--input-shape", "4,65", "-o", tmp_path / "c.safetensors"],
+          "the model rejected inputs (4, 65)", [tmp_path / "c.safetensors"])
