@@ -410,6 +410,8 @@ def demo_cmd(
     seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per variant."),
     epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant (case 1)."),
     dead_case: bool = typer.Option(True, "--dead-case/--no-dead-case", help="Also run case 2, a mostly dead model."),
+    quick: bool = typer.Option(False, "--quick", help="One seed, a few epochs: the whole pipeline in seconds "
+                                                      "(its figures are not the demo's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """ReLU vs SUGAR (B-SiLU, NeLU) vs LeakyReLU and GELU on the bundled digits, then the export proof."""
@@ -418,6 +420,8 @@ def demo_cmd(
     from .demo import DemoConfig, run_demo
 
     cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs, dead_case=dead_case)
+    if quick:
+        cfg = dataclasses.replace(cfg, seeds=(0,), pretrain_epochs=2, epochs=2, dead_epochs=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training...") as status:
         result = run_demo(cfg, out_dir=out_dir, progress=lambda s: status.update(s))

@@ -9,19 +9,17 @@ import torch
 
 __all__ = ["digits_path", "load_digits_split", "loader"]
 
-_CANDIDATES = [
-    Path(__file__).resolve().parent / "data" / "digits.npz",
-    Path(__file__).resolve().parents[2] / "fixtures" / "digits.npz",
-]
+# Package data: installed with the wheel (pyproject.toml [tool.setuptools.package-data]).
+DIGITS = Path(__file__).resolve().parent / "data" / "digits.npz"
 
 
 def digits_path() -> Path:
-    for p in _CANDIDATES:
-        if p.exists():
-            return p
+    if DIGITS.exists():
+        return DIGITS
     from ..errors import DataFileError
 
-    raise DataFileError("the bundled digits data is missing (fixtures/digits.npz); run python fixtures/make_digits.py")
+    raise DataFileError(f"the bundled digits data is missing ({DIGITS}); reinstall sugarize, or in a checkout run "
+                        "python fixtures/make_digits.py")
 
 
 def load_digits_split(val_fraction: float = 0.25, seed: int = 0):
