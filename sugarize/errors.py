@@ -10,55 +10,81 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 class SugarizeError(Exception):
-    """Base class: every error sugarize raises on bad input or a failed check."""
+    """Base class of every error sugarize raises. The CLI prints one line and exits with
+    ``exit_code``: 2 for a problem with the input (the default), 1 for a failed check, 3 for
+    a bug of ours.
+
+    The family, by whom it is for:
+
+    - ``InputError``: the user's input (files, options, inputs, data): fix the input.
+      ``ModelFileError``, ``CheckpointError``, ``DataFileError``, ``ParameterError``
+      (``UnknownSurrogateError``) and ``OutputPathError`` are kinds of it.
+    - ``CaptureError``: the model cannot be captured as asked (a graph is needed).
+    - ``ExportError``: the exporter or a runtime cannot do it (an op, a dtype, an opset).
+    - ``ParityError`` (exit 1): a check ran and failed (parity, structure).
+    - ``DivergenceError`` (exit 1): training ran and the loss stopped being finite.
+    - ``InternalError`` (exit 3): a bug of sugarize; please report it.
+    """
 
     exit_code = 2
 
 
-class UnknownSurrogateError(SugarizeError, KeyError):
+class InputError(SugarizeError):
+    """Input that is missing, malformed, or rejected by the model: example inputs, files, options."""
+
+
+class ParameterError(InputError, ValueError):
+    """A surrogate parameter or an option with a bad value."""
+
+
+class UnknownSurrogateError(ParameterError, KeyError):
     """A surrogate name that is not in the registry."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
-class ParameterError(SugarizeError, ValueError):
-    """A surrogate parameter or option with a bad value."""
+class ModelFileError(InputError):
+    """A model file could not be loaded, or holds no usable model."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint or weights file is missing, corrupt, untrusted, or for another model."""
+
+
+class DataFileError(InputError):
+    """A data file could not be loaded or does not provide what is needed."""
+
+
+class OutputPathError(InputError):
+    """An output path that exists (without --force) or cannot be written."""
 
 
 class CaptureError(SugarizeError):
     """The model's graph could not be captured."""
 
 
-class ModelFileError(SugarizeError):
-    """A model file could not be loaded, or holds no usable model."""
-
-
-class CheckpointError(SugarizeError):
-    """A checkpoint or weights file is missing, corrupt, or for another model."""
-
-
-class InputError(SugarizeError):
-    """Example inputs that are missing, malformed, or rejected by the model."""
-
-
-class DataFileError(SugarizeError):
-    """A data file could not be loaded or does not provide what is needed."""
-
-
 class ExportError(SugarizeError):
-    """ONNX export failed or its precondition does not hold."""
-
-
-class StripError(SugarizeError):
-    """The strip postcondition failed: a SUGAR node is left."""
-
-
-class OutputPathError(SugarizeError):
-    """An output path that exists (without --force) or cannot be written."""
+    """ONNX export or a runtime failed on the model (an unsupported op, dtype or opset)."""
 
 
 class ParityError(SugarizeError):
-    """ONNX and PyTorch outputs disagree beyond the tolerances."""
+    """A check ran and failed: ONNX and PyTorch outputs disagree, or the graphs differ."""
 
     exit_code = 1
+
+
+class DivergenceError(SugarizeError):
+    """The training loss stopped being finite."""
+
+    exit_code = 1
+
+
+class InternalError(SugarizeError):
+    """A postcondition of ours does not hold: a bug of sugarize (please report it)."""
+
+    exit_code = 3
+
+
+class StripError(InternalError):
+    """The strip postcondition failed: a SUGAR node is left."""

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import __version__
-from ..errors import SugarizeError
+from ..errors import ParityError, SugarizeError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 app = typer.Typer(
@@ -69,7 +69,9 @@ def command(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             msg = " ".join(str(exc).split())
-            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
+            hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
+            err.print(f"[bold red]{label}:[/] {msg}{hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -247,8 +249,11 @@ def export_cmd(
         out.print(res.parity.summary())
         if res.int8:
             out.print(res.int8.summary())
-    if not res.parity.passed or (res.int8 and not res.int8.passed):
-        raise typer.Exit(1)
+    if not res.parity.passed:
+        raise ParityError(f"parity or structure check failed: {res.export.path} was not written "
+                          "(any previous file is untouched)")
+    if res.int8 and not res.int8.passed:
+        raise ParityError(f"the int8 check failed: {res.int8.path} differs from the quantised original")
 
 
 @app.command("verify")
@@ -284,7 +289,7 @@ def verify_cmd(
             out.print(f"note: {note}")
         out.print(report.summary())
     if not report.passed:
-        raise typer.Exit(1)
+        raise ParityError(f"{onnx_file.name} failed the parity or structure check (table above)")
 
 
 @app.command("surrogates")

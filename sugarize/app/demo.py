@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..training.digits import load_digits_split, loader
-from ..errors import SugarizeError
+from ..errors import DivergenceError
 from ..options import DEFAULT_SAVE
 from ..training.train import DataSpec, evaluate, finetune, seed_everything
 
@@ -170,7 +170,7 @@ def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
 
     try:
         finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False)
-    except SugarizeError:  # the loss diverged: report it, do not hide it
+    except DivergenceError:  # the loss diverged: report it, do not hide it
         return Run(name, seed, float("nan"), float("nan"), model), None
     report = audit(model, [xt])
     return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model), report

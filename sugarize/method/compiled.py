@@ -56,7 +56,9 @@ def register(op, forward_op, forward_math: Callable, grad_op, grad_math: Callabl
     try:
         from torch._inductor import decomposition as inductor_decomp
         from torch._inductor.lowering import register_lowering
-    except Exception:  # noqa: BLE001 - no Inductor (or it moved): the op stays a fallback kernel
+    except Exception as exc:  # noqa: BLE001 - no Inductor (or it moved): the op stays a fallback kernel
+        warnings.warn(f"sugarize: Inductor's internals moved ({type(exc).__name__}); under torch.compile the SUGAR "
+                      "op runs as an opaque kernel between generated ones: correct, slower", stacklevel=2)
         return
     try:
         register_lowering(forward_op, type_promotion_kind=None)(
@@ -64,8 +66,9 @@ def register(op, forward_op, forward_math: Callable, grad_op, grad_math: Callabl
         register_lowering(grad_op, type_promotion_kind=None)(
             functools.partial(_lower_grad, grad_op, grad_math))
         _state["lowering"] = True
-    except Exception:  # noqa: BLE001 - the private API moved: keep the plain relu decomposition
-        pass
+    except Exception as exc:  # noqa: BLE001 - the private API moved: keep the plain relu decomposition
+        warnings.warn(f"sugarize: Inductor's register_lowering failed ({type(exc).__name__}); under torch.compile "
+                      "the SUGAR formulas run as extern kernels: correct, slower", stacklevel=2)
 
     def decomposition(x, surrogate, params, negative_only, save):
         if _state["lowering"] and save != "full":

@@ -11,8 +11,9 @@ a large tensor comes by (compilation takes a few seconds), and used only:
 - for contiguous tensors of at least ``MIN_NUMEL`` elements (for small ones the eager
   formulas are as fast and compile time is not worth it).
 
-``SUGARIZE_FUSED=0`` in the environment turns them off. If compilation fails (no C++
-compiler, an unsupported device), sugarize warns once and keeps the eager formulas.
+``SUGARIZE_FUSED=0`` in the environment turns them off. If a kernel fails to compile or run
+(no C++ compiler, an unsupported device), sugarize warns once for that configuration and
+serves it with the eager formulas; other configurations keep their kernels.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import first_line
+
 __all__ = ["MIN_NUMEL", "enabled", "set_enabled", "traced", "fused_encode", "fused_decode"]
 
 MIN_NUMEL = 1 << 16
-_state = {"enabled": os.environ.get("SUGARIZE_FUSED", "1") != "0", "failed": False}
+_state: dict = {"enabled": os.environ.get("SUGARIZE_FUSED", "1") != "0", "failed": set()}
 
 
 def enabled() -> bool:
-    return _state["enabled"] and not _state["failed"]
+    return _state["enabled"]
 
 
 def set_enabled(on: bool) -> None:
@@ -85,13 +88,20 @@ def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
     return _compile(decode, (save, grid))
 
 
-def _run(make: Callable[[], Callable], *args: torch.Tensor):
+def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor):
+    """The compiled kernel of configuration ``key`` on ``args``; None if it cannot compile or run.
+
+    A failure turns off that configuration's kernel only (the eager formulas serve it from
+    then on), with a warning naming what failed, once per configuration."""
+    if key in _state["failed"]:
+        return None
     try:
         return make()(*(a.reshape(-1) for a in args))
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager formulas
-        _state["failed"] = True
-        warnings.warn(f"sugarize: fused SUGAR kernels unavailable ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); using eager formulas", stacklevel=3)
+        _state["failed"].add(key)
+        warnings.warn(f"sugarize: a fused SUGAR kernel is unavailable for {key[:2]} ({type(exc).__name__}: "
+                      f"{first_line(exc, 200)}); its eager formulas, a few more memory passes, serve it",
+                      stacklevel=3)
         return None
 
 
@@ -100,7 +110,8 @@ def fused_encode(x: torch.Tensor, surrogate: str, params: Sequence[float], negat
     """The saved derivative of ``x`` in one pass, or None where the fused kernel does not apply."""
     if not _usable(x):
         return None
-    out = _run(lambda: _encoder(surrogate, tuple(params), negative_only, save, grid, x.dtype), x)
+    key = ("encode", surrogate, tuple(params), negative_only, save, grid, x.dtype)
+    out = _run(key, lambda: _encoder(surrogate, tuple(params), negative_only, save, grid, x.dtype), x)
     return None if out is None else out.view(x.shape)
 
 
@@ -109,5 +120,5 @@ def fused_decode(grad: torch.Tensor, saved: torch.Tensor, save: str,
     """``grad * s'(x)`` from the saved form in one pass, or None where the fused kernel does not apply."""
     if not _usable(grad, saved) or grad.shape != saved.shape:
         return None
-    out = _run(lambda: _decoder(save, grid), grad, saved)
+    out = _run(("decode", save, grid, grad.dtype), lambda: _decoder(save, grid), grad, saved)
     return None if out is None else out.view(grad.shape)

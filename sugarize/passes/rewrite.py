@@ -207,15 +207,20 @@ def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs:
     """Counts the ReLU calls each model makes at runtime; records the result in the report."""
     import copy
 
-    from ..errors import InputError
+    from ..errors import InputError, InternalError, first_line
     from .runtime import count_relu_calls
 
     report: Report = converted.meta["sugarize"]["report"]
     try:
         before = count_relu_calls(copy.deepcopy(original), args, kwargs)
-        after = count_relu_calls(converted, args, kwargs)
     except Exception as exc:  # the user's forward on the user's inputs
-        raise InputError(f"the example inputs do not run through the model: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"the example inputs do not run through the model: {type(exc).__name__}: "
+                         f"{first_line(exc)}") from exc
+    try:
+        after = count_relu_calls(converted, args, kwargs)
+    except Exception as exc:  # the original ran on these inputs: the conversion broke it
+        raise InternalError(f"the converted model fails on inputs the original runs: {type(exc).__name__}: "
+                            f"{first_line(exc)}") from exc
     report.runtime = {"relu_calls": before.relu_calls, "converted_calls": after.sugar,
                       "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu),
                       "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp), n in after.sites.items()]}

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DataFileError, SugarizeError, first_line
+from ..errors import DataFileError, DivergenceError, ParameterError, first_line
 
 OPTIM_PREFIX = "__optim__."
 
@@ -175,12 +175,13 @@ def finetune(
 
     Raises:
         DataFileError: a loader fails or yields something that is not ``(x, y)``.
-        SugarizeError: the loss is not finite (lower the learning rate).
+        ParameterError: an unknown optimizer or a learning rate that is not a positive number.
+        DivergenceError: the loss is not finite (lower the learning rate).
     """
     if optimizer not in ("sgd", "adamw"):
-        raise SugarizeError(f"optimizer {optimizer!r} is not one of sgd, adamw")
+        raise ParameterError(f"optimizer {optimizer!r} is not one of sgd, adamw")
     if not (lr > 0 and math.isfinite(lr)):
-        raise SugarizeError(f"learning rate {lr} must be a positive number")
+        raise ParameterError(f"learning rate {lr} must be a positive number")
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -204,7 +205,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             _, loss = _forward_loss(model, data.loss_fn, x, y, "train_loader()")
             if not torch.isfinite(loss):
-                raise SugarizeError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
+                raise DivergenceError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach()) * len(y)

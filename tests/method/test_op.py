@@ -487,3 +487,35 @@ def test_fused_kernels_match_the_eager_formulas(name, save, negative_only):
     assert (grads[True] - grads[False]).abs().div(upstream.abs().clamp(min=1e-3)).max() <= tol
     alpha = sugarize.get_surrogate(name).defaults()["alpha"]
     assert kernels.fused_encode(x, name, [alpha], negative_only, save, grid) is not None, "the fused path was not taken"
+
+
+def test_a_failing_fused_kernel_warns_once_and_turns_off_only_its_configuration(monkeypatch):
+    from sugarize.method import kernels
+
+    if not kernels.enabled():
+        pytest.skip("fused kernels are turned off (SUGARIZE_FUSED=0)")
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "_encoder", lambda *a: broken)
+    monkeypatch.setattr(kernels, "_state", {"enabled": True, "failed": set()})
+    x = torch.randn(kernels.MIN_NUMEL) * 3
+    for _ in range(2):  # warned once, then served by the eager formulas without another attempt
+        xi = x.clone().requires_grad_()
+        with pytest.warns(UserWarning, match="fused SUGAR kernel is unavailable") if _ == 0 else _no_warning():
+            sugarize.sugar(xi, "elu").sum().backward()
+        torch.testing.assert_close(xi.grad, sugarize.surrogate_grad(x, "elu"))
+    assert len(kernels._state["failed"]) == 1 and kernels.enabled()
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)

@@ -443,3 +443,26 @@ def test_a_torchscript_submodule_is_a_skipped_site_with_the_reason():
         assert [(s.path, s.spelling, s.status) for s in skipped] == [("scripted", "TorchScript", "skipped")]
         assert "2 ReLU call(s)" in skipped[0].reason and "before scripting" in skipped[0].reason
         assert [s.path for s in report.sites if s.status in ("converted", "convertible")] == ["act"]
+
+
+def test_a_converted_model_failing_where_the_original_runs_is_our_bug_not_the_inputs(monkeypatch):
+    from sugarize.errors import InputError, InternalError
+    from sugarize.passes import runtime
+
+    real = runtime.count_relu_calls
+    calls = []
+
+    def second_fails(model, args=(), kwargs=None):
+        calls.append(model)
+        if len(calls) == 2:
+            raise RuntimeError("broken by the conversion")
+        return real(model, args, kwargs)
+
+    monkeypatch.setattr(runtime, "count_relu_calls", second_fails)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(InternalError, match="the converted model fails on inputs the original runs") as info:
+        sugarize.sugarize(model, example_args=(torch.randn(2, 4),))
+    assert info.value.exit_code == 3 and not isinstance(info.value, InputError)
+    monkeypatch.setattr(runtime, "count_relu_calls", real)
+    with pytest.raises(InputError, match="the example inputs do not run through the model"):
+        sugarize.sugarize(model, example_args=(torch.randn(2, 5),))

@@ -190,3 +190,16 @@ def test_demo_paired_compares_seed_by_seed():
     assert p["seeds"] == 2  # the diverged seed is not paired
     assert p["accuracy"] == pytest.approx((0.03 - 0.01) / 2) and p["dead"] == pytest.approx((-0.10 + 0.01) / 2)
     assert p["accuracy_not_worse"] == 1 and p["fewer_dead"] == 1
+
+
+def test_a_bad_learning_rate_and_a_divergence_are_different_errors():
+    from sugarize.errors import DivergenceError, ParameterError
+
+    model = sugarize.sugarize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(ParameterError, match="learning rate -1.0 must be a positive number"):
+        finetune(model, _data(), lr=-1.0)
+    with pytest.raises(ParameterError, match="optimizer 'lbfgs'"):
+        finetune(model, _data(), optimizer="lbfgs")
+    with pytest.raises(DivergenceError, match="lower --lr") as info:
+        finetune(model, _data(), lr=1e30, epochs=3)
+    assert info.value.exit_code == 1 and not isinstance(info.value, ParameterError)
