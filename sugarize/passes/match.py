@@ -226,6 +226,8 @@ _FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "mean", "sum", "relu", "
 
 
 def _is_fresh(node: Node, modules: dict[str, nn.Module]) -> bool:
+    if node.kwargs.get("out") is not None:  # torch.add(a, b, out=buf) is buf: an alias, not fresh
+        return False
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _FRESH_MODULES) or (
             isinstance(modules.get(node.target), nn.ReLU) and not modules[node.target].inplace
