@@ -1,7 +1,7 @@
 """sugarize: fine-tune ReLU networks with surrogate gradients (SUGAR), ship the same ReLU graph.
 
     >>> import sugarize
-    >>> sm = sugarize.sugarize(model, "bsilu")      # every ReLU -> SUGAR, report in sm.meta
+    >>> sm = sugarize.sugarize(model, "bsilu")      # every ReLU -> SUGAR; sugarize.report_of(sm)
     >>> ...                                          # fine-tune sm with your own loop
     >>> plain = sugarize.strip(sm)                   # SUGAR -> ReLU, bit-identical outputs
     >>> sugarize.export_onnx(plain, "model.onnx", example_args)
@@ -16,37 +16,38 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS = {
-    "sugarize": "sugarize.passes.rewrite",
-    "inspect": "sugarize.passes.rewrite",
-    "strip": "sugarize.passes.strip",
-    "strip_": "sugarize.passes.strip",
-    "count_sugar": "sugarize.passes.strip",
-    "Report": "sugarize.passes.report",
-    "Site": "sugarize.passes.report",
-    "SugarConfig": "sugarize.passes.config",
-    "sugar": "sugarize.method.op",
-    "surrogate_grad": "sugarize.method.op",
-    "save_error": "sugarize.method.saved",
-    "Param": "sugarize.method.surrogates",
-    "Surrogate": "sugarize.method.surrogates",
-    "register_surrogate": "sugarize.method.surrogates",
-    "get_surrogate": "sugarize.method.surrogates",
-    "list_surrogates": "sugarize.method.surrogates",
-    "SugarizeError": "sugarize.errors",
-    "load_model": "sugarize.files.modelfile",
-    "save_checkpoint": "sugarize.files.checkpoint",
-    "load_checkpoint": "sugarize.files.checkpoint",
-    "load_weights": "sugarize.files.weights",
-    "save_weights": "sugarize.files.weights",
-    "export_onnx": "sugarize.deploy.export",
-    "verify": "sugarize.deploy.parity",
-    "compare_graphs": "sugarize.deploy.parity",
-    "audit": "sugarize.training.deadunits",
-    "finetune": "sugarize.training.train",
-}
+if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below for the lazy imports)
+    from .deploy.export import export_onnx
+    from .deploy.parity import compare_graphs, verify
+    from .errors import (CaptureError, CheckpointError, DataFileError, DivergenceError, ExportError, InputError,
+                         InternalError, ParityError, SugarizeError)
+    from .files.checkpoint import load_checkpoint, save_checkpoint
+    from .files.modelfile import load_model
+    from .files.weights import load_weights, save_weights
+    from .method.op import sugar, surrogate_grad
+    from .method.saved import save_error
+    from .method.surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate
+    from .passes.config import SugarConfig
+    from .passes.report import Report, Site, report_of
+    from .passes.rewrite import SugarizePass, inspect, sugarize
+    from .passes.strip import StripPass, count_sugar, strip, strip_
+    from .training.deadunits import audit
+    from .training.train import finetune
 
+
+def _public_names() -> dict[str, str]:
+    """Public name -> module, read from the ``TYPE_CHECKING`` block above: one list serves type
+    checkers (static imports) and the lazy imports (this dict), so they cannot drift apart."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    return {alias.asname or alias.name: f"{__name__}.{node.module}"
+            for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
+_EXPORTS = _public_names()
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
@@ -61,14 +62,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .passes.config import SugarConfig
-    from .errors import SugarizeError
-    from .method.saved import save_error
-    from .method.op import sugar, surrogate_grad
-    from .passes.report import Report, Site
-    from .passes.rewrite import inspect, sugarize
-    from .passes.strip import count_sugar, strip, strip_
-    from .method.surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate

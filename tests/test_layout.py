@@ -11,9 +11,9 @@ from helpers import ROOT
 PACKAGE = ROOT / "sugarize"
 
 # Lowest first: a module may import its own layer or a lower one, never a higher one.
-# "base" holds the modules every layer shares (the exception family, the defaults).
+# "base" holds the modules every layer shares (the exception family, the defaults, train/eval modes).
 LAYERS = ["base", "method", "passes", "files", "deploy", "training", "app"]
-BASE = {"sugarize.errors", "sugarize.options"}
+BASE = {"sugarize.errors", "sugarize.options", "sugarize.modes"}
 
 
 def module_name(path: Path, root: Path) -> str:

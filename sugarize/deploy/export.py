@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError
+from ..modes import eval_mode
 from ..files.fsutil import atomic_path
 from ..passes.strip import count_sugar, strip
 
@@ -162,12 +163,17 @@ def export_onnx(
         ExportError: the exporter or the checker rejected the model.
         OutputPathError: ``path`` exists (without ``force``) or is not writable.
     """
-    import onnx
-
     example_args = tuple(example_args)
     stripped_sites = count_sugar(model)
     plain = strip(model) if stripped_sites else model
-    plain = plain.eval()
+    with eval_mode(plain):  # the caller's model gets its own train/eval modes back
+        return _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, force)
+
+
+def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, opset: int | None,
+            dynamic_batch: bool, force: bool) -> ExportResult:
+    import onnx
+
     if count_sugar(plain):  # pragma: no cover - strip guarantees it
         raise ExportError("refusing to export: a SUGAR node is left after strip")
     if dynamic_batch:

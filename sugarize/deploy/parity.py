@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError
+from ..modes import eval_mode
 from .runtimes import _OPT_LEVELS, _Runner
 
 __all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs"]
@@ -218,7 +219,6 @@ def verify(
         shape_report = compare_structure(onnx_path, reference_onnx)
     runner = _Runner(onnx_path, runtime, optimization, precision="f32" if runtime == "openvino" else None)
     default_runner = _Runner(onnx_path, runtime, optimization) if runtime == "openvino" else None
-    default_worst = 0.0
     in_names, out_names = runner.inputs, runner.outputs
     example_args = tuple(example_args)
     if len(in_names) != len(example_args):
@@ -226,7 +226,24 @@ def verify(
             f"{Path(onnx_path).name} takes {len(in_names)} input(s) ({', '.join(in_names)}) but the model "
             f"was given {len(example_args)}; check --input-shape or example_inputs()"
         )
-    references = [("original", original.eval())] + ([("stripped", stripped.eval())] if stripped is not None else [])
+    references = [("original", original)] + ([("stripped", stripped)] if stripped is not None else [])
+    with eval_mode(original, stripped):  # and back to the caller's modes after
+        results, runs, default_worst = _run_batches(runner, default_runner, references, example_args, batches, seed,
+                                                    batch_sizes, out_names, runtime, atol, rtol, allow_nonfinite)
+    merged = _merge(results)
+    notes = []
+    if default_runner is not None:
+        notes.append(f"{default_runner.version}: max abs {default_worst:.2e} vs the original "
+                     "(informative; the verdict is judged at f32)")
+    return ParityReport(str(onnx_path), runner.version, runner.providers,
+                        _OPT_LEVELS[optimization] if runtime == "onnxruntime" else "openvino default",
+                        atol, rtol, runs, seed, merged, graph, notes, shape_report)
+
+
+def _run_batches(runner, default_runner, references, example_args, batches, seed, batch_sizes, out_names,
+                 runtime, atol, rtol, allow_nonfinite):
+    """Every seeded batch through the runtime and the PyTorch references: the per-output rows."""
+    default_worst = 0.0
     results: list[OutputParity] = []
     sizes = list(batch_sizes) if batch_sizes else [None]
     runs = 0
@@ -257,14 +274,7 @@ def verify(
                 if default_outs is not None and ref_name == "original":
                     for o, t in zip(default_outs, flat):
                         default_worst = max(default_worst, _compare("", "", o, t, atol, rtol).max_abs)
-    merged = _merge(results)
-    notes = []
-    if default_runner is not None:
-        notes.append(f"{default_runner.version}: max abs {default_worst:.2e} vs the original "
-                     "(informative; the verdict is judged at f32)")
-    return ParityReport(str(onnx_path), runner.version, runner.providers,
-                        _OPT_LEVELS[optimization] if runtime == "onnxruntime" else "openvino default",
-                        atol, rtol, runs, seed, merged, graph, notes, shape_report)
+    return results, runs, default_worst
 
 
 def _merge(results: list[OutputParity]) -> list[OutputParity]:

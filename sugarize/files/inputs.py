@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, first_line
+from ..modes import eval_mode
 
 __all__ = ["parse_input_spec", "make_inputs", "input_specs", "random_tensor", "run_model"]
 
@@ -86,10 +87,8 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
     in it (``forward`` returning None), becomes an InputError."""
     from torch.utils._pytree import tree_flatten
 
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(t.shape)) + ("" if t.dtype == torch.float32 else f":{t.dtype}".replace("torch.", "")) for t in inputs)
@@ -97,8 +96,6 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
             f"the model rejected inputs {shapes}: {type(exc).__name__}: {first_line(exc)}; "
             "fix --input-shape or example_inputs()"
         ) from exc
-    finally:
-        model.train(was)
     if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
         raise InputError(f"the model's forward returned {type(out).__name__}, no tensor: sugarize checks a model "
                          "by its outputs; return them from forward")

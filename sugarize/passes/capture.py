@@ -66,7 +66,7 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, model: nn.Module) -> to
         root.recompile()
         return root
     gm = torch.fx.GraphModule(root, graph, root.__class__.__name__)
-    gm.train(model.training)
+    gm.training = model.training  # its own flag only: submodules keep theirs (a frozen BatchNorm stays eval)
     restore_state_keys(gm, root)
     return gm
 

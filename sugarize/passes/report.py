@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Site", "Report"]
+__all__ = ["Site", "Report", "report_of"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,18 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
         return "\n".join(lines + [self.summary() + f" (capture: {self.capture})"])
+
+
+def report_of(model: Any) -> Report:
+    """The report of the ``sugarize`` pass that produced ``model`` (fx or runtime capture).
+
+    Raises:
+        InputError: ``model`` is not the result of ``sugarize.sugarize``.
+    """
+    from ..errors import InputError
+
+    report = (getattr(model, "meta", None) or {}).get("sugarize", {}).get("report")
+    if not isinstance(report, Report):
+        raise InputError(f"{type(model).__name__} was not produced by sugarize.sugarize: it has no report; "
+                         "call sugarize.inspect(model) to list its activation sites")
+    return report

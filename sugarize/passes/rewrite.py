@@ -8,16 +8,17 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .config import SugarConfig
-from ..errors import CaptureError
+from ..errors import CaptureError, InternalError, ParameterError
 from ..method.op import OP
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .capture import capture, graph_module, trace_graph
 from .match import Match, is_sugar, match_node, may_alias, module_path, scripted_sites
 from .report import Report, Site
 
-__all__ = ["sugarize", "inspect", "plan_sites"]
+__all__ = ["sugarize", "inspect", "plan_sites", "SugarizePass", "convert_graph"]
 
 
 def _selected(path: str, cfg: SugarConfig) -> tuple[bool, str]:
@@ -112,7 +113,7 @@ def sugarize(
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
     example_kwargs: dict | None = None,
-    fallback: bool = True,
+    capture: str = "auto",
     copy: bool = True,
     **params: float,
 ) -> nn.Module:
@@ -122,10 +123,11 @@ def sugarize(
     has the same keys as the model's, so fine-tuned weights load straight back into the
     original class. Its report is ``result.meta["sugarize"]["report"]``.
 
-    Capture, in this order (the report's ``capture`` says which one was taken):
-    ``torch.fx.symbolic_trace`` gives a ``GraphModule`` with one SUGAR node per site; if the
-    model cannot be traced and ``fallback`` is true, the runtime path converts every ReLU
-    call as it executes (``sugarize.passes.runtime``), whatever the control flow.
+    Capture (the report's ``capture`` says which one was taken): ``"fx"``,
+    ``torch.fx.symbolic_trace``, gives a ``GraphModule`` with one SUGAR node per site;
+    ``"runtime"`` converts every ReLU call as it executes (``sugarize.passes.runtime``),
+    whatever the control flow, and keeps the model's class; ``"auto"`` (the default) takes
+    fx and falls back to runtime when the model cannot be traced.
 
     With ``example_args`` (and ``example_kwargs``), the ReLU calls that actually run in one
     forward pass of the original and of the converted model are counted; the report says
@@ -139,51 +141,73 @@ def sugarize(
         save: what the backward keeps: "full" (default, exact) or the opt-in compressed
             "bfloat16" / "uint8" (their error: ``sugarize.save_error``).
         relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
-        config: a ``SugarConfig``; when given, the keyword options above are ignored.
+        config: a ``SugarConfig`` holding the options above, instead of the keywords;
+            a keyword that contradicts it is an error, never silently dropped.
         example_args, example_kwargs: example inputs, as ``torch.export`` takes them.
-        fallback: use the runtime path when tracing fails (else raise CaptureError).
+        capture: "auto", "fx" or "runtime" (above).
         copy: work on a deep copy of ``model`` (the default). ``copy=False`` skips the
-            copy: the result shares ``model``'s submodules, parameters and buffers, as
-            ``torch.fx.symbolic_trace``'s result does, so fine-tuning it trains ``model``'s
-            weights; ``model``'s own forward stays ReLU. On the runtime path ``model``
-            itself is converted and returned.
+            copy on every capture path: the result shares ``model``'s submodules,
+            parameters and buffers (as ``torch.fx.symbolic_trace``'s result does), so
+            fine-tuning it trains ``model``'s weights; ``model`` itself is never changed
+            (its forward stays ReLU, it gets no hooks).
         **params: surrogate parameters, e.g. ``alpha=1.67``.
 
     Returns:
-        The converted model: a ``GraphModule``, or a copy of ``model`` on the runtime path.
+        The converted model: a ``GraphModule`` (fx), or a module of ``model``'s class
+        (runtime). Its report: ``sugarize.report_of(result)``.
 
     Raises:
-        CaptureError: the model cannot be traced (and no fallback applies).
+        CaptureError: the model cannot be traced with ``capture="fx"``.
         UnknownSurrogateError, ParameterError: bad surrogate, parameter or option.
 
     Example:
         >>> sm = sugarize(model, "bsilu", exclude=["head.*"])
         >>> print(sm.meta["sugarize"]["report"])
     """
-    cfg = config or SugarConfig(
-        surrogate=surrogate,
-        params=params,
-        negative_only=negative_only,
-        save=save,
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
-        relufy=relufy,
-    )
-    try:
-        root, graph, strategy = trace_graph(model, copy=copy)
-    except CaptureError as exc:
-        if not fallback or not isinstance(model, nn.Module):
-            raise
-        gm = _runtime_sugarize(model, cfg, str(exc), copy=copy)
+    cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
+                   include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy)
+    if capture not in CAPTURES:
+        raise ParameterError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
+    if capture == "runtime":
+        gm = _runtime_sugarize(model, cfg, "capture='runtime' was asked for", copy=copy)
     else:
-        report = convert_graph(graph, dict(root.named_modules()), cfg)
-        report.capture = strategy
-        gm = graph_module(root, graph, model)
-        gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
+        try:
+            root, graph, strategy = trace_graph(model, copy=copy)
+        except CaptureError as exc:
+            if capture == "fx" or not isinstance(model, nn.Module):
+                raise
+            gm = _runtime_sugarize(model, cfg, str(exc), copy=copy)
+        else:
+            report = convert_graph(graph, dict(root.named_modules()), cfg)
+            report.capture = strategy
+            gm = graph_module(root, graph, model)
+            gm.meta["sugarize"] = {"config": cfg.to_dict(), "report": report}
     if example_args is not None or example_kwargs:
         _count_calls(model, gm, tuple(example_args or ()), dict(example_kwargs or {}))
     gm.meta["sugarize"]["report"].sites.extend(scripted_sites(model))
     return gm
+
+
+CAPTURES = ("auto", "fx", "runtime")
+
+
+def _options(config: SugarConfig | None, **keywords) -> SugarConfig:
+    """The conversion's options: the keywords, or ``config`` when given. A keyword that differs
+    from its default and from ``config`` is an error: options are never silently dropped."""
+    if config is None:
+        return SugarConfig(**keywords)
+    defaults = SugarConfig()
+    for name, value in keywords.items():
+        given = value if name != "relufy" else SugarConfig(relufy=value).relufy
+        if name == "params":
+            if value and SugarConfig(surrogate=config.surrogate, params=value).params != dict(config.params):
+                raise ParameterError(f"surrogate parameters {dict(value)} contradict config.params "
+                                     f"{dict(config.params)}: pass options either as keywords or in config=")
+            continue
+        if given != getattr(defaults, name) and given != getattr(config, name):
+            raise ParameterError(f"{name}={value!r} contradicts config.{name}={getattr(config, name)!r}: pass "
+                                 "options either as keywords or in config=, not both")
+    return config
 
 
 def _runtime_sugarize(model: nn.Module, cfg: SugarConfig, reason: str, copy: bool = True) -> nn.Module:
@@ -195,24 +219,35 @@ def _runtime_sugarize(model: nn.Module, cfg: SugarConfig, reason: str, copy: boo
         raise CaptureError(f"{reason} (include, exclude and relufy need a traced graph; the runtime fallback "
                            "converts every ReLU call)")
     surrogate, params = cfg.surrogate_for("relu")
-    root = _copy.deepcopy(model) if copy else model
+    root = _copy.deepcopy(model) if copy else _shallow_clone(model)
     attach(root, surrogate, list(params), cfg.negative_only, cfg.save)
     report = Report(sites=[], capture="runtime", notes=[
-        f"not traceable ({reason.split('. Mark')[0]}); every ReLU call is converted as it runs"])
+        f"not traceable ({reason.split('. Mark')[0]}); every ReLU call is converted as it runs"
+        if "asked for" not in reason else "runtime capture, as asked: every ReLU call is converted as it runs"])
     object.__setattr__(root, "meta", {"sugarize": {"config": cfg.to_dict(), "report": report}})
     return root
 
 
+def _shallow_clone(model: nn.Module) -> nn.Module:
+    """A module of ``model``'s class sharing its submodules, parameters and buffers, with hook
+    registries of its own: hooks attached to it leave ``model`` unchanged (``copy=False``)."""
+    clone = object.__new__(type(model))
+    clone.__dict__.update(model.__dict__)
+    for name, value in list(clone.__dict__.items()):
+        if "hooks" in name and isinstance(value, dict):
+            object.__setattr__(clone, name, type(value)(value))
+    clone.__dict__.pop("meta", None)
+    return clone
+
+
 def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
     """Counts the ReLU calls each model makes at runtime; records the result in the report."""
-    import copy
-
     from ..errors import InputError, InternalError, first_line
     from .runtime import count_relu_calls
 
     report: Report = converted.meta["sugarize"]["report"]
-    try:
-        before = count_relu_calls(copy.deepcopy(original), args, kwargs)
+    try:  # the original is never changed by the conversion (copy or not): count on it directly
+        before = count_relu_calls(original, args, kwargs)
     except Exception as exc:  # the user's forward on the user's inputs
         raise InputError(f"the example inputs do not run through the model: {type(exc).__name__}: "
                          f"{first_line(exc)}") from exc
@@ -307,3 +342,39 @@ def inspect(
             sites.append(Site(module_path(node), match.spelling, match.kind, node.name, status, reason, sur,
                               forward_changed=convert and match.kind != "relu"))
     return Report(sites=sites + scripted_sites(model), capture=strategy)
+
+
+class SugarizePass(PassBase):
+    """Replaces each selected ReLU call of a GraphModule with the SUGAR op, in place (a torch.fx pass).
+
+    ``SugarizePass(config)(gm)`` returns ``PassResult(gm, modified)``; the report of what it did
+    is ``pass.report`` and ``sugarize.report_of(gm)``. ``requires``: a GraphModule.
+    ``ensures``: no ReLU site the config selects is left unconverted.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(model)
+        >>> result = SugarizePass(SugarConfig("nelu"))(gm)
+        >>> result.modified, sugarize.report_of(result.graph_module).summary()
+    """
+
+    def __init__(self, config: SugarConfig | None = None):
+        super().__init__()
+        self.config = config or SugarConfig()
+        self.report: Report | None = None
+
+    def requires(self, graph_module: nn.Module) -> None:
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            raise ParameterError(f"SugarizePass works on a torch.fx.GraphModule, not {type(graph_module).__name__}; "
+                                 "use sugarize.sugarize(model) for any module")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        self.report = convert_graph(graph_module.graph, dict(graph_module.named_modules()), self.config)
+        graph_module.recompile()
+        graph_module.meta["sugarize"] = {"config": self.config.to_dict(), "report": self.report}
+        return PassResult(graph_module, bool(self.report.by_status("converted")))
+
+    def ensures(self, graph_module: nn.Module) -> None:
+        left = [node.name for node, match, convert, _ in plan_sites(
+            graph_module.graph, dict(graph_module.named_modules()), self.config) if match is not None and convert]
+        if left:
+            raise InternalError(f"SugarizePass left selected ReLU sites unconverted: {', '.join(left)}")

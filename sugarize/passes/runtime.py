@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ..method.op import OP
+from ..modes import eval_mode
 from .match import relu_call
 
 __all__ = ["ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
@@ -81,14 +82,9 @@ class ReluCounter(TorchFunctionMode):
 
 def count_relu_calls(model: nn.Module, args=(), kwargs=None) -> ReluCounter:
     """Runs ``model(*args, **kwargs)`` once in eval mode without grad and counts its calls."""
-    was = model.training
-    model.eval()
     counter = ReluCounter(model)
-    try:
-        with torch.no_grad(), counter:
-            model(*args, **(kwargs or {}))
-    finally:
-        model.train(was)
+    with torch.no_grad(), eval_mode(model), counter:
+        model(*args, **(kwargs or {}))
     return counter
 
 

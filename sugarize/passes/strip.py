@@ -7,6 +7,7 @@ import copy as _copy
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import StripError
 from ..method.op import OP
@@ -14,7 +15,7 @@ from .capture import keep_non_persistent
 from .match import module_path
 from .report import Report, Site
 
-__all__ = ["strip", "strip_", "count_sugar"]
+__all__ = ["strip", "strip_", "count_sugar", "StripPass"]
 
 
 def count_sugar(model: nn.Module) -> int:
@@ -95,3 +96,24 @@ def strip(model: nn.Module, *, copy: bool = True) -> nn.Module:
     if isinstance(getattr(out, "meta", None), dict):
         out.meta["sugarize_strip"] = report
     return out
+
+
+class StripPass(PassBase):
+    """Replaces every SUGAR node of a GraphModule with ``torch.relu``, in place (a torch.fx pass).
+
+    ``StripPass()(gm)`` returns ``PassResult(gm, modified)``; ``pass.report`` lists the stripped
+    sites. ``ensures``: no SUGAR node is left (``StripError``, a bug of ours, otherwise).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.report: Report | None = None
+
+    def call(self, graph_module: nn.Module) -> PassResult:
+        self.report = strip_(graph_module)
+        return PassResult(graph_module, bool(self.report.sites))
+
+    def ensures(self, graph_module: nn.Module) -> None:
+        left = count_sugar(graph_module)
+        if left:
+            raise StripError(f"StripPass left {left} SUGAR node(s)")

@@ -16,6 +16,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..errors import InputError, first_line
+from ..modes import eval_mode
 from ..passes.capture import capture
 from ..passes.match import is_sugar, match_node, module_path
 
@@ -145,8 +146,7 @@ def audit(model: nn.Module, batches: Iterable[Any]) -> AuditReport:
     """
     recorder = _Recorder()
     gm, sites = _instrument(model, recorder)
-    gm.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(gm):  # gm shares the model's submodules: their modes come back
         for batch in batches:
             inputs = _first(batch)
             try:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DataFileError, DivergenceError, ParameterError, first_line
+from ..modes import eval_mode
 
 OPTIM_PREFIX = "__optim__."
 
@@ -135,17 +136,14 @@ class EpochResult:
 
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in eval mode over ``loader``."""
-    was = model.training
-    model.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for x, y in _batches(loader, "val_loader()"):
             out, loss = _forward_loss(model, loss_fn, x, y, "val_loader()")
             loss_sum += float(loss) * len(y)
             if out.dim() == 2 and y.dim() == 1:
                 correct += int((out.argmax(1) == y).sum())
             total += len(y)
-    model.train(was)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 

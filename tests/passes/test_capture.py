@@ -89,7 +89,7 @@ def test_runtime_path_gradient_equals_the_graph_paths():
 def test_untraceable_model_without_fallback_is_a_clear_error():
     model, args, _ = ZOO.build("data_dependent")
     with pytest.raises(sugarize.SugarizeError, match="cannot trace DataDependent"):
-        sugarize.sugarize(model, fallback=False)
+        sugarize.sugarize(model, capture="fx")
     with pytest.raises(sugarize.SugarizeError, match="include, exclude and relufy need a traced graph"):
         sugarize.sugarize(model, exclude=["a"])
 

@@ -314,7 +314,7 @@ def test_not_a_module_and_untraceable_model_are_clear_errors():
             return x
 
     with pytest.raises(sugarize.SugarizeError, match="symbolic_trace cannot trace Dynamic"):
-        sugarize.sugarize(Dynamic(), fallback=False)
+        sugarize.sugarize(Dynamic(), capture="fx")
     assert sugarize.sugarize(Dynamic()).meta["sugarize"]["report"].capture == "runtime"
 
 
