@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import ExportError
+from ..errors import ExportError, InternalError
 from ..modes import eval_mode
 from ..files.fsutil import atomic_path
-from ..passes.strip import count_sugar, strip
+from ..passes.strip import count_sugar, has_sugar, strip
 
 __all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "file_opset", "MIN_OPSET"]
 
@@ -165,7 +165,7 @@ def export_onnx(
     """
     example_args = tuple(example_args)
     stripped_sites = count_sugar(model)
-    plain = strip(model) if stripped_sites else model
+    plain = strip(model) if has_sugar(model) else model
     with eval_mode(plain):  # the caller's model gets its own train/eval modes back
         return _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, force)
 
@@ -174,8 +174,8 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
             dynamic_batch: bool, force: bool) -> ExportResult:
     import onnx
 
-    if count_sugar(plain):  # pragma: no cover - strip guarantees it
-        raise ExportError("refusing to export: a SUGAR node is left after strip")
+    if has_sugar(plain):  # pragma: no cover - strip guarantees it
+        raise InternalError("refusing to export: SUGAR is left after strip")
     if dynamic_batch:
         example_args = tuple(
             torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a

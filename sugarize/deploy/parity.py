@@ -121,12 +121,12 @@ def compare_graphs(proto, reference_proto) -> GraphCheck:
     ops = [n.op_type for n in proto.graph.node]
     ref = [n.op_type for n in reference_proto.graph.node]
     nonstd = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    first = ""
-    if ops != ref:
-        i = next((i for i, (a, b) in enumerate(zip(ops, ref)) if a != b), min(len(ops), len(ref)))
-        a = ops[i] if i < len(ops) else "<end>"
-        b = ref[i] if i < len(ref) else "<end>"
-        first = f"node {i}: {a} (original: {b})"
+    from .structure import first_node_difference
+
+    def sigs(p):
+        return [(n.op_type, n.domain or "ai.onnx", ()) for n in p.graph.node]
+
+    first = first_node_difference(sigs(proto), sigs(reference_proto), "op type of node") or ""
     return GraphCheck(ops == ref, not nonstd, ops, ref, nonstd, first)
 
 
@@ -278,10 +278,11 @@ def _run_batches(runner, default_runner, references, example_args, batches, seed
 
 
 def _merge(results: list[OutputParity]) -> list[OutputParity]:
-    """One row per (output, reference): worst figures over all batches."""
-    rows: dict[tuple[str, str], OutputParity] = {}
+    """One row per (output, reference, shape): worst figures over the batches of that shape
+    (with a dynamic batch, batch 1 and batch 8 each get their rows)."""
+    rows: dict[tuple, OutputParity] = {}
     for r in results:
-        key = (r.name, r.reference)
+        key = (r.name, r.reference, tuple(r.shape))
         if key not in rows:
             rows[key] = r
             continue

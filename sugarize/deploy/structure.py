@@ -94,7 +94,8 @@ def _describe(i: int, sig: tuple | None) -> str:
     return f"{d}{op}({shown})" if shown else f"{d}{op}"
 
 
-def _first_node_difference(a: list[tuple], b: list[tuple], what: str) -> str | None:
+def first_node_difference(a: list[tuple], b: list[tuple], what: str) -> str | None:
+    """Where two lists of node signatures first differ, described; None if they are equal."""
     for i in range(max(len(a), len(b))):
         x = a[i] if i < len(a) else None
         y = b[i] if i < len(b) else None
@@ -130,7 +131,7 @@ def compare_structure(path, reference_path, *, optimized: bool = True) -> Struct
     if outs_a != outs_b:
         diffs.append(f"outputs: {outs_a} (reference: {outs_b})")
     nodes_a, nodes_b = [_node_sig(n) for n in a.graph.node], [_node_sig(n) for n in b.graph.node]
-    d = _first_node_difference(nodes_a, nodes_b, "graph")
+    d = first_node_difference(nodes_a, nodes_b, "graph")
     if d:
         diffs.append(d)
     init_a = [(tuple(t.dims), t.data_type) for t in a.graph.initializer]
@@ -146,7 +147,7 @@ def compare_structure(path, reference_path, *, optimized: bool = True) -> Struct
             ob = optimized_model(reference_path, Path(tmp) / "b.onnx")
         sa, sb = [_node_sig(n) for n in oa.graph.node], [_node_sig(n) for n in ob.graph.node]
         opt_nodes = len(sa)
-        d = _first_node_difference(sa, sb, "ORT_ENABLE_ALL")
+        d = first_node_difference(sa, sb, "ORT_ENABLE_ALL")
         opt_equal = d is None
         if d:
             diffs.append(d)

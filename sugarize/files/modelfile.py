@@ -31,10 +31,6 @@ class LoadedModel:
     sha256: str
     module: Any = field(repr=False, default=None)
 
-    @property
-    def spec(self) -> str:
-        return f"{self.path}:{self.name}"
-
 
 def _split_spec(spec: str) -> tuple[Path, str | None]:
     text = str(spec)

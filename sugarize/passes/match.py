@@ -178,9 +178,9 @@ def scripted_sites(model: nn.Module) -> list:
             calls = 0
         if calls:
             sites.append((path, calls))
-    return [Site(path, "TorchScript", "relu", f"{n} call(s)", "skipped",
+    return [Site(path, "TorchScript", "relu", "", "skipped",
                  f"inside a TorchScript module (torch.jit.script/trace): {n} ReLU call(s) compiled there cannot be "
-                 "rewritten; convert the Python module before scripting it")
+                 "rewritten; convert the Python module before scripting it", calls=n)
             for path, n in sites]
 
 

@@ -16,12 +16,14 @@ class Site:
         path: dotted module path of the call ("" is the model itself).
         spelling: how the model spells it ("nn.ReLU(inplace=True)", "F.relu", ...).
         kind: "relu", or the activation a relufied site replaced ("gelu", "silu", ...).
-        node: the fx node name, unique within the graph.
+        node: the fx node name, unique within the graph ("" for a site found at runtime).
         status: "converted", "sugar" (already SUGAR), "convertible" (inspect only),
             "skipped" or "stripped".
         reason: why a site was skipped, or what to know about it.
         surrogate: the surrogate it uses (or would use), "" if none.
         forward_changed: True for relufied sites, whose forward is no longer the original.
+        calls: for a site found at runtime (or inside TorchScript), how many calls it made in
+            one forward pass; None for a graph node.
     """
 
     path: str
@@ -32,6 +34,7 @@ class Site:
     reason: str = ""
     surrogate: str = ""
     forward_changed: bool = False
+    calls: int | None = None
 
 
 @dataclass
@@ -45,10 +48,6 @@ class Report:
 
     def by_status(self, status: str) -> list[Site]:
         return [s for s in self.sites if s.status == status]
-
-    @property
-    def relu_sites(self) -> list[Site]:
-        return [s for s in self.sites if s.kind == "relu"]
 
     @property
     def converted(self) -> list[Site]:

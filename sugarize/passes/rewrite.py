@@ -260,8 +260,8 @@ def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs:
                       "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu),
                       "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp), n in after.sites.items()]}
     if report.capture == "runtime":
-        report.sites = [Site(path, spelling, "relu", f"{n} call(s)", "converted", "converted at runtime",
-                             converted.meta["sugarize"]["config"]["surrogate"])
+        report.sites = [Site(path, spelling, "relu", "", "converted", "converted at runtime",
+                             converted.meta["sugarize"]["config"]["surrogate"], calls=n)
                         for (path, spelling), n in before.sites.items()]
     if after.relu_calls:
         names = ", ".join(report.runtime["unconverted_sites"])
@@ -325,11 +325,11 @@ def inspect(
 
         counts = count_relu_calls(model, tuple(example_args))
         status = "sugar" if is_runtime(model) else "convertible"
-        sites = [Site(path, sp, "relu", f"{n} call(s)", status, "found at runtime", cfg.surrogate)
+        sites = [Site(path, sp, "relu", "", status, "found at runtime", cfg.surrogate, calls=n)
                  for (path, sp), n in counts.sites.items()]
         if is_runtime(model):
-            sites = [Site("", "runtime", "relu", f"{counts.sugar} call(s)", "sugar", "converted at runtime",
-                          cfg.surrogate)]
+            sites = [Site("", "runtime", "relu", "", "sugar", "converted at runtime", cfg.surrogate,
+                          calls=counts.sugar)]
         return Report(sites=sites + scripted_sites(model), capture="runtime",
                       notes=[f"not traceable ({str(exc).split('. Mark')[0]})"])
     sites = []

@@ -15,16 +15,22 @@ from .capture import keep_non_persistent
 from .match import module_path
 from .report import Report, Site
 
-__all__ = ["strip", "strip_", "count_sugar", "StripPass"]
+__all__ = ["strip", "strip_", "count_sugar", "has_sugar", "StripPass"]
 
 
 def count_sugar(model: nn.Module) -> int:
-    """SUGAR nodes in every GraphModule inside ``model``, plus one per runtime-path module."""
+    """SUGAR op nodes in the graphs of ``model`` (every GraphModule inside it).
+
+    A model converted on the runtime path has no graph: its ReLU calls become SUGAR as they
+    run (``has_sugar`` tells whether a model holds SUGAR of either kind)."""
+    return sum(len(_sugar_nodes(m)) for m in model.modules() if isinstance(m, torch.fx.GraphModule))
+
+
+def has_sugar(model: nn.Module) -> bool:
+    """Whether ``model`` computes SUGAR anywhere: graph nodes, or runtime-path hooks."""
     from .runtime import is_runtime
 
-    modules = list(model.modules())
-    return sum(len(_sugar_nodes(m)) for m in modules if isinstance(m, torch.fx.GraphModule)) + sum(
-        1 for m in modules if is_runtime(m))
+    return count_sugar(model) > 0 or any(is_runtime(m) for m in model.modules())
 
 
 def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -64,9 +70,8 @@ def strip_(model: nn.Module) -> Report:
             gm.recompile()
         if isinstance(gm.meta.get("sugarize"), dict):
             gm.meta["sugarize"] = {**gm.meta["sugarize"], "stripped": True}
-    left = count_sugar(model)
-    if left:
-        raise StripError(f"strip left {left} SUGAR node(s) in the model; please report this as a bug")
+    if has_sugar(model):
+        raise StripError(f"strip left SUGAR in the model ({count_sugar(model)} graph node(s))")
     return Report(sites=sites, capture="graph")
 
 
@@ -114,6 +119,5 @@ class StripPass(PassBase):
         return PassResult(graph_module, bool(self.report.sites))
 
     def ensures(self, graph_module: nn.Module) -> None:
-        left = count_sugar(graph_module)
-        if left:
-            raise StripError(f"StripPass left {left} SUGAR node(s)")
+        if has_sugar(graph_module):
+            raise StripError(f"StripPass left SUGAR in the model ({count_sugar(graph_module)} graph node(s))")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -131,7 +131,6 @@ class EpochResult:
     val_loss: float | None = None
     val_accuracy: float | None = None
     dead_fraction: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:

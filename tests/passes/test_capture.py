@@ -142,10 +142,13 @@ def _mlp():
 
 
 def test_converted_models_pickle_and_deepcopy():
+    from sugarize.passes.strip import has_sugar
+
     x = torch.randn(8, 16)
     for sm in (sugarize.sugarize(_mlp()), sugarize.sugarize(ZOO.build("data_dependent")[0])):
         for clone in (copy.deepcopy(sm), pickle.loads(pickle.dumps(sm))):
-            assert sugarize.count_sugar(clone) == sugarize.count_sugar(sm) > 0
+            assert sugarize.count_sugar(clone) == sugarize.count_sugar(sm)  # graph nodes (0 on the runtime path)
+            assert has_sugar(clone) and has_sugar(sm)
             args = (x,)
             assert same_bits(clone(*args), sm(*args))
             g1, g2 = _grads(clone, args), _grads(sm, args)
@@ -237,10 +240,12 @@ def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
     model, args, _ = ZOO.build("data_dependent")
     report = sugarize.inspect(model, example_args=args)
     assert report.capture == "runtime" and {s.status for s in report.sites} == {"convertible"}
-    from sugarize.passes.runtime import count_relu_calls
-
-    calls = sum(int(s.node.split()[0]) for s in report.sites)
-    assert calls >= 2 and calls == count_relu_calls(model, args).relu_calls  # the ReLU, a branch's, maybe relu_
+    (x,) = args
+    with torch.no_grad():  # the fixture's forward by hand: nn.ReLU, one branch's ReLU, relu_ if out.sum() > 0
+        h = torch.relu(model.a(x))
+        h = torch.relu(model.b(h)) if h.mean() > 0.1 else torch.relu(model.b(-h))
+        expected = 2 + int(model.a(h).sum() > 0)
+    assert sum(s.calls for s in report.sites) == expected and all(s.node == "" for s in report.sites)
     with pytest.raises(sugarize.SugarizeError, match="cannot trace"):
         sugarize.inspect(model)
 
