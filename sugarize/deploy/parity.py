@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..modes import eval_mode
 from .runtimes import _OPT_LEVELS, _Runner
 
@@ -111,7 +111,7 @@ def _load_onnx(path):
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc, 200)
         raise InputError(f"{path} is not a valid ONNX model ({msg}); export it again") from exc
     return proto
 
@@ -259,7 +259,7 @@ def _run_batches(runner, default_runner, references, example_args, batches, seed
             except Exception as exc:
                 raise InputError(
                     f"{runtime} rejected inputs of shape {[tuple(t.shape) for t in inputs]}: "
-                    f"{str(exc).strip().splitlines()[0][:200]}"
+                    f"{first_line(exc, 200)}"
                 ) from exc
             runs += 1
             for ref_name, module in references:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import DataFileError, ExportError
+from ..errors import DataFileError, ExportError, first_line
 from ..files.fsutil import atomic_path
 
 __all__ = ["quantize_int8", "onnx_accuracy", "Int8Report"]
@@ -93,7 +93,7 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=False,
                             calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise ExportError(f"onnxruntime int8 quantisation failed: {msg}") from exc
     return Path(out_path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ExportError, InputError
+from ..errors import ExportError, InputError, first_line
 
 __all__ = ["ort_session", "ort_latency", "ort_latencies"]
 
@@ -27,7 +27,7 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise ExportError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
 
 
 class _Runner:
@@ -52,7 +52,7 @@ class _Runner:
             try:
                 self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
             except Exception as exc:
-                raise ExportError(f"OpenVINO cannot compile {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+                raise ExportError(f"OpenVINO cannot compile {path}: {first_line(exc)}") from exc
             self.inputs = [i.get_any_name() for i in self.compiled.inputs]
             self.outputs = [o.get_any_name() for o in self.compiled.outputs]
             hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..errors import CaptureError
+from ..errors import CaptureError, first_line
 
 __all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "keep_non_persistent", "Tracer"]
 
@@ -51,7 +51,7 @@ def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torc
     try:
         graph = Tracer().trace(root)
     except Exception as exc:  # tracing runs arbitrary user code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 10_000)
         raise CaptureError(
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}. "
             "Mark the untraceable code with torch.fx.wrap, or convert a traceable submodule"
