@@ -54,6 +54,29 @@ class SugarConfig:
         if self.relufy_surrogate is not None:
             check_options(self.relufy_surrogate, {}, self.negative_only, self.save)
 
+    def decide(self, kind: str, path: str) -> tuple[bool, str]:
+        """(convert?, reason) for an activation site of ``kind`` at module ``path``: one rule
+        for the fx pass and the runtime path."""
+        from fnmatch import fnmatch
+
+        if kind == "relu6":
+            return False, "ReLU6 clamps at 6: not a ReLU, left as is"
+        if kind == "leaky_relu":
+            return False, "LeakyReLU already has a gradient for x < 0: left as is"
+        if kind != "relu" and kind not in self.relufy:
+            flag = "gelu" if kind.startswith("gelu") else kind
+            return False, f"not a ReLU; relufy=('{flag}',) (--relufy {flag}) turns it into ReLU + SUGAR"
+
+        def hit(globs) -> str | None:
+            return next((g for g in globs if fnmatch(path, g) or fnmatch(path, g + ".*")), None)
+
+        if self.include and hit(self.include) is None:
+            return False, f"not under --include {', '.join(self.include)}"
+        glob = hit(self.exclude)
+        if glob is not None:
+            return False, f"excluded by {glob!r}"
+        return True, ""
+
     def surrogate_for(self, kind: str) -> tuple[str, list[float]]:
         """(surrogate, parameter list) used at a site of activation ``kind``."""
         from ..method.surrogates import resolve_params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatch
 from typing import Any, Iterable
 
 import torch
@@ -21,32 +20,6 @@ from .report import Report, Site
 __all__ = ["sugarize", "inspect", "plan_sites", "SugarizePass", "convert_graph"]
 
 
-def _selected(path: str, cfg: SugarConfig) -> tuple[bool, str]:
-    def hit(globs: Iterable[str]) -> str | None:
-        for g in globs:
-            if fnmatch(path, g) or fnmatch(path, g + ".*"):
-                return g
-        return None
-
-    if cfg.include and hit(cfg.include) is None:
-        return False, f"not under --include {', '.join(cfg.include)}"
-    g = hit(cfg.exclude)
-    if g is not None:
-        return False, f"excluded by {g!r}"
-    return True, ""
-
-
-def _decide(match: Match, path: str, cfg: SugarConfig) -> tuple[bool, str]:
-    if match.kind == "relu6":
-        return False, "ReLU6 clamps at 6: not a ReLU, left as is"
-    if match.kind == "leaky_relu":
-        return False, "LeakyReLU already has a gradient for x < 0: left as is"
-    if match.kind != "relu" and match.kind not in cfg.relufy:
-        flag = "gelu" if match.kind.startswith("gelu") else match.kind
-        return False, f"not a ReLU; relufy=('{flag}',) (--relufy {flag}) turns it into ReLU + SUGAR"
-    return _selected(path, cfg)
-
-
 def plan_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: SugarConfig):
     """(node, match, convert?, reason) for each activation node, and the SUGAR nodes."""
     for node in graph.nodes:
@@ -56,7 +29,7 @@ def plan_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: SugarC
         match = match_node(node, modules)
         if match is None:
             continue
-        convert, reason = _decide(match, module_path(node), cfg)
+        convert, reason = cfg.decide(match.kind, module_path(node))
         yield node, match, convert, reason
 
 
