@@ -15,6 +15,8 @@ MODELS = FIXTURES / "models"
 
 def load_fixture(name: str):
     """Import fixtures/models/<name>.py as a module (as a user's model file)."""
+    if f"fixture_{name}" in sys.modules:  # once per process: classes stay the same objects (pickle)
+        return sys.modules[f"fixture_{name}"]
     path = MODELS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"fixture_{name}", path)
     mod = importlib.util.module_from_spec(spec)

@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from ..method.op import OP
 
-__all__ = ["Match", "match_node", "relu_call", "scripted_sites", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
+__all__ = ["Match", "match_node", "relu_call", "activation_call", "module_kind", "scripted_sites", "module_path", "is_sugar", "may_alias", "HF_ACTIVATIONS"]
 
 # Hugging Face transformers' activation classes (what ``ACT2FN[config.hidden_act]`` returns),
 # matched by class name so that copies of them in other code bases count too.
@@ -157,6 +157,36 @@ def match_node(node: Node, modules: dict[str, nn.Module]) -> Match | None:
         hit = relu_call(getattr(torch.Tensor, str(node.target), None), node.args, node.kwargs)
         return Match("relu", hit[0], hit[1], x) if hit is not None else None
     return None
+
+
+def activation_call(func, args, kwargs) -> tuple[str, str, bool] | None:
+    """``(kind, spelling, in place)`` if ``func(*args, **kwargs)`` is an activation sugarize
+    converts (ReLU in every spelling) or can relufy (GELU, SiLU), else None: the runtime
+    path's view of the spelling table."""
+    kwargs = kwargs or {}
+    hit = relu_call(func, args, kwargs)
+    if hit is not None:
+        return "relu", hit[0], hit[1]
+    if func is F.gelu or func is _ATEN.gelu.default:
+        tanh = _given(args, kwargs, 1, "approximate", "none") == "tanh"
+        return ("gelu_tanh", "F.gelu(approximate='tanh')", False) if tanh else ("gelu", "F.gelu", False)
+    if func is F.silu or func is _ATEN.silu.default:
+        inplace = bool(_given(args, kwargs, 1, "inplace", False)) if func is F.silu else False
+        return "silu", "F.silu", inplace
+    return None
+
+
+MODULE_KINDS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu"}
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The activation an activation *module* computes (``nn.ReLU``, ``nn.GELU``, HF's classes...), or None."""
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    for cls, kind in MODULE_KINDS.items():
+        if type(module) is cls:
+            return kind
+    return HF_ACTIVATIONS.get(type(module).__name__)
 
 
 _SCRIPTED_RELU = {"aten::relu", "aten::relu_"}

@@ -188,17 +188,43 @@ def _runtime_sugarize(model: nn.Module, cfg: SugarConfig, reason: str, copy: boo
 
     from .runtime import attach
 
-    if cfg.include or cfg.exclude or cfg.relufy:
-        raise CaptureError(f"{reason} (include, exclude and relufy need a traced graph; the runtime fallback "
-                           "converts every ReLU call)")
-    surrogate, params = cfg.surrogate_for("relu")
     root = _copy.deepcopy(model) if copy else _shallow_clone(model)
-    attach(root, surrogate, list(params), cfg.negative_only, cfg.save)
-    report = Report(sites=[], capture="runtime", notes=[
-        f"not traceable ({reason.split('. Mark')[0]}); every ReLU call is converted as it runs"
-        if "asked for" not in reason else "runtime capture, as asked: every ReLU call is converted as it runs"])
+    attach(root, cfg)
+    how = "each selected activation call is converted as it runs, by the module it runs in"
+    report = Report(sites=_module_sites(root, cfg, "converted"), capture="runtime", notes=[
+        f"not traceable ({reason.split('. Mark')[0]}); {how}" if "asked for" not in reason
+        else f"runtime capture, as asked: {how}",
+        "functional calls (F.relu in a forward) are listed once example inputs are given"])
     object.__setattr__(root, "meta", {"sugarize": {"config": cfg.to_dict(), "report": report}})
     return root
+
+
+def _runtime_sites(counts, cfg: SugarConfig, status: str) -> list[Site]:
+    """One Site per (module path, spelling, kind) an ActivationCounter saw, decided by ``cfg``."""
+    sites = []
+    for (path, spelling, kind), n in counts.sites.items():
+        convert, reason = cfg.decide(kind, path)
+        sur = cfg.surrogate_for(kind)[0] if convert else ""
+        note = ("forward changes: fine-tune needed" if kind != "relu" else "found at runtime") if convert else reason
+        sites.append(Site(path, spelling, kind, "", status if convert else "skipped", note, sur,
+                          forward_changed=convert and kind != "relu", calls=n))
+    return sites
+
+
+def _module_sites(model: nn.Module, cfg: SugarConfig, status: str) -> list[Site]:
+    """The activation *modules* of a model, found without running it (path, class, decision)."""
+    from .match import module_kind
+
+    sites = []
+    for path, module in model.named_modules():
+        kind = module_kind(module)
+        if kind is None:
+            continue
+        convert, reason = cfg.decide(kind, path)
+        sur = cfg.surrogate_for(kind)[0] if convert else ""
+        sites.append(Site(path, type(module).__name__, kind, "", status if convert else "skipped", reason, sur,
+                          forward_changed=convert and kind != "relu"))
+    return sites
 
 
 def _shallow_clone(model: nn.Module) -> nn.Module:
@@ -231,11 +257,12 @@ def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs:
                             f"{first_line(exc)}") from exc
     report.runtime = {"relu_calls": before.relu_calls, "converted_calls": after.sugar,
                       "unconverted_calls": after.relu_calls, "unconverted": dict(after.relu),
-                      "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp), n in after.sites.items()]}
+                      "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp, k), n in after.sites.items()
+                                            if k == "relu"]}
     if report.capture == "runtime":
-        report.sites = [Site(path, spelling, "relu", "", "converted", "converted at runtime",
-                             converted.meta["sugarize"]["config"]["surrogate"], calls=n)
-                        for (path, spelling), n in before.sites.items()]
+        cfg = SugarConfig.from_dict(converted.meta["sugarize"]["config"])
+        report.sites = _runtime_sites(before, cfg, "converted")
+        report.notes = [n for n in report.notes if not n.startswith("functional calls")]
     if after.relu_calls:
         names = ", ".join(report.runtime["unconverted_sites"])
         report.notes.append(f"{after.relu_calls} of {before.relu_calls} ReLU calls at runtime are NOT converted "
@@ -292,14 +319,16 @@ def inspect(
     try:
         gm, strategy = capture(model)
     except CaptureError as exc:
-        if example_args is None or not isinstance(model, nn.Module):
+        if not isinstance(model, nn.Module):
             raise
+        if example_args is None:  # what can be seen without running it: the activation modules
+            return Report(sites=_module_sites(model, cfg, "convertible") + scripted_sites(model), capture="runtime",
+                          notes=[f"not traceable ({str(exc).split('. Mark')[0]}); activation modules listed by "
+                                 "path; functional calls (F.relu in a forward) are counted only with example inputs"])
         from .runtime import count_relu_calls, is_runtime
 
         counts = count_relu_calls(model, tuple(example_args))
-        status = "sugar" if is_runtime(model) else "convertible"
-        sites = [Site(path, sp, "relu", "", status, "found at runtime", cfg.surrogate, calls=n)
-                 for (path, sp), n in counts.sites.items()]
+        sites = _runtime_sites(counts, cfg, "convertible")
         if is_runtime(model):
             sites = [Site("", "runtime", "relu", "", "sugar", "converted at runtime", cfg.surrogate,
                           calls=counts.sugar)]

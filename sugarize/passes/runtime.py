@@ -1,15 +1,21 @@
-"""The runtime path: SUGAR for models no tracer can capture, and ReLU call counting.
+"""The runtime path: SUGAR for models no tracer can capture, and activation call counting.
 
 ``torch.fx.symbolic_trace`` fails on data-dependent control flow, iteration over inputs and
 much of Hugging Face's code. The runtime path needs no graph: a ``TorchFunctionMode``,
 active while the model's own ``forward`` runs (forward hooks on the root module), turns each
-ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``, ``Tensor.relu``, ``clamp(min=0)``...) into the
-SUGAR op as it executes, whatever the control flow. The model keeps its class, call
-signature, outputs and ``state_dict`` keys; ``strip`` removes the hooks.
+activation call into the SUGAR op as it executes, whatever the control flow.
+
+Each call is decided by the module it runs in: process-wide module hooks, active only during
+the root's forward, keep a stack of the running submodules' paths, so ``include``,
+``exclude`` and ``relufy`` select sites by module path exactly as on the fx path
+(``SugarConfig.decide``). ReLU in every spelling and the functional GELU/SiLU are converted
+where they are called; Hugging Face's activation classes (``NewGELUActivation``...), which
+compute their formula in several calls, are converted whole: their output is replaced by the
+SUGAR op of their input. The model keeps its class, call signature, outputs and
+``state_dict`` keys; ``strip`` removes the hooks.
 
 Costs, measured in benchmarks/results/perf.md: a Python call per torch function inside the
-forward. Limits: ``include``/``exclude`` and relufication need a graph (module paths are not
-known here), so this path converts every ReLU call.
+forward.
 """
 
 from __future__ import annotations
@@ -20,41 +26,40 @@ from torch.overrides import TorchFunctionMode
 
 from ..method.op import OP
 from ..modes import eval_mode
-from .match import relu_call
+from .config import SugarConfig
+from .match import HF_ACTIVATIONS, activation_call
 
-__all__ = ["ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
+__all__ = ["ActivationCounter", "ReluCounter", "RuntimeSugar", "attach", "detach", "count_relu_calls", "is_runtime"]
 
-class ReluCounter(TorchFunctionMode):
-    """Counts ReLU calls (by module path and spelling) and SUGAR op calls while active.
+_WHOLE = "<whole module>"  # stack marker: inside an activation module converted whole
 
-    Changes nothing. ``root`` (optional) names the module whose submodule paths are
-    recorded: process-wide module hooks keep a stack of the modules running.
-    """
+
+class _ModuleStack(TorchFunctionMode):
+    """A TorchFunctionMode that knows, at each call, the path of the submodule running it."""
 
     def __init__(self, root: nn.Module | None = None):
         super().__init__()
-        self.relu: dict[str, int] = {}
-        self.sites: dict[tuple[str, str], int] = {}
-        self.sugar = 0
-        self._names = {id(m): n for n, m in root.named_modules()} if root is not None else {}
+        self._names = {id(m): name for name, m in root.named_modules()} if root is not None else {}
         self._stack: list[str] = []
         self._handles: list = []
 
+    @property
+    def path(self) -> str:
+        return self._stack[-1] if self._stack else ""
+
+    def _push(self, module, args):
+        self._stack.append(self._names.get(id(module), self.path))
+
+    def _pop(self, module, args, output):
+        if self._stack:
+            self._stack.pop()
+
     def __enter__(self):
         if self._names:
-            from torch.nn.modules.module import (
-                register_module_forward_hook, register_module_forward_pre_hook,
-            )
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-            def push(module, args):
-                self._stack.append(self._names.get(id(module), self._stack[-1] if self._stack else ""))
-
-            def pop(module, args, output):
-                if self._stack:
-                    self._stack.pop()
-
-            self._handles = [register_module_forward_pre_hook(push),
-                             register_module_forward_hook(pop, always_call=True)]
+            self._handles = [register_module_forward_pre_hook(self._push),
+                             register_module_forward_hook(self._pop, always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -63,61 +68,130 @@ class ReluCounter(TorchFunctionMode):
         self._handles = []
         return super().__exit__(*exc)
 
+
+class ActivationCounter(_ModuleStack):
+    """Counts activation calls by (module path, spelling, kind), and SUGAR op calls, while active.
+
+    Changes nothing. ``root`` (optional) names the module whose submodule paths are recorded."""
+
+    def __init__(self, root: nn.Module | None = None):
+        super().__init__(root)
+        self.sites: dict[tuple[str, str, str], int] = {}
+        self.sugar = 0
+
+    def _push(self, module, args):
+        super()._push(module, args)
+        kind = HF_ACTIVATIONS.get(type(module).__name__)
+        if kind is not None:  # counted whole, as the runtime path converts it
+            key = (self.path, type(module).__name__, kind)
+            self.sites[key] = self.sites.get(key, 0) + 1
+            self._stack.append(_WHOLE)
+
+    def _pop(self, module, args, output):
+        if HF_ACTIVATIONS.get(type(module).__name__) is not None and self._stack:
+            self._stack.pop()
+        super()._pop(module, args, output)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        hit = relu_call(func, args, kwargs)
-        if hit is not None:
-            spelling = hit[0]
-            self.relu[spelling] = self.relu.get(spelling, 0) + 1
-            key = (self._stack[-1] if self._stack else "", spelling)
+        hit = activation_call(func, args, kwargs)
+        if hit is not None and self.path != _WHOLE:
+            key = (self.path, hit[1], hit[0])
             self.sites[key] = self.sites.get(key, 0) + 1
         elif func is OP or func is OP.overloadpacket:
             self.sugar += 1
         return func(*args, **kwargs)
 
+    def calls(self, kind: str = "relu") -> int:
+        return sum(n for (_, _, k), n in self.sites.items() if k == kind)
+
     @property
     def relu_calls(self) -> int:
-        return sum(self.relu.values())
+        return self.calls("relu")
+
+    @property
+    def relu(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, spelling, kind), n in self.sites.items():
+            if kind == "relu":
+                out[spelling] = out.get(spelling, 0) + n
+        return out
 
 
-def count_relu_calls(model: nn.Module, args=(), kwargs=None) -> ReluCounter:
+ReluCounter = ActivationCounter  # the name earlier releases exported
+
+
+def count_relu_calls(model: nn.Module, args=(), kwargs=None) -> ActivationCounter:
     """Runs ``model(*args, **kwargs)`` once in eval mode without grad and counts its calls."""
-    counter = ReluCounter(model)
+    counter = ActivationCounter(model)
     with torch.no_grad(), eval_mode(model), counter:
         model(*args, **(kwargs or {}))
     return counter
 
 
-class _SugarMode(TorchFunctionMode):
-    def __init__(self, options: tuple):
-        super().__init__()
-        self.options = options
+class _SugarMode(_ModuleStack):
+    """Turns each selected activation call into the SUGAR op, by the module it runs in."""
+
+    def __init__(self, root: nn.Module, config: SugarConfig):
+        # Module paths matter only when the config selects by path or relufies; without them no
+        # module hooks are installed (the cheapest path, and the one torch.compile traces best).
+        by_path = bool(config.include or config.exclude or config.relufy)
+        super().__init__(root if by_path else None)
+        self.config = config
+        self._options: dict[tuple[str, str], tuple | None] = {}
+
+    def options_for(self, kind: str, path: str) -> tuple | None:
+        """The SUGAR op's options for a site, or None where the config leaves it alone."""
+        key = (kind, path)
+        if key not in self._options:
+            convert, _ = self.config.decide(kind, path)
+            surrogate, params = self.config.surrogate_for(kind) if convert else (None, None)
+            self._options[key] = (surrogate, list(params), bool(self.config.negative_only),
+                                  self.config.save) if convert else None
+        return self._options[key]
+
+    def _push(self, module, args):
+        super()._push(module, args)
+        kind = HF_ACTIVATIONS.get(type(module).__name__)
+        if kind is not None and self.options_for(kind, self.path) is not None:
+            self._stack.append(_WHOLE)  # converted whole in _pop: its inner calls stay as they are
+
+    def _pop(self, module, args, output):
+        kind = HF_ACTIVATIONS.get(type(module).__name__)
+        replaced = None
+        if kind is not None and self._stack and self._stack[-1] == _WHOLE:
+            self._stack.pop()
+            replaced = OP(args[0], *self.options_for(kind, self.path))
+        super()._pop(module, args, output)
+        return replaced
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        hit = relu_call(func, args, kwargs)
-        if hit is not None:
-            x = args[0] if args else kwargs["input"]
-            y = OP(x, *self.options)
-            return x.copy_(y) if hit[1] else y
+        hit = activation_call(func, args, kwargs)
+        if hit is not None and self.path != _WHOLE:
+            options = self.options_for(hit[0], self.path)
+            if options is not None:
+                x = args[0] if args else kwargs["input"]
+                y = OP(x, *options)
+                return x.copy_(y) if hit[2] else y
         return func(*args, **kwargs)
 
 
 class RuntimeSugar:
     """Forward pre-hook and hook pair (picklable) that run the root's forward under SUGAR."""
 
-    def __init__(self, surrogate: str, params: list[float], negative_only: bool, save: str):
-        self.options = (surrogate, list(params), bool(negative_only), save)
+    def __init__(self, config: SugarConfig):
+        self.config = config
         self._modes: list[_SugarMode] = []
 
     def __getstate__(self):
-        return {"options": self.options}
+        return {"config": self.config.to_dict()}
 
     def __setstate__(self, state):
-        self.options, self._modes = state["options"], []
+        self.config, self._modes = SugarConfig.from_dict(state["config"]), []
 
     def enter(self, module, args):
-        mode = _SugarMode(self.options)
+        mode = _SugarMode(module, self.config)
         mode.__enter__()
         self._modes.append(mode)
 
@@ -129,9 +203,9 @@ class RuntimeSugar:
 _ATTR = "_sugarize_runtime"
 
 
-def attach(model: nn.Module, surrogate: str, params: list[float], negative_only: bool, save: str) -> RuntimeSugar:
-    """In place: ``model``'s forward runs with every ReLU call as SUGAR."""
-    hooks = RuntimeSugar(surrogate, params, negative_only, save)
+def attach(model: nn.Module, config: SugarConfig) -> RuntimeSugar:
+    """In place: ``model``'s forward runs with every activation call ``config`` selects as SUGAR."""
+    hooks = RuntimeSugar(config)
     model.register_forward_pre_hook(hooks.enter)
     model.register_forward_hook(hooks.exit, always_call=True)
     object.__setattr__(model, _ATTR, hooks)
@@ -139,13 +213,49 @@ def attach(model: nn.Module, surrogate: str, params: list[float], negative_only:
 
 
 def is_runtime(model: nn.Module) -> bool:
-    return isinstance(getattr(model, _ATTR, None), RuntimeSugar)
+    """Whether ``model`` computes SUGAR on the runtime path (not a stripped model's ReLU hooks)."""
+    hooks = getattr(model, _ATTR, None)
+    return isinstance(hooks, RuntimeSugar) and not isinstance(hooks, RuntimeRelu)
+
+
+class _ReluMode(_SugarMode):
+    """What strip leaves of a relufied runtime model: the relufied calls stay plain ReLU."""
+
+    def options_for(self, kind: str, path: str) -> tuple | None:
+        return None if kind == "relu" else super().options_for(kind, path)
+
+    def _pop(self, module, args, output):
+        kind = HF_ACTIVATIONS.get(type(module).__name__)
+        replaced = None
+        if kind is not None and self._stack and self._stack[-1] == _WHOLE:
+            self._stack.pop()
+            replaced = torch.relu(args[0])
+        _ModuleStack._pop(self, module, args, output)
+        return replaced
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        hit = activation_call(func, args, kwargs)
+        if hit is not None and hit[0] != "relu" and self.path != _WHOLE and self.options_for(hit[0], self.path):
+            x = args[0] if args else kwargs["input"]
+            return x.copy_(torch.relu(x)) if hit[2] else torch.relu(x)
+        return func(*args, **kwargs)
+
+
+class RuntimeRelu(RuntimeSugar):
+    """Hooks of a stripped relufied model: its relufied activations compute plain ReLU (no SUGAR)."""
+
+    def enter(self, module, args):
+        mode = _ReluMode(module, self.config)
+        mode.__enter__()
+        self._modes.append(mode)
 
 
 def detach(model: nn.Module) -> bool:
-    """In place: removes the runtime SUGAR hooks; False if there were none."""
+    """In place: removes the runtime SUGAR hooks; False if there were none. Relufied sites stay
+    ReLU (``RuntimeRelu`` hooks take their place): their forward was changed on purpose."""
     hooks = getattr(model, _ATTR, None)
-    if not isinstance(hooks, RuntimeSugar):
+    if not isinstance(hooks, RuntimeSugar) or isinstance(hooks, RuntimeRelu):
         return False
     for registry in (model._forward_pre_hooks, model._forward_hooks):
         for key, fn in list(registry.items()):
@@ -153,4 +263,9 @@ def detach(model: nn.Module) -> bool:
                 del registry[key]
                 model._forward_hooks_always_called.pop(key, None)
     object.__delattr__(model, _ATTR)
+    if hooks.config.relufy:
+        relu = RuntimeRelu(hooks.config)
+        model.register_forward_pre_hook(relu.enter)
+        model.register_forward_hook(relu.exit, always_call=True)
+        object.__setattr__(model, _ATTR, relu)
     return True
