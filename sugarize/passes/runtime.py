@@ -161,9 +161,13 @@ class _SugarMode(_ModuleStack):
         replaced = None
         if kind is not None and self._stack and self._stack[-1] == _WHOLE:
             self._stack.pop()
-            replaced = OP(args[0], *self.options_for(kind, self.path))
+            replaced = self._activation(args[0], self.options_for(kind, self.path))
         super()._pop(module, args, output)
         return replaced
+
+    def _activation(self, x: torch.Tensor, options: tuple) -> torch.Tensor:
+        """What a converted site computes: the SUGAR op."""
+        return OP(x, *options)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -172,13 +176,15 @@ class _SugarMode(_ModuleStack):
             options = self.options_for(hit[0], self.path)
             if options is not None:
                 x = args[0] if args else kwargs["input"]
-                y = OP(x, *options)
+                y = self._activation(x, options)
                 return x.copy_(y) if hit[2] else y
         return func(*args, **kwargs)
 
 
 class RuntimeSugar:
     """Forward pre-hook and hook pair (picklable) that run the root's forward under SUGAR."""
+
+    mode = _SugarMode
 
     def __init__(self, config: SugarConfig):
         self.config = config
@@ -191,7 +197,7 @@ class RuntimeSugar:
         self.config, self._modes = SugarConfig.from_dict(state["config"]), []
 
     def enter(self, module, args):
-        mode = _SugarMode(module, self.config)
+        mode = self.mode(module, self.config)
         mode.__enter__()
         self._modes.append(mode)
 
@@ -224,31 +230,14 @@ class _ReluMode(_SugarMode):
     def options_for(self, kind: str, path: str) -> tuple | None:
         return None if kind == "relu" else super().options_for(kind, path)
 
-    def _pop(self, module, args, output):
-        kind = HF_ACTIVATIONS.get(type(module).__name__)
-        replaced = None
-        if kind is not None and self._stack and self._stack[-1] == _WHOLE:
-            self._stack.pop()
-            replaced = torch.relu(args[0])
-        _ModuleStack._pop(self, module, args, output)
-        return replaced
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        hit = activation_call(func, args, kwargs)
-        if hit is not None and hit[0] != "relu" and self.path != _WHOLE and self.options_for(hit[0], self.path):
-            x = args[0] if args else kwargs["input"]
-            return x.copy_(torch.relu(x)) if hit[2] else torch.relu(x)
-        return func(*args, **kwargs)
+    def _activation(self, x: torch.Tensor, options: tuple) -> torch.Tensor:
+        return torch.relu(x)
 
 
 class RuntimeRelu(RuntimeSugar):
     """Hooks of a stripped relufied model: its relufied activations compute plain ReLU (no SUGAR)."""
 
-    def enter(self, module, args):
-        mode = _ReluMode(module, self.config)
-        mode.__enter__()
-        self._modes.append(mode)
+    mode = _ReluMode
 
 
 def detach(model: nn.Module) -> bool:
