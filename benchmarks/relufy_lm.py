@@ -35,7 +35,6 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from _common import machine, machine_line, md_table, mean_std, write  # noqa: E402
 
