@@ -29,6 +29,10 @@ class SugarizeError(Exception):
     exit_code = 2
 
 
+class SugarizeWarning(UserWarning):
+    """What a user must know that is not an error: a result that needs an action of theirs."""
+
+
 class InputError(SugarizeError):
     """Input that is missing, malformed, or rejected by the model: example inputs, files, options."""
 

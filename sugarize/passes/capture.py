@@ -1,4 +1,4 @@
-"""Capture a user's model as an fx GraphModule over a private copy of it."""
+"""A private copy of a user's model to convert: deep, or a tree sharing its tensors; and the fx capture."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from ..errors import CaptureError, first_line
 
-__all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "keep_non_persistent", "Tracer"]
+__all__ = ["capture", "trace_graph", "graph_module", "restore_state_keys", "keep_non_persistent", "Tracer", "tree_clone",
+           "private_copy"]
 
 
 class Tracer(torch.fx.Tracer):
@@ -22,9 +23,9 @@ class Tracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .match import HF_ACTIVATIONS
+        from .activations import hf_kind
 
-        return type(m).__name__ in HF_ACTIVATIONS or super().is_leaf_module(m, qualname)
+        return hf_kind(m) is not None or super().is_leaf_module(m, qualname)
 
 
 def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torch.fx.Graph, str]:
@@ -120,3 +121,36 @@ def keep_non_persistent(gm: nn.Module, root: nn.Module) -> None:
                 continue
             if name in owner._buffers:
                 owner._non_persistent_buffers_set.add(name)
+
+
+def tree_clone(model: nn.Module) -> nn.Module:
+    """A new module tree of ``model``'s classes sharing its parameters and buffers (no tensor is
+    copied): swapping modules or adding hooks in the clone leaves ``model`` unchanged. Hugging
+    Face configs are copied too, so a stripped clone's config can change alone."""
+    clones: dict[int, nn.Module] = {}
+    configs: dict[int, object] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in clones:
+            return clones[id(m)]
+        new = object.__new__(type(m))
+        clones[id(m)] = new
+        state = dict(m.__dict__)
+        for name, value in state.items():
+            if isinstance(value, dict) and name.startswith("_"):  # _parameters, _buffers, hook registries
+                state[name] = type(value)(value)
+            elif isinstance(value, set) and name.startswith("_"):
+                state[name] = set(value)
+        state["_modules"] = {k: (clone(v) if v is not None else None) for k, v in m._modules.items()}
+        config = state.get("config")
+        if config is not None and hasattr(config, "to_dict") and hasattr(config, "save_pretrained"):
+            state["config"] = configs.setdefault(id(config), _copy.deepcopy(config))
+        new.__dict__.update(state)
+        return new
+
+    return clone(model)
+
+
+def private_copy(model: nn.Module, copy: bool) -> nn.Module:
+    """A model a pass may change: a deep copy, or with ``copy=False`` a ``tree_clone`` sharing tensors."""
+    return _copy.deepcopy(model) if copy else tree_clone(model)

@@ -9,10 +9,9 @@ from typing import Any, Mapping
 from ..errors import ParameterError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
-__all__ = ["SugarConfig", "RELUFY_KINDS"]
+from .activations import ACTIVATIONS, relufy_kinds
 
-# Activations that `relufy` may turn into ReLU + SUGAR, and the surrogate each keeps by default.
-RELUFY_KINDS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+__all__ = ["SugarConfig"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,11 @@ class SugarConfig:
         for the fx pass and the runtime path."""
         from fnmatch import fnmatch
 
-        if kind == "relu6":
-            return False, "ReLU6 clamps at 6: not a ReLU, left as is"
-        if kind == "leaky_relu":
-            return False, "LeakyReLU already has a gradient for x < 0: left as is"
+        row = ACTIVATIONS[kind]
+        if row.skip:
+            return False, row.skip
         if kind != "relu" and kind not in self.relufy:
-            flag = "gelu" if kind.startswith("gelu") else kind
-            return False, f"not a ReLU; relufy=('{flag}',) (--relufy {flag}) turns it into ReLU + SUGAR"
+            return False, f"not a ReLU; relufy=('{row.relufy}',) (--relufy {row.relufy}) turns it into ReLU + SUGAR"
 
         def hit(globs) -> str | None:
             return next((g for g in globs if fnmatch(path, g) or fnmatch(path, g + ".*")), None)
@@ -83,7 +80,7 @@ class SugarConfig:
 
         if kind == "relu":
             return self.surrogate, list(self.params.values())
-        name = self.relufy_surrogate or RELUFY_KINDS[kind]
+        name = self.relufy_surrogate or ACTIVATIONS[kind].surrogate
         return name, list(resolve_params(name).values())
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,12 +114,9 @@ def _expand_relufy(kinds) -> list[str]:
     out = []
     for kind in kinds:
         kind = kind.strip().lower()
-        if kind == "gelu":
-            out += ["gelu", "gelu_tanh"]
-        elif kind in RELUFY_KINDS:
-            out.append(kind)
-        else:
-            raise ParameterError(
-                f"relufy: unknown activation {kind!r}; choose from gelu, silu"
-            )
+        kinds = relufy_kinds(kind) or ([kind] if kind in ACTIVATIONS and ACTIVATIONS[kind].relufy else [])
+        if not kinds:
+            words = sorted({row.relufy for row in ACTIVATIONS.values() if row.relufy})
+            raise ParameterError(f"relufy: unknown activation {kind!r}; choose from {', '.join(words)}")
+        out += kinds
     return out

@@ -24,6 +24,7 @@ class Site:
         forward_changed: True for relufied sites, whose forward is no longer the original.
         calls: for a site found at runtime (or inside TorchScript), how many calls it made in
             one forward pass; None for a graph node.
+        capture: the capture path that found it: "fx", "modules" or "calls" ("" inside TorchScript).
     """
 
     path: str
@@ -35,6 +36,7 @@ class Site:
     surrogate: str = ""
     forward_changed: bool = False
     calls: int | None = None
+    capture: str = ""
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Report:
     """Every activation site of a model and what a pass did with it."""
 
     sites: list[Site] = field(default_factory=list)
-    capture: str = "symbolic_trace"
+    capture: str = "fx"  # the capture= option's word for the path taken: "fx" or "modules"
     notes: list[str] = field(default_factory=list)
     runtime: dict[str, Any] | None = None  # ReLU calls counted in one forward pass, when inputs were given
 
@@ -101,14 +103,19 @@ class Report:
 
 
 def report_of(model: Any) -> Report:
-    """The report of the ``sugarize`` pass that produced ``model`` (fx or runtime capture).
+    """The report of the last sugarize pass over ``model``: ``sugarize`` (every converted site) or
+    ``strip`` (every stripped site), on every capture path. It lives in one place,
+    ``model.meta["sugarize"]["report"]``; a stripped model keeps it as plain data (``to_dict``),
+    so no sugarize object is left in it.
 
     Raises:
-        InputError: ``model`` is not the result of ``sugarize.sugarize``.
+        InputError: ``model`` did not come from ``sugarize.sugarize`` or ``sugarize.strip``.
     """
     from ..errors import InputError
 
     report = (getattr(model, "meta", None) or {}).get("sugarize", {}).get("report")
+    if isinstance(report, dict):
+        return Report.from_dict(report)
     if not isinstance(report, Report):
         raise InputError(f"{type(model).__name__} was not produced by sugarize.sugarize: it has no report; "
                          "call sugarize.inspect(model) to list its activation sites")

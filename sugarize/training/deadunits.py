@@ -17,8 +17,7 @@ import torch.nn as nn
 
 from ..errors import InputError, first_line
 from ..modes import eval_mode
-from ..passes.capture import capture
-from ..passes.match import is_sugar, match_node, module_path
+from ..passes.paths import instrument
 
 __all__ = ["audit", "AuditReport", "SiteAudit"]
 
@@ -78,13 +77,18 @@ class AuditReport:
 
 
 class _Recorder:
+    """Firing counts and zeros per site in the order first seen. A site's key starts with
+    (path, spelling, kind); the fx path adds the node's name."""
+
     def __init__(self):
-        self.fires: dict[int, torch.Tensor] = {}
-        self.zeros: dict[int, int] = {}
-        self.elements: dict[int, int] = {}
+        self.fires: dict[tuple, torch.Tensor] = {}
+        self.zeros: dict[tuple, int] = {}
+        self.elements: dict[tuple, int] = {}
         self.samples = 0
 
-    def record(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def record(self, index: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            return
         x, y = x.detach(), y.detach()
         if x.dim() < 2:
             return
@@ -94,31 +98,10 @@ class _Recorder:
         else:
             per_sample = pos.flatten(1, -2).any(1) if x.dim() == 3 else pos  # N, units
         counts = per_sample.sum(0).to(torch.int64)
+        index = (*index, counts.numel())  # one site called on inputs of other widths is another site
         self.fires[index] = self.fires[index] + counts if index in self.fires else counts
         self.zeros[index] = self.zeros.get(index, 0) + int((y == 0).sum())
         self.elements[index] = self.elements.get(index, 0) + y.numel()
-
-
-def _instrument(model: nn.Module, recorder: _Recorder):
-    gm, _ = capture(model)
-    modules = dict(gm.named_modules())
-    sites = []
-    for node in list(gm.graph.nodes):
-        if is_sugar(node):
-            info = node.meta.get("sugarize", {})
-            spelling, kind, x = "SUGAR " + str(node.args[1]), info.get("kind", "relu"), node.args[0]
-            path = info.get("path", module_path(node))
-        else:
-            match = match_node(node, modules)
-            if match is None or match.input is None:
-                continue
-            spelling, kind, x, path = match.spelling, match.kind, match.input, module_path(node)
-        index = len(sites)
-        sites.append((path, spelling, kind))
-        with gm.graph.inserting_after(node):
-            gm.graph.call_function(recorder.record, (index, x, node))
-    gm.recompile()
-    return gm, sites
 
 
 def _first(batch):
@@ -138,15 +121,16 @@ def audit(model: nn.Module, batches: Iterable[Any]) -> AuditReport:
     fires exactly where the ReLU it replaced fires.
 
     Args:
-        model: any model ``sugarize`` can capture; it is run in eval mode without grad.
+        model: any model, on every capture path (fx graph, or activation modules and calls
+            recorded as they run); it is run in eval mode without grad.
         batches: an iterable of ``(x, y)`` pairs or inputs ``x`` (a DataLoader, a list).
 
     Returns:
         An ``AuditReport`` with per-site and total figures, and per-unit firing counts.
     """
     recorder = _Recorder()
-    gm, sites = _instrument(model, recorder)
-    with torch.no_grad(), eval_mode(gm):  # gm shares the model's submodules: their modes come back
+    with instrument(model, recorder.record) as gm, torch.no_grad(), eval_mode(gm):
+        # gm is the model or shares its submodules: their modes come back
         for batch in batches:
             inputs = _first(batch)
             try:
@@ -158,10 +142,8 @@ def audit(model: nn.Module, batches: Iterable[Any]) -> AuditReport:
     if not recorder.samples:
         raise InputError("no batches to audit: the loader yielded nothing")
     out = []
-    for i, (path, spelling, kind) in enumerate(sites):
-        fires = recorder.fires.get(i)
-        if fires is None:
-            continue
-        out.append(SiteAudit(path, spelling, kind, fires.numel(), int((fires == 0).sum()), recorder.zeros[i],
-                             recorder.elements[i], fires.tolist()))
+    for key, fires in recorder.fires.items():
+        path, spelling, kind = key[:3]
+        out.append(SiteAudit(path, spelling, kind, fires.numel(), int((fires == 0).sum()), recorder.zeros[key],
+                             recorder.elements[key], fires.tolist()))
     return AuditReport(out, recorder.samples)

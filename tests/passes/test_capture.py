@@ -38,7 +38,7 @@ def test_zoo_model_every_relu_call_converted_outputs_identical_gradient_reaches(
     report = sm.meta["sugarize"]["report"]
     rt = report.runtime
     assert rt["relu_calls"] > 0 and rt["converted_calls"] == rt["relu_calls"] and rt["unconverted_calls"] == 0, rt
-    assert report.capture == ("runtime" if name == "data_dependent" else "symbolic_trace")
+    assert report.capture == ("modules" if name == "data_dependent" else "fx")
     sm.eval()
     assert all(same_bits(a, b) for a, b in zip(_flat(sm(*args)), _flat(model(*args))))
     g_sugar, g_relu = _grads(sm, args), _grads(model, args)
@@ -69,14 +69,13 @@ def test_zoo_stripped_export_matches_the_original(name, tmp_path):
     assert report.passed, report.summary()
 
 
-def test_runtime_path_gradient_equals_the_graph_paths():
+def test_module_path_gradient_equals_the_graph_paths():
     from sugarize.passes.config import SugarConfig
-    from sugarize.passes.rewrite import _runtime_sugarize
 
     mod = load_fixture("tiny_resnet")
     model, args = mod.build_model(), mod.example_inputs()
     cfg = SugarConfig()
-    graph, runtime = sugarize.sugarize(model, config=cfg), _runtime_sugarize(model, cfg, "forced for the test")
+    graph, runtime = sugarize.sugarize(model, config=cfg), sugarize.sugarize(model, config=cfg, capture="modules")
     assert same_bits(runtime(*args), graph(*args))
     g1, g2 = _grads(graph, args), _grads(runtime, args)
     for k in g1:
@@ -96,9 +95,9 @@ def test_unconverted_calls_are_named():
     model, args, _ = ZOO.build("relu_attention")
     sm = sugarize.sugarize(model, example_args=args, exclude=["ff.*"])
     report = sm.meta["sugarize"]["report"]
-    assert report.runtime["unconverted_calls"] == 1 and report.runtime["unconverted"] == {"F.relu": 1}
-    assert report.runtime["unconverted_sites"] == ["ff.1: F.relu x1"]
-    assert any("NOT converted" in n and "ff.1: F.relu x1" in n for n in report.notes)
+    assert report.runtime["unconverted_calls"] == 1 and report.runtime["unconverted"] == {"nn.ReLU": 1}
+    assert report.runtime["unconverted_sites"] == ["ff.1: nn.ReLU x1"]
+    assert any("NOT converted" in n and "ff.1: nn.ReLU x1" in n for n in report.notes)
 
 
 HF = {
@@ -153,13 +152,9 @@ def test_converted_models_pickle_and_deepcopy():
             assert all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
-@pytest.mark.parametrize("runtime_path", [False, True])
-def test_trains_under_torch_compile_with_the_same_gradients(runtime_path):
-    from sugarize.passes.config import SugarConfig
-    from sugarize.passes.rewrite import _runtime_sugarize
-
-    cfg = SugarConfig()
-    sm = _runtime_sugarize(_mlp(), cfg, "test") if runtime_path else sugarize.sugarize(_mlp(), config=cfg)
+@pytest.mark.parametrize("capture", ["fx", "modules"])
+def test_trains_under_torch_compile_with_the_same_gradients(capture):
+    sm = sugarize.sugarize(_mlp(), capture=capture)
     x = torch.randn(8, 16)
     eager = _grads(sm, (x,))
     compiled = torch.compile(sm)
@@ -237,7 +232,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
 def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
     model, args, _ = ZOO.build("data_dependent")
     report = sugarize.inspect(model, example_args=args)
-    assert report.capture == "runtime" and {s.status for s in report.sites} == {"convertible"}
+    assert report.capture == "modules" and {s.status for s in report.sites} == {"convertible"}
     (x,) = args
     with torch.no_grad():  # the fixture's forward by hand: nn.ReLU, one branch's ReLU, relu_ if out.sum() > 0
         h = torch.relu(model.a(x))
@@ -245,8 +240,9 @@ def test_inspect_an_untraceable_model_lists_its_runtime_relu_calls():
         expected = 2 + int(model.a(h).sum() > 0)
     assert sum(s.calls for s in report.sites) == expected and all(s.node == "" for s in report.sites)
     bare = sugarize.inspect(model)  # without inputs: the activation modules, and what it cannot see
-    assert [(s.path, s.spelling, s.status) for s in bare.sites] == [("relu", "ReLU", "convertible")]
-    assert "counted only with example inputs" in bare.notes[0]
+    assert [(s.path, s.spelling, s.status) for s in bare.sites] == [("relu", "nn.ReLU(inplace=True)", "convertible")]
+    assert any("<model> makes functional activation calls" in n and "counted only with example inputs" in n
+               for n in bare.notes), bare.notes
 
 
 def test_hugging_face_bert_on_the_runtime_path_exports_like_the_original(tmp_path):
@@ -257,7 +253,7 @@ def test_hugging_face_bert_on_the_runtime_path_exports_like_the_original(tmp_pat
     model = HF["bert"](transformers).eval()
     ids = torch.randint(0, 100, (2, 10))
     sm = sugarize.sugarize(model, example_args=(ids,))
-    assert sm.meta["sugarize"]["report"].capture == "runtime"
+    assert sm.meta["sugarize"]["report"].capture == "modules"
     orig = export_onnx(model, tmp_path / "bert.orig.onnx", (ids,))
     res = export_onnx(sm, tmp_path / "bert.sugar.onnx", (ids,))
     assert onnx_op_types(res.path) == onnx_op_types(orig.path) and onnx_op_types(res.path).count("Relu") == 2

@@ -50,7 +50,7 @@ def test_the_trainer_fine_tunes_a_relufied_model():
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(before[k], v) for k, v in sm.state_dict().items())
-    assert sugarize.report_of(sm).capture == "runtime"  # still the SUGAR model the Trainer trained
+    assert sugarize.report_of(sm).capture == "modules"  # still the SUGAR model the Trainer trained
     by_hand = _llama()
     for layer in by_hand.model.layers:
         layer.mlp.act_fn = torch.nn.ReLU()

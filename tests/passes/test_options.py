@@ -43,19 +43,19 @@ def test_keywords_that_contradict_the_config_are_an_error_not_dropped():
 
 
 def test_capture_is_explicit():
-    with pytest.raises(sugarize.SugarizeError, match="capture='jit' is not one of auto, fx, runtime"):
+    with pytest.raises(sugarize.SugarizeError, match="capture='jit' is not one of auto, fx, modules"):
         sugarize.sugarize(_mlp(), capture="jit")
     with pytest.raises(sugarize.SugarizeError):
         sugarize.sugarize(Dynamic(), capture="fx")
     model = _mlp()
-    sm = sugarize.sugarize(model, capture="runtime")
-    assert type(sm) is nn.Sequential and sugarize.report_of(sm).capture == "runtime"
+    sm = sugarize.sugarize(model, capture="modules")
+    assert type(sm) is nn.Sequential and sugarize.report_of(sm).capture == "modules"
     x = torch.randn(3, 4)
     assert same_bits(sm(x), model(x))
-    assert sugarize.report_of(sugarize.sugarize(Dynamic())).capture == "runtime"  # auto falls back
+    assert sugarize.report_of(sugarize.sugarize(Dynamic())).capture == "modules"  # auto falls back
 
 
-@pytest.mark.parametrize("capture", ["fx", "runtime"])
+@pytest.mark.parametrize("capture", ["fx", "modules"])
 def test_copy_false_shares_weights_and_never_changes_the_model(capture):
     """Before, copy=False on the runtime path hooked the caller's model itself."""
     model = _mlp() if capture == "fx" else Dynamic()
@@ -116,7 +116,7 @@ def test_the_fx_passes_are_public_torch_fx_passes():
 
 
 def test_report_of_answers_for_converted_models_only():
-    assert sugarize.report_of(sugarize.sugarize(_mlp())).capture == "symbolic_trace"
+    assert sugarize.report_of(sugarize.sugarize(_mlp())).capture == "fx"
     with pytest.raises(sugarize.SugarizeError, match="was not produced by sugarize.sugarize"):
         sugarize.report_of(_mlp())
 

@@ -91,8 +91,8 @@ def test_strip_returns_bit_identical_outputs(spellings):
     plain = sugarize.strip(sm)
     assert sugarize.count_sugar(plain) == 0 and sugarize.count_sugar(sm) == 8
     assert same_bits(plain(x), model(x)) and same_bits(sm(x), model(x))
-    assert [s.status for s in plain.meta["sugarize_strip"].sites] == ["stripped"] * 8
-    assert [s.spelling for s in plain.meta["sugarize_strip"].sites] == SPELLINGS
+    assert [s.status for s in sugarize.report_of(plain).sites] == ["stripped"] * 8
+    assert [s.spelling for s in sugarize.report_of(plain).sites] == SPELLINGS
 
 
 def test_user_model_is_untouched(spellings):
@@ -315,7 +315,7 @@ def test_not_a_module_and_untraceable_model_are_clear_errors():
 
     with pytest.raises(sugarize.SugarizeError, match="symbolic_trace cannot trace Dynamic"):
         sugarize.sugarize(Dynamic(), capture="fx")
-    assert sugarize.sugarize(Dynamic()).meta["sugarize"]["report"].capture == "runtime"
+    assert sugarize.sugarize(Dynamic()).meta["sugarize"]["report"].capture == "modules"
 
 
 def test_train_eval_mode_is_kept():
@@ -419,7 +419,7 @@ def test_relu_equivalent_spellings_convert_on_the_runtime_path_too():
     x = torch.randn(64).abs()
     sm = sugarize.sugarize(model, example_args=(x,))
     report = sm.meta["sugarize"]["report"]
-    assert report.capture == "runtime" and report.runtime["converted_calls"] == 1
+    assert report.capture == "modules" and report.runtime["converted_calls"] == 1
     assert report.runtime["unconverted_calls"] == 0 and report.sites[0].spelling == "Tensor.clamp(min=0)"
     xs = (-x).requires_grad_()
     out = sm(xs)
@@ -447,9 +447,9 @@ def test_a_torchscript_submodule_is_a_skipped_site_with_the_reason():
 
 def test_a_converted_model_failing_where_the_original_runs_is_our_bug_not_the_inputs(monkeypatch):
     from sugarize.errors import InputError, InternalError
-    from sugarize.passes import runtime
+    from sugarize.passes import callpath
 
-    real = runtime.count_relu_calls
+    real = callpath.count_calls
     calls = []
 
     def second_fails(model, args=(), kwargs=None):
@@ -458,12 +458,12 @@ def test_a_converted_model_failing_where_the_original_runs_is_our_bug_not_the_in
             raise RuntimeError("broken by the conversion")
         return real(model, args, kwargs)
 
-    monkeypatch.setattr(runtime, "count_relu_calls", second_fails)
+    monkeypatch.setattr(callpath, "count_calls", second_fails)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(InternalError, match="the converted model fails on inputs the original runs") as info:
         sugarize.sugarize(model, example_args=(torch.randn(2, 4),))
     assert info.value.exit_code == 3 and not isinstance(info.value, InputError)
-    monkeypatch.setattr(runtime, "count_relu_calls", real)
+    monkeypatch.setattr(callpath, "count_calls", real)
     with pytest.raises(InputError, match="the example inputs do not run through the model"):
         sugarize.sugarize(model, example_args=(torch.randn(2, 5),))
 

@@ -10,6 +10,7 @@ import sugarize
 
 from helpers import load_fixture, same_bits
 
+pytest.importorskip("transformers")  # the fixture uses transformers' own activation classes
 FIX = load_fixture("gelu_silu_spellings")
 
 
@@ -27,6 +28,23 @@ def test_every_spelling_is_found_and_left_alone_without_relufy():
     assert all(s.status == "skipped" and "--relufy" in s.reason for s in report.sites)
     x = FIX.example_inputs()[0]
     assert same_bits(sm(x), model(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "modules"])
+def test_a_class_named_like_a_hugging_face_activation_is_left_alone(capture):
+    """Hugging Face activation classes are matched by identity: a user class named
+    NewGELUActivation that computes tanh(x) * 3 is no GELU, on either capture path."""
+    model = FIX.build_model()
+    assert type(model.impostor).__name__ == "NewGELUActivation"
+    sm = sugarize.sugarize(model, relufy=("gelu", "silu"), capture=capture, example_args=FIX.example_inputs())
+    assert "impostor" not in {s.path for s in sugarize.report_of(sm).sites}
+    assert len(sugarize.report_of(sm).converted) == len(FIX.SPELLINGS)
+    relu_model = FIX.build_model(relu=True)  # every real activation ReLU, the impostor as it is
+    relu_model.load_state_dict(model.state_dict())
+    x = torch.randn(8, 16) * 3
+    assert same_bits(sm(x), relu_model(x))
+    if capture == "modules":
+        assert type(sm.impostor) is type(model.impostor)
 
 
 @pytest.mark.parametrize(("relufy", "expected"), [
@@ -80,7 +98,8 @@ def test_stripped_relufied_model_exports_a_pure_relu_graph(tmp_path):
     res = export_onnx(sm, tmp_path / "relufied.onnx", args)
     ops = onnx_op_types(res.path)
     assert ops.count("Relu") == len(FIX.SPELLINGS)
-    assert not {"Gelu", "Erf", "Tanh", "Sigmoid", "Pow"} & set(ops), ops
+    assert not {"Gelu", "Erf", "Sigmoid", "Pow"} & set(ops), ops
+    assert ops.count("Tanh") == 1  # the impostor's tanh(x) * 3, left alone
     relu_model = FIX.build_model(relu=True)
     relu_model.load_state_dict(model.state_dict())
     report = sugarize.verify(res.path, relu_model, args, stripped=sugarize.strip(sm))

@@ -1,0 +1,196 @@
+"""The fx path: the model traced by ``torch.fx.symbolic_trace``, each selected activation node
+rewritten into one SUGAR node in place, and back by strip.
+
+The capture-path interface (``paths.py``): ``find``, ``convert``, ``strip_``, ``count``,
+``instrument``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..method.op import OP
+from .capture import capture, graph_module, trace_graph
+from .config import SugarConfig
+from .match import Match, is_sugar, match_node, may_alias, module_path
+from .report import Report, Site
+
+__all__ = ["NAME", "find", "convert", "strip_", "count", "instrument", "plan_sites", "convert_graph"]
+
+NAME = "fx"
+
+
+def plan_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: SugarConfig):
+    """(node, match, convert?, reason) for each activation node, and the SUGAR nodes."""
+    for node in graph.nodes:
+        if is_sugar(node):
+            yield node, None, False, ""
+            continue
+        match = match_node(node, modules)
+        if match is None:
+            continue
+        convert, reason = cfg.decide(match.kind, module_path(node))
+        yield node, match, convert, reason
+
+
+def _sugar_site(node: torch.fx.Node) -> Site:
+    info = node.meta.get("sugarize", {})
+    return Site(
+        path=info.get("path", module_path(node)),
+        spelling=info.get("spelling", "sugar"),
+        kind=info.get("kind", "relu"),
+        node=node.name,
+        status="sugar",
+        surrogate=str(node.args[1]),
+        forward_changed=info.get("kind", "relu") != "relu",
+        capture=NAME,
+    )
+
+
+def _rewrite_site(graph: torch.fx.Graph, node, match: Match, cfg: SugarConfig, modules, order) -> torch.fx.Node:
+    x = match.input
+    surrogate, params = cfg.surrogate_for(match.kind)
+    info = {"path": module_path(node), "spelling": match.spelling, "kind": match.kind}
+    args = (x, surrogate, params, cfg.negative_only, cfg.save)
+    if match.inplace and may_alias(x, node, modules, order):
+        # Another name may see x: mutate it, exactly as the original in-place call did.
+        with graph.inserting_before(node):
+            new = graph.call_function(OP, args)
+            copied = graph.call_method("copy_", (x, new))
+        new.meta = {**node.meta, "sugarize": info}
+        order[new], order[copied] = order[node] - 0.5, order[node] - 0.25
+        node.replace_all_uses_with(copied)
+        graph.erase_node(node)
+        return new
+    # The node itself becomes the SUGAR call: no node created or erased, no use rewired.
+    node.op, node.target, node.args = "call_function", OP, args
+    if node.kwargs:
+        node.kwargs = {}
+    node.meta["sugarize"] = info
+    if match.inplace:
+        # x is fresh and unaliased: later readers of x read the SUGAR output instead.
+        for user in list(x.users):
+            if user is not node and order.get(user, -1) > order[node]:
+                user.replace_input_with(x, node)
+    return node
+
+
+def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: SugarConfig) -> Report:
+    """Rewrites ``graph`` in place: each selected activation call becomes a SUGAR op.
+
+    ``modules`` maps the graph's ``call_module`` targets to modules. The caller generates the
+    code afterwards (``capture.graph_module``).
+    """
+    order: dict[Any, float] = {n: float(i) for i, n in enumerate(graph.nodes)}
+    sites, rewired = [], False
+    for node, match, convert, reason in list(plan_sites(graph, modules, cfg)):
+        if match is None:
+            sites.append(_sugar_site(node))
+            continue
+        if not convert:
+            sites.append(Site(module_path(node), match.spelling, match.kind, node.name, "skipped", reason, capture=NAME))
+            continue
+        new = _rewrite_site(graph, node, match, cfg, modules, order)
+        rewired = rewired or match.inplace
+        note = "forward changes: fine-tune needed" if match.kind != "relu" else match.note
+        sites.append(
+            Site(new.meta["sugarize"]["path"], match.spelling, match.kind, new.name, "converted", note,
+                 surrogate=str(new.args[1]), forward_changed=match.kind != "relu", capture=NAME)
+        )
+    if rewired:  # in-place sites add nodes or move uses; a site rewritten in place cannot break the graph
+        graph.lint()
+    return Report(sites=sites)
+
+
+def find(model: nn.Module, cfg: SugarConfig, status: str = "convertible") -> list[Site]:
+    """Every activation node of ``model``'s graph and what ``cfg`` does with it (nothing changes).
+
+    Raises:
+        CaptureError: the model cannot be traced.
+    """
+    gm, _ = capture(model, copy=False)
+    sites = []
+    for node, match, convert_, reason in plan_sites(gm.graph, dict(gm.named_modules()), cfg):
+        if match is None:
+            sites.append(_sugar_site(node))
+        else:
+            sur = cfg.surrogate_for(match.kind)[0] if convert_ else ""
+            sites.append(Site(module_path(node), match.spelling, match.kind, node.name,
+                              status if convert_ else "skipped", reason, sur,
+                              forward_changed=convert_ and match.kind != "relu", capture=NAME))
+    return sites
+
+
+def convert(model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[nn.Module, list[Site]]:
+    """A GraphModule of ``model`` with each selected activation node a SUGAR node, and its sites.
+
+    Raises:
+        CaptureError: the model cannot be traced.
+    """
+    root, graph, _ = trace_graph(model, copy=copy)
+    report = convert_graph(graph, dict(root.named_modules()), cfg)
+    return graph_module(root, graph, model), report.sites
+
+
+def _graph_modules(model: nn.Module) -> list[torch.fx.GraphModule]:
+    return [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+
+
+def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return gm.graph.find_nodes(op="call_function", target=OP)  # an indexed lookup, not a scan
+
+
+def strip_(model: nn.Module) -> list[Site]:
+    """In place: every SUGAR node of every GraphModule in ``model`` becomes ``torch.relu``."""
+    sites = []
+    for gm in _graph_modules(model):
+        changed = False
+        for node in _sugar_nodes(gm):
+            # The node itself becomes the relu call: nothing created, erased or rewired, so
+            # the graph stays well-formed (no lint needed).
+            info = node.meta.pop("sugarize", {})
+            node.target, node.args = torch.relu, (node.args[0],)
+            if node.kwargs:
+                node.kwargs = {}
+            changed = True
+            sites.append(Site(info.get("path", module_path(node)), info.get("spelling", "sugar"),
+                              info.get("kind", "relu"), node.name, "stripped", capture=NAME))
+        if changed:
+            gm.recompile()
+    return sites
+
+
+def count(model: nn.Module) -> int:
+    """SUGAR nodes in the graphs of ``model`` (every GraphModule inside it)."""
+    return sum(len(_sugar_nodes(gm)) for gm in _graph_modules(model))
+
+
+@contextlib.contextmanager
+def instrument(model: nn.Module, record):
+    """A GraphModule over ``model``'s own submodules that calls ``record((path, spelling, kind, node),
+    x, y)`` after each activation and SUGAR node (``x`` its input, ``y`` its output).
+
+    Raises:
+        CaptureError: the model cannot be traced.
+    """
+    gm, _ = capture(model, copy=False)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if is_sugar(node):
+            info = node.meta.get("sugarize", {})
+            key = (info.get("path", module_path(node)), "SUGAR " + str(node.args[1]), info.get("kind", "relu"), node.name)
+            x = node.args[0]
+        else:
+            match = match_node(node, modules)
+            if match is None or match.input is None:
+                continue
+            key, x = (module_path(node), match.spelling, match.kind, node.name), match.input
+        with gm.graph.inserting_after(node):
+            gm.graph.call_function(record, (key, x, node))
+    gm.recompile()
+    yield gm

@@ -1,0 +1,97 @@
+"""The capture paths and the one interface they share.
+
+A capture path is one module with the same five functions:
+
+- ``find(model, cfg, status="convertible") -> list[Site]``: the sites it sees, nothing changed;
+- ``convert(model, cfg, *, copy=True) -> (converted, sites)``: never changes ``model``;
+  ``copy=False`` shares its parameters and buffers instead of copying them;
+- ``strip_(model) -> list[Site]``: in place, back to standard modules and ops;
+- ``count(model) -> int``: the SUGAR sites (or catchers) it left in ``model``;
+- ``instrument(model, record)``: a context giving a module to run that calls
+  ``record((path, spelling, kind), x, y)`` at each activation, for the audit.
+
+``fx`` (``fxpath``) rewrites a torch.fx graph; ``modules`` (``modulepath``) swaps activation
+modules; ``calls`` (``callpath``) converts functional calls as they run, only in the forwards
+that make them. ``capture="auto"`` takes fx, and where the model cannot be traced, modules
+followed by calls. ``sugarize``, ``inspect``, ``strip``, the audit and export all go through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Protocol
+
+import torch.nn as nn
+
+from ..errors import CaptureError
+from . import callpath, fxpath, modulepath
+from .config import SugarConfig
+from .report import Site
+
+__all__ = ["CapturePath", "PATHS", "CAPTURES", "convert", "strip_", "count", "holds_sugar", "instrument"]
+
+
+class CapturePath(Protocol):  # pragma: no cover - the interface, for readers and type checkers
+    NAME: str
+
+    def find(self, model: nn.Module, cfg: SugarConfig, status: str = "convertible") -> list[Site]: ...
+
+    def convert(self, model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[nn.Module, list[Site]]: ...
+
+    def strip_(self, model: nn.Module) -> list[Site]: ...
+
+    def count(self, model: nn.Module) -> int: ...
+
+    def instrument(self, model: nn.Module, record) -> ContextManager[nn.Module]: ...
+
+
+PATHS: tuple[CapturePath, ...] = (fxpath, modulepath, callpath)  # type: ignore[assignment]
+CAPTURES = ("auto", "fx", "modules")
+
+
+def convert(model: nn.Module, cfg: SugarConfig, capture: str, *, copy: bool) -> tuple[nn.Module, list[Site], str, str]:
+    """``(converted, sites, capture taken, why fx was not)`` for ``capture`` in ``CAPTURES``.
+
+    Raises:
+        CaptureError: ``capture="fx"`` and the model cannot be traced.
+    """
+    why = "capture='modules' was asked for"
+    if capture != "modules":
+        try:
+            out, sites = fxpath.convert(model, cfg, copy=copy)
+            return out, sites, fxpath.NAME, ""
+        except CaptureError as exc:
+            if capture == "fx" or not isinstance(model, nn.Module):
+                raise
+            why = str(exc).split(". Mark")[0]
+    out, sites = modulepath.convert(model, cfg, copy=copy)
+    out, more = callpath.convert(out, cfg, copy=False)  # out is already private: no tensor is copied
+    return out, sites + more, modulepath.NAME, why
+
+
+def strip_(model: nn.Module) -> list[Site]:
+    """In place: every path strips what it left in ``model``."""
+    return [site for path in PATHS for site in path.strip_(model)]
+
+
+def count(model: nn.Module) -> int:
+    """SUGAR graph nodes and SUGAR modules in ``model``."""
+    return fxpath.count(model) + modulepath.count(model)
+
+
+def holds_sugar(model: nn.Module) -> bool:
+    """Whether ``model`` computes SUGAR anywhere: graph nodes, modules, or call catchers."""
+    return any(path.count(model) for path in PATHS)
+
+
+@contextlib.contextmanager
+def instrument(model: nn.Module, record):
+    """The module to run for the audit: the fx instrumented graph, or, where the model cannot be
+    traced, the model itself with its activation modules and calls recorded."""
+    with contextlib.ExitStack() as stack:
+        try:
+            runner = stack.enter_context(fxpath.instrument(model, record))
+        except CaptureError:
+            runner = stack.enter_context(modulepath.instrument(model, record))
+            stack.enter_context(callpath.instrument(model, record))
+        yield runner
