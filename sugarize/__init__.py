@@ -20,10 +20,11 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .deploy.export import export_onnx
     from .deploy.parity import compare_graphs, verify
     from .errors import (CaptureError, CheckpointError, DataFileError, DivergenceError, ExportError, InputError,
-                         InternalError, ParityError, SugarizeError)
+                         InternalError, ParityError, SugarizeError, SugarizeWarning)
     from .files.checkpoint import load_checkpoint, save_checkpoint
     from .files.modelfile import load_model
     from .files.weights import load_weights, save_weights
+    from .method.module import SugarActivation
     from .method.op import sugar, surrogate_grad
     from .method.saved import save_error
     from .method.surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate

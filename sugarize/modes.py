@@ -1,11 +1,11 @@
-"""Train/eval modes: every call that switches a caller's model to eval mode switches it back."""
+"""Scoped modes: every call that switches a caller's model to eval mode, or its KV cache off, switches it back."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "without_kv_cache"]
 
 
 @contextlib.contextmanager
@@ -21,3 +21,25 @@ def eval_mode(*models) -> Iterator[None]:
     finally:
         for m, training in saved:
             m.training = training
+
+
+@contextlib.contextmanager
+def without_kv_cache(*models) -> Iterator[bool]:
+    """While active, every Hugging Face config in ``models`` with ``use_cache=True`` says False.
+
+    A causal LM's default config returns its KV cache as an object (``DynamicCache``) that no
+    graph export can hold; like optimum's "no-past" export, the graph is exported without it.
+    Scoped: the configs are given back as they were. Yields whether anything was changed."""
+    changed = {}
+    for model in models:
+        for module in (model.modules() if model is not None else ()):
+            config = module.__dict__.get("config")
+            if getattr(config, "use_cache", None) is True:
+                changed[id(config)] = config
+    for config in changed.values():
+        config.use_cache = False
+    try:
+        yield bool(changed)
+    finally:
+        for config in changed.values():
+            config.use_cache = True

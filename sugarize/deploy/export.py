@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, InternalError
-from ..modes import eval_mode
+from ..modes import eval_mode, without_kv_cache
 from ..files.fsutil import atomic_path
 from ..passes.strip import count_sugar, has_sugar, strip
 
@@ -114,16 +114,24 @@ def _quiet():
 
 
 def _export_failure(exc: Exception) -> str:
+    """One line naming the real cause: torch.onnx wraps torch.export's error in a page of advice."""
     import re
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if "Failed to export the model with torch.export" in first:
-        cause = next((ln.strip() for ln in text.splitlines() if "data-dependent" in ln.lower()
-                      or "GuardOnDataDependent" in ln), "")
-        hint = " (data-dependent control flow)" if cause else ""
-        return (f"torch.onnx.export failed: torch.export cannot capture the model{hint}; ONNX needs one static "
-                "graph: rewrite value-dependent if/else with torch.cond or torch.where, then export again")
+        data_dependent = any("data-dependent" in ln.lower() or "GuardOnDataDependent" in ln for ln in text.splitlines())
+        if data_dependent:
+            return ("torch.onnx.export failed: torch.export cannot capture the model (data-dependent control flow); "
+                    "ONNX needs one static graph: rewrite value-dependent if/else with torch.cond or torch.where, "
+                    "then export again")
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+        reason_line = next((ln.strip() for ln in reason if ln.strip()), type(cause).__name__)
+        if "## Exception summary" in text:  # the summary torch.onnx prints names the cause too
+            after = text.split("## Exception summary", 1)[1].strip().splitlines()
+            reason_line = after[0].strip() if after else reason_line
+        return f"torch.onnx.export failed: torch.export cannot capture the model: {reason_line[:400]}"
     return f"torch.onnx.export failed: {first[:300]}"
 
 
@@ -166,8 +174,12 @@ def export_onnx(
     example_args = tuple(example_args)
     stripped_sites = count_sugar(model)
     plain = strip(model) if has_sugar(model) else model
-    with eval_mode(plain):  # the caller's model gets its own train/eval modes back
-        return _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, force)
+    with eval_mode(plain), without_kv_cache(plain) as no_cache:  # the caller's modes and config come back
+        result = _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, force)
+    if no_cache:
+        result.notes.append("exported without the KV cache (use_cache=False for the export, as optimum's no-past "
+                            "export): the graph takes the tokens and returns the logits")
+    return result
 
 
 def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, opset: int | None,

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError, first_line
-from ..modes import eval_mode
+from ..modes import eval_mode, without_kv_cache
 from .runtimes import _OPT_LEVELS, _Runner
 
 __all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs"]
@@ -227,7 +227,7 @@ def verify(
             f"was given {len(example_args)}; check --input-shape or example_inputs()"
         )
     references = [("original", original)] + ([("stripped", stripped)] if stripped is not None else [])
-    with eval_mode(original, stripped):  # and back to the caller's modes after
+    with eval_mode(original, stripped), without_kv_cache(original, stripped):  # both given back after
         results, runs, default_worst = _run_batches(runner, default_runner, references, example_args, batches, seed,
                                                     batch_sizes, out_names, runtime, atol, rtol, allow_nonfinite)
     merged = _merge(results)

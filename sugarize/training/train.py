@@ -94,10 +94,10 @@ def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
     except Exception as exc:
         raise DataFileError(f"the model rejected a batch from {what} (x {tuple(x.shape)} {x.dtype}): "
                             f"{type(exc).__name__}: {first_line(exc, 200)}; make the batches fit the model") from exc
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor) and loss_fn is F.cross_entropy:
         raise DataFileError(f"the model returns a {type(out).__name__}, not a tensor of outputs: define "
                             "loss_fn(output, y) in the data file to compute the loss from it")
-    if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and y.numel():
+    if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and y.numel():  # out: a tensor
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= out.shape[1]:
             raise DataFileError(f"{what} yielded labels {lo}..{hi}, but the model has {out.shape[1]} outputs "
@@ -105,7 +105,8 @@ def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
     try:
         loss = loss_fn(out, y)
     except Exception as exc:
-        raise DataFileError(f"the loss rejected a batch from {what} (output {tuple(out.shape)}, y {tuple(y.shape)} "
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataFileError(f"the loss rejected a batch from {what} (output {shape}, y {tuple(y.shape)} "
                             f"{y.dtype}): {type(exc).__name__}: {first_line(exc, 200)}; class labels are int64 "
                             "indices, or define loss_fn in the data file") from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -140,7 +141,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
         for x, y in _batches(loader, "val_loader()"):
             out, loss = _forward_loss(model, loss_fn, x, y, "val_loader()")
             loss_sum += float(loss) * len(y)
-            if out.dim() == 2 and y.dim() == 1:
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and y.dim() == 1:
                 correct += int((out.argmax(1) == y).sum())
             total += len(y)
     return loss_sum / max(total, 1), correct / max(total, 1)
