@@ -43,3 +43,14 @@ def fgi(x: torch.Tensor, name: str = "bsilu", negative_only: bool = False, **par
     if negative_only:
         s = torch.where(x > 0, x, s)
     return s - s.detach() + torch.relu(x).detach()
+
+
+class FGI(torch.nn.Module):
+    """The reference activation: relu forward, the surrogate's derivative backward (``fgi``)."""
+
+    def __init__(self, name: str = "bsilu"):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return fgi(x, self.name)

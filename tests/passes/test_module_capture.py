@@ -19,21 +19,10 @@ import torch.nn.functional as F
 
 import sugarize
 
-from helpers import ROOT, fgi, load_fixture, same_bits
+from helpers import FGI, ROOT, fgi, load_fixture, same_bits
 
 transformers = pytest.importorskip("transformers")
 ZOO = load_fixture("zoo")
-
-
-class FGI(nn.Module):
-    """The reference: relu forward, the surrogate's derivative backward (forward gradient injection)."""
-
-    def __init__(self, name: str = "bsilu"):
-        super().__init__()
-        self.name = name
-
-    def forward(self, x):
-        return fgi(x, self.name)
 
 
 def _llama(**extra):

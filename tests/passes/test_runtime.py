@@ -12,20 +12,9 @@ import torch.nn.functional as F
 
 import sugarize
 
-from helpers import fgi, load_fixture, same_bits
+from helpers import FGI, fgi, load_fixture, same_bits
 
 ZOO = load_fixture("zoo")
-
-
-class FGI(nn.Module):
-    """The reference: forward gradient injection of ``name`` (relu forward, s' backward)."""
-
-    def __init__(self, name: str = "bsilu"):
-        super().__init__()
-        self.name = name
-
-    def forward(self, x):
-        return fgi(x, self.name)
 
 
 def _grads(model, args):
