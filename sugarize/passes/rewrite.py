@@ -13,7 +13,7 @@ from ..errors import CaptureError, InternalError, ParameterError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from . import callpath, fxpath, modulepath, paths
 from .match import scripted_sites
-from .report import Report, Site
+from .report import Report
 
 __all__ = ["sugarize", "inspect", "SugarizePass", "CAPTURES"]
 

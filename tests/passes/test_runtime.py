@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sugarize
 
-from helpers import FGI, fgi, load_fixture, same_bits
+from helpers import FGI, load_fixture, same_bits
 
 ZOO = load_fixture("zoo")
 
