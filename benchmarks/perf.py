@@ -48,12 +48,12 @@ SUGAR_VARIANTS = {  # (surrogate, save); None: the default (exact)
     "sugarize NeLU (default, exact)": ("nelu", None),
     "sugarize B-SiLU, opt-in save=bfloat16": ("bsilu", "bfloat16"),
     "sugarize B-SiLU, opt-in save=uint8": ("bsilu", "uint8"),
-    "sugarize B-SiLU, runtime path (default)": ("bsilu", None),
+    "sugarize B-SiLU, module path (default)": ("bsilu", None),
 }
 VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
 COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (default, exact)",
             "sugarize NeLU (default, exact)", "sugarize B-SiLU, opt-in save=uint8"]
-COMPILED_MLP = COMPILED + ["sugarize B-SiLU, runtime path (default)"]
+COMPILED_MLP = COMPILED + ["sugarize B-SiLU, module path (default)"]
 MODELS = {
     "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),
     "MLP 8x1024 (batch 256)": (lambda act: DeepMLP(8, 1024, inputs=784, act=act), (256, 784)),
@@ -66,12 +66,8 @@ def build(model_name: str, variant: str, seed: int = 0) -> nn.Module:
     if variant in SUGAR_VARIANTS:
         surrogate, save = SUGAR_VARIANTS[variant]
         options = {} if save is None else {"save": save}
-        if "runtime path" in variant:  # what untraceable models get: the TorchFunctionMode path
-            from sugarize.passes.config import SugarConfig
-            from sugarize.passes.rewrite import _runtime_sugarize
-
-            return _runtime_sugarize(make(nn.ReLU), SugarConfig(surrogate, **options), "benchmark")
-        return sugarize.sugarize(make(nn.ReLU), surrogate, **options)
+        capture = "modules" if "module path" in variant else "auto"  # what untraceable models get
+        return sugarize.sugarize(make(nn.ReLU), surrogate, capture=capture, **options)
     return make(ACTIVATIONS[variant])
 
 

@@ -181,7 +181,8 @@ def convert(model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[n
     forwards that make activation calls hooked to convert them as they run. Its sites are listed
     once example inputs are counted (``call_sites``)."""
     root = private_copy(model, copy)
-    attach(root, cfg, call_roots(root))
+    if not catchers(root):  # an already converted model keeps the catchers it has
+        attach(root, cfg, call_roots(root))
     return root, []
 
 
