@@ -64,3 +64,37 @@ def write(name: str, markdown: str, data: dict, out_dir: Path | None = None) -> 
         os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def ratio_stats(times: list[float], base: list[float]) -> dict:
+    """The median over rounds of ``times[i] / base[i]`` and its quartiles (paired rounds)."""
+    ratios = sorted(a / b for a, b in zip(times, base))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2]}
+
+
+def interleaved(steps: dict, rounds: int, baseline: str) -> tuple[dict[str, dict], dict[str, list[float]]]:
+    """Times each of ``steps`` (name -> callable) ``rounds`` times, interleaved with the order
+    rotated every round (drift and position hit all alike). Returns, per name, the median step
+    in ms and ``ratio_stats`` against ``baseline`` in the same rounds; and the raw times."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
+    out = {n: {"step_ms": 1e3 * statistics.median(times[n]), **ratio_stats(times[n], times[baseline])}
+           for n in names}
+    return out, times
+
+
+def finish(name: str, md: list[str], data: dict, start: float, out: Path | None) -> int:
+    """Adds the total time, writes ``<name>.md`` and ``.json``, prints the markdown."""
+    total = time.perf_counter() - start
+    md.append(f"Total: {total:.0f} s.")
+    data["seconds"] = total
+    md_path, _ = write(name, "\n".join(md) + "\n", data, out)
+    print("\n".join(md))
+    print(f"wrote {md_path}")
+    return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker
 
 import torch  # noqa: E402
 
-from _common import machine, machine_line, md_table, write  # noqa: E402
+from _common import finish, interleaved, machine, machine_line, md_table  # noqa: E402
 
 import sugarize  # noqa: E402
 
@@ -114,18 +113,9 @@ def measure(case: dict, repeats: int, compiled: bool) -> dict[str, dict]:
         out[name] = {"first_step_s": time.perf_counter() - t}
         step()
         steps[name] = step
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t)
-    base = case["baseline"]
+    stats, _ = interleaved(steps, repeats, case["baseline"])
     for n in names:
-        ratios = sorted(a / b for a, b in zip(times[n], times[base]))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        out[n].update(step_ms=1e3 * statistics.median(times[n]), ratio=statistics.median(ratios),
-                      ratio_q1=q[0], ratio_q3=q[2])
+        out[n].update(stats[n])
         if compiled:
             out[n]["compile_s"] = out[n]["first_step_s"] - out[n]["step_ms"] / 1e3
     return out
@@ -166,13 +156,7 @@ def main(argv=None) -> int:
         md += [f"## {case_name} (baseline: {case['baseline']})", "",
                md_table(["variant", "eager step ms", "eager ratio", "q1-q3", "first eager step s",
                          "compiled step ms", "compiled ratio", "q1-q3", "compile s"], rows), ""]
-    total = time.perf_counter() - start
-    md.append(f"Total: {total:.0f} s.")
-    data["seconds"] = total
-    md_path, _ = write("hf_step", "\n".join(md) + "\n", data, args.out)
-    print("\n".join(md))
-    print(f"wrote {md_path}")
-    return 0
+    return finish("hf_step", md, data, start, args.out)
 
 
 if __name__ == "__main__":

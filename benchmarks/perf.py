@@ -37,7 +37,7 @@ os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from _common import machine, machine_line, md_table, write  # noqa: E402
+from _common import finish, interleaved, machine, machine_line, md_table  # noqa: E402
 from models import ACTIVATIONS, ResNet18  # noqa: E402
 
 import sugarize  # noqa: E402
@@ -142,19 +142,9 @@ def timed_steps(model_name: str, variants: list[str], repeats: int, compiled: bo
                           saved_bytes=saved_bytes(model, x))
         step()
         steps[v] = step
-    times = {v: [] for v in variants}
-    for r in range(repeats):  # interleaved, the order rotated each round: drift and position hit all alike
-        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-            t = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t)
+    stats, _ = interleaved(steps, repeats, "ReLU")
     for v in variants:
-        out[v]["step_ms"] = 1e3 * statistics.median(times[v])
-        # the ratio to ReLU within each round, then the median over rounds (and the quartiles)
-        ratios = sorted(a / b for a, b in zip(times[v], times["ReLU"]))
-        out[v]["ratio"] = statistics.median(ratios)
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        out[v]["ratio_q1"], out[v]["ratio_q3"] = q[0], q[2]
+        out[v].update(stats[v])
         if compiled:
             out[v]["compile_s"] = out[v]["first_step_s"] - out[v]["step_ms"] / 1e3
     return out
@@ -284,17 +274,6 @@ KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training 
                "in every run; convolutions and matmuls are extern kernels, in neither. *compiled saved ratio*: "
                "bytes of the activations the compiled forward keeps for the backward, to compiled ReLU's. "
                "*saved ratio* (eager): the same for the eager model.")
-
-
-def finish(name: str, md: list[str], data: dict, start: float, out: Path | None) -> int:
-    """Adds the total time, writes ``<name>.md`` and ``.json``, prints the markdown."""
-    total = time.perf_counter() - start
-    md.append(f"Total: {total:.0f} s.")
-    data["seconds"] = total
-    md_path, _ = write(name, "\n".join(md) + "\n", data, out)
-    print("\n".join(md))
-    print(f"wrote {md_path}")
-    return 0
 
 
 def compiled_steps(model_name: str, repeats: int) -> dict[str, dict]:

@@ -28,7 +28,8 @@ from . import callpath, fxpath, modulepath
 from .config import SugarConfig
 from .report import Site
 
-__all__ = ["CapturePath", "PATHS", "CAPTURES", "convert", "strip_", "count", "holds_sugar", "instrument"]
+__all__ = ["CapturePath", "PATHS", "CAPTURES", "convert", "strip_", "count", "holds_sugar", "instrument",
+           "op_options", "warmup"]
 
 
 class CapturePath(Protocol):  # pragma: no cover - the interface, for readers and type checkers
@@ -95,3 +96,66 @@ def instrument(model: nn.Module, record):
             runner = stack.enter_context(modulepath.instrument(model, record))
             stack.enter_context(callpath.instrument(model, record))
         yield runner
+
+
+def op_options(model: nn.Module) -> set[tuple]:
+    """The SUGAR op configurations ``(surrogate, params, negative_only, save)`` ``model`` runs."""
+    import torch.fx
+
+    from ..method.module import SugarActivation
+    from ..method.op import OP
+
+    found: set[tuple] = set()
+    for module in model.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.find_nodes(op="call_function", target=OP):
+                surrogate, params, negative_only, save = node.args[1:5]
+                found.add((surrogate, tuple(params), bool(negative_only), save))
+        elif isinstance(module, SugarActivation):
+            surrogate, params, negative_only, save = module.options
+            found.add((surrogate, tuple(params), negative_only, save))
+    for catcher in callpath.catchers(model):
+        if catcher.relu_only:
+            continue
+        cfg = catcher.config
+        for kind in ("relu",) + cfg.relufy:
+            surrogate, params = cfg.surrogate_for(kind)
+            found.add((surrogate, tuple(params), bool(cfg.negative_only), cfg.save))
+    return found
+
+
+def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
+    """Opt-in: compiles the SUGAR op's fused eager kernels for every configuration ``model`` runs,
+    now, and turns them on for this process (``sugarize.method.kernels``).
+
+    They are off by default: compiling takes seconds and needs a C++ compiler, and on the CPU
+    this project measures on they did not make the steady training step faster
+    (``benchmarks/results/first_step.md``). Call this before training if you want them, e.g.
+    on a machine where one pass over memory instead of five pays.
+
+    Args:
+        model: a converted model (any capture path).
+        dtypes: the input dtypes to compile for (default: float32).
+        device: "cpu" or "cuda".
+
+    Returns:
+        ``{"kernels": configurations compiled, "failed": configurations that could not be,
+        "seconds": time taken}``.
+    """
+    import time
+
+    import torch
+
+    from ..method import kernels
+
+    start = time.perf_counter()
+    kernels.set_enabled(True)
+    done = failed = 0
+    for options in sorted(op_options(model), key=repr):
+        for dtype in dtypes or (torch.float32,):
+            if kernels.compile_for(*options, dtype=dtype, device=device):
+                done += 1
+            else:
+                failed += 1
+    return {"kernels": done, "failed": failed, "seconds": time.perf_counter() - start}
+

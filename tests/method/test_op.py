@@ -464,11 +464,10 @@ def test_a_surrogate_inductor_cannot_generate_runs_as_an_extern_kernel(monkeypat
 @pytest.mark.parametrize(("name", "save", "negative_only"),
                          [("bsilu", "uint8", False), ("nelu", None, True)])
 def test_fused_kernels_match_the_eager_formulas(name, save, negative_only):
-    """Large tensors take the torch.compile kernels; they must give the eager path's gradient."""
+    """Large tensors take the opt-in torch.compile kernels; they must give the eager path's gradient."""
     from sugarize.method import kernels
 
-    if not kernels.enabled():
-        pytest.skip("fused kernels are turned off (SUGARIZE_FUSED=0 or no compiler)")
+    was = kernels.enabled()
     x = torch.randn(kernels.MIN_NUMEL + 17) * 4
     upstream = torch.randn_like(x)
     grads = {}
@@ -480,20 +479,21 @@ def test_fused_kernels_match_the_eager_formulas(name, save, negative_only):
             sugarize.sugar(xi, name, negative_only=negative_only, **kwargs).backward(upstream)
             grads[fused] = xi.grad
         finally:
-            kernels.set_enabled(True)
+            kernels.set_enabled(was)
     save = save or sugarize.options.DEFAULT_SAVE
     grid = sugarize.method.saved._grid(name, (sugarize.get_surrogate(name).defaults()["alpha"],), negative_only, save)
     tol = 1.01 / grid[0] if save == "uint8" else 1e-6  # codes may differ by one grid step at a rounding tie
     assert (grads[True] - grads[False]).abs().div(upstream.abs().clamp(min=1e-3)).max() <= tol
     alpha = sugarize.get_surrogate(name).defaults()["alpha"]
-    assert kernels.fused_encode(x, name, [alpha], negative_only, save, grid) is not None, "the fused path was not taken"
+    kernels.set_enabled(True)
+    try:
+        assert kernels.fused_encode(x, name, [alpha], negative_only, save, grid) is not None, "the fused path was not taken"
+    finally:
+        kernels.set_enabled(was)
 
 
 def test_a_failing_fused_kernel_warns_once_and_turns_off_only_its_configuration(monkeypatch):
     from sugarize.method import kernels
-
-    if not kernels.enabled():
-        pytest.skip("fused kernels are turned off (SUGARIZE_FUSED=0)")
 
     def broken(*args):
         raise RuntimeError("no compiler here")
