@@ -212,7 +212,8 @@ def export_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to the exporter's default (18)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to torch's maximum (its ONNX_MAX_OPSET, "
+                                        "23 with torch 2.13); default the exporter's own (18)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = typer.Option(1e-5, "--atol"),

@@ -221,16 +221,17 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
                 batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False,
                 trust_recipe: bool = False):
     """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
-    from ..deploy.export import export_onnx, file_opset
+    from ..deploy.export import check_opset, export_onnx, file_opset
     from ..passes.strip import strip
     from ..deploy.parity import _load_onnx, verify
 
     proto = _load_onnx(onnx_path)
+    opset = file_opset(proto)
+    check_opset(opset, f"{Path(onnx_path).name} declares opset {opset}, which")
     src = open_source(against, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
-    opset = file_opset(proto)
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,

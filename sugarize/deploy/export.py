@@ -19,7 +19,8 @@ from ..modes import eval_mode, without_kv_cache
 from ..files.fsutil import atomic_path
 from ..passes.strip import count_sugar, has_sugar, strip
 
-__all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "file_opset", "MIN_OPSET"]
+__all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "max_opset", "check_opset", "file_opset",
+           "MIN_OPSET"]
 
 # The lowest opset sugarize exports and verifies (parity and structure tested from here up).
 MIN_OPSET = 13
@@ -44,18 +45,27 @@ def default_opset() -> int:
     return int(_constants.TORCHLIB_OPSET)
 
 
+def max_opset() -> int:
+    """The highest opset torch's exporter writes (``torch.onnx._constants.ONNX_MAX_OPSET``, read
+    at run time: it moves with torch)."""
+    from torch.onnx import _constants
+
+    return int(_constants.ONNX_MAX_OPSET)
+
+
 def file_opset(proto) -> int | None:
     """The default-domain opset an ONNX model declares (its ``opset_import``)."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _check_opset(opset: int | None) -> int:
-    native = default_opset()
+def check_opset(opset: int | None, what: str | None = None) -> int:
+    """``opset`` (the exporter's default for None) if sugarize can export it, else ExportError
+    naming ``what`` (by default ``--opset N``: say "model.onnx declares opset N" for a file)."""
     if opset is None:
-        return native
-    if not MIN_OPSET <= int(opset) <= native:
-        raise ExportError(f"--opset {opset} is not supported: sugarize exports opsets {MIN_OPSET} to {native} "
-                          f"(the lowest that works is {MIN_OPSET}); pick one in that range")
+        return default_opset()
+    if not MIN_OPSET <= int(opset) <= max_opset():
+        raise ExportError(f"{what or f'--opset {opset}'} is not supported: sugarize exports opsets {MIN_OPSET} to "
+                          f"{max_opset()} (the lowest that works is {MIN_OPSET}); pick one in that range")
     return int(opset)
 
 
@@ -158,9 +168,9 @@ def export_onnx(
         model: a SUGAR model, a stripped model or any ReLU model.
         path: where to write the ``.onnx`` file.
         example_args: a tuple of example inputs for ``model.forward``.
-        opset: ONNX opset, ``MIN_OPSET`` (13) to the dynamo exporter's default (18, its
-            default); below that default torch's TorchScript-based exporter writes it. The
-            result's ``opset`` is read back from the file.
+        opset: ONNX opset, ``MIN_OPSET`` (13) to ``max_opset()`` (23 in torch 2.13); default
+            the dynamo exporter's own (18). From 18 up the dynamo exporter writes it, below
+            torch's TorchScript-based exporter. The result's ``opset`` is read back from the file.
         dynamic_batch: make dimension 0 of every tensor input dynamic.
         force: replace an existing file.
 
@@ -193,7 +203,7 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
             torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
             for a in example_args
         )
-    opset = _check_opset(opset)
+    opset = check_opset(opset)
     _check_dtypes(plain, example_args)
     notes = []
     bad = _nonfinite_weights(plain)

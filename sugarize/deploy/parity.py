@@ -108,8 +108,10 @@ def _load_onnx(path):
     if not path.exists():
         raise InputError(f"ONNX file {path} not found")
     try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto, full_check=True)
+        # by path: the checker reads external data (model.onnx.data, what torch.onnx.export writes
+        # by default) beside the file, and takes models over protobuf's 2 GiB
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         msg = first_line(exc, 200)
         raise InputError(f"{path} is not a valid ONNX model ({msg}); export it again") from exc

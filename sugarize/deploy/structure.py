@@ -111,13 +111,16 @@ def optimized_model(path, out_path) -> Any:
     from .runtimes import ort_session
 
     ort_session(path, optimization="all", optimized_path=str(out_path))
-    return onnx.load(str(out_path))
+    # its initializers may still point at the input's external data file, by a path relative to
+    # the input: the structure is read without them
+    return onnx.load(str(out_path), load_external_data=False)
 
 
 def _load(p):
+    """The graph of an ONNX file, external data (``model.onnx.data``) not read: only shapes count."""
     import onnx
 
-    return onnx.load(str(p))
+    return onnx.load(str(p), load_external_data=False)
 
 
 def compare_structure(path, reference_path, *, optimized: bool = True) -> StructureReport:

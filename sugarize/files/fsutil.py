@@ -78,8 +78,12 @@ def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     """
     path = check_writable(path, force=force)
     folder = path.parent if str(path.parent) else Path(".")
-    remove_stale_temps(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
+    try:
+        remove_stale_temps(folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
+    except OSError as exc:  # /proc, /sys, a read-only mount: the folder takes no new files
+        raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
+                              f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..method.op import OP
 from .capture import capture, graph_module, trace_graph
@@ -52,10 +53,30 @@ def _sugar_site(node: torch.fx.Node) -> Site:
     )
 
 
+_X = "<sugarize: the site's input>"  # stands for the input node in a recorded call (meta holds no Node)
+
+
+def _spelling_of(node: torch.fx.Node, match: Match):
+    """``(op, target, args, kwargs)`` that calls the ReLU as the user spelled it, its input as ``_X``,
+    for strip to put back; None where it cannot be recorded (strip then writes ``torch.relu``).
+
+    A module call is recorded as ``F.relu`` (with its ``inplace``): the GraphModule keeps no
+    submodule its graph does not call, and both export the same ``Relu``."""
+    if match.kind != "relu":
+        return None  # relufied: its forward changed on purpose, strip writes ReLU
+    if node.op == "call_module":
+        return "call_function", F.relu, (_X,), ({"inplace": True} if match.inplace else {})
+    others = []
+    args = torch.fx.node.map_arg(node.args, lambda n: _X if n is match.input else others.append(n) or n)
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _X if n is match.input else others.append(n) or n)
+    return None if others else (node.op, node.target, tuple(args), dict(kwargs))
+
+
 def _rewrite_site(graph: torch.fx.Graph, node, match: Match, cfg: SugarConfig, modules, order) -> torch.fx.Node:
     x = match.input
     surrogate, params = cfg.surrogate_for(match.kind)
-    info = {"path": module_path(node), "spelling": match.spelling, "kind": match.kind}
+    info = {"path": module_path(node), "spelling": match.spelling, "kind": match.kind,
+            "call": _spelling_of(node, match)}
     args = (x, surrogate, params, cfg.negative_only, cfg.save)
     if match.inplace and may_alias(x, node, modules, order):
         # Another name may see x: mutate it, exactly as the original in-place call did.
@@ -146,7 +167,9 @@ def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def strip_(model: nn.Module) -> list[Site]:
-    """In place: every SUGAR node of every GraphModule in ``model`` becomes ``torch.relu``."""
+    """In place: every SUGAR node of every GraphModule in ``model`` becomes the ReLU call the user
+    wrote (``clamp(min=0)`` stays clamp, ``x.relu_()`` stays in place: the export is op for op
+    the original's); a relufied site, or one whose call was not recorded, ``torch.relu``."""
     sites = []
     for gm in _graph_modules(model):
         changed = False
@@ -154,9 +177,15 @@ def strip_(model: nn.Module) -> list[Site]:
             # The node itself becomes the relu call: nothing created, erased or rewired, so
             # the graph stays well-formed (no lint needed).
             info = node.meta.pop("sugarize", {})
-            node.target, node.args = torch.relu, (node.args[0],)
-            if node.kwargs:
-                node.kwargs = {}
+            x = node.args[0]
+            call = info.get("call")
+            if call is None:
+                node.target, node.args, node.kwargs = torch.relu, (x,), {}
+            else:
+                op, target, args, kwargs = call
+                node.op, node.target = op, target
+                node.args = torch.fx.node.map_aggregate(args, lambda a: x if isinstance(a, str) and a == _X else a)
+                node.kwargs = torch.fx.node.map_aggregate(kwargs, lambda a: x if isinstance(a, str) and a == _X else a)
             changed = True
             sites.append(Site(info.get("path", module_path(node)), info.get("spelling", "sugar"),
                               info.get("kind", "relu"), node.name, "stripped", capture=NAME))

@@ -116,3 +116,15 @@ def test_impossible_input_shapes(mlp, tmp_path):
           "limited to 2 GiB: give a smaller --input-shape", [onnx])
     check(tmp_path, ["convert", model, "--input-shape", "4,65", "-o", tmp_path / "c.safetensors"],
           "the model rejected inputs (4, 65)", [tmp_path / "c.safetensors"])
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys"])
+def test_an_output_in_a_special_folder_is_exit_2_naming_the_folder(tmp_path, folder):
+    """Before, -o /proc/x was exit 3 (a FileNotFoundError from the temporary file)."""
+    model = tmp_path / "m.py"
+    model.write_text(MLP)
+    for args in (["export", str(model), "-o", f"{folder}/m.onnx"], ["convert", str(model), "-o", f"{folder}/m.safetensors"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        line = " ".join(res.output.split())
+        assert f"folder {folder}" in line and "choose another -o" in line and "Traceback" not in res.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sugarize
-from sugarize.deploy.export import export_onnx, onnx_op_types
+from sugarize.deploy.export import export_onnx, max_opset, onnx_op_types
 
 from helpers import load_fixture
 
@@ -132,10 +132,12 @@ def test_the_papers_fgi_form_exported_without_strip_differs(exported, tmp_path):
     assert not rep.passed and rep.first_difference.startswith("graph node")
 
 
-@pytest.mark.parametrize("opset", list(range(13, 19)))
-def test_every_opset_from_13_is_the_file_s_opset_and_passes_parity_and_structure(exported, tmp_path, opset):
-    """--opset N: the file declares N (read back from its opset_import, not from our
-    argument), and passes parity and the structure check against the original at N."""
+@pytest.mark.parametrize("opset", list(range(13, max_opset() + 1)))
+def test_every_opset_from_13_to_torchs_maximum_is_the_file_s_opset_and_passes_parity_and_structure(
+        exported, tmp_path, opset):
+    """--opset N, 13 to torch's ONNX_MAX_OPSET (23 in torch 2.13): the file declares N (read back
+    from its opset_import, not from our argument), and passes parity and the structure check
+    against the original at N."""
     import onnx
 
     from sugarize.deploy.export import default_opset
@@ -162,7 +164,7 @@ def test_opset_13_with_a_dynamic_batch(exported, tmp_path):
     assert res.opset == 13 and report.batches == 2
 
 
-@pytest.mark.parametrize("opset", [12, 19])
+@pytest.mark.parametrize("opset", [12, max_opset() + 1])
 def test_an_opset_out_of_range_is_refused_naming_the_lowest_that_works(exported, tmp_path, opset):
     e = exported["all_spellings"]
     with pytest.raises(sugarize.SugarizeError, match=r"--opset %d is not supported.*lowest that works is 13" % opset):
@@ -288,3 +290,53 @@ def test_cli_export_int8_and_verify_with_openvino(tmp_path):
         res = runner.invoke(app, ["verify", str(out), "--against", str(model), "--runtime", "openvino"])
         assert res.exit_code == 0, res.output
         assert "openvino" in res.output and "informative" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("name", ["relu_in_all_but_name", "all_spellings"])
+def test_strip_gives_back_each_spelling_so_the_export_is_the_originals_op_for_op(tmp_path, name):
+    """Before, strip wrote every site back as relu: clamp(min=0) exported Max before conversion
+    and Relu after strip, and the structure check failed on the user's own model."""
+    mod = load_fixture(name)
+    model, args = mod.build_model(), mod.example_inputs()
+    sm = sugarize.sugarize(model)
+    assert len(sugarize.report_of(sm).converted) == (7 if name == "relu_in_all_but_name" else 8)
+    plain = sugarize.strip(sm)
+    x = torch.randn(64, 16) * 3
+    from helpers import same_bits
+
+    assert same_bits(plain(x), model(x))
+    orig = export_onnx(model, tmp_path / "orig.onnx", args)
+    res = export_onnx(sm, tmp_path / "stripped.onnx", args)  # export strips it
+    assert onnx_op_types(res.path) == onnx_op_types(orig.path)
+    if name == "relu_in_all_but_name":
+        assert onnx_op_types(orig.path).count("Relu") == 1  # the others are not spelled Relu in ONNX
+    report = sugarize.verify(res.path, model, args, stripped=plain, reference_onnx=orig.path, batches=1)
+    assert report.passed, report.summary()
+
+
+def test_verify_takes_a_file_torch_onnx_export_wrote_with_its_defaults(exported, tmp_path):
+    """torch.onnx.export's own default opset (20 in torch 2.13) was refused before, naming a flag
+    the user never passed; verify now builds its reference at the file's opset."""
+    import onnx
+
+    from sugarize.app.workflows import verify_file
+    from helpers import MODELS
+
+    e = exported["tiny_resnet"]
+    own = tmp_path / "own.onnx"
+    torch.onnx.export(e["model"].eval(), e["args"], str(own), dynamo=True, verbose=False)  # torch's defaults
+    declared = next(o.version for o in onnx.load(str(own)).opset_import if o.domain in ("", "ai.onnx"))
+    assert 18 <= declared <= max_opset()
+    report = verify_file(str(own), str(MODELS / "tiny_resnet.py"), batches=1)
+    assert report.passed, report.summary()
+    assert report.graph is not None and report.graph.passed  # against the original exported at the file's opset
+    proto = onnx.load(str(own))
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 99
+    bad = tmp_path / "future.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(sugarize.SugarizeError, match=r"future.onnx declares opset 99, which is not supported: "
+                                                     r"sugarize exports opsets 13 to %d" % max_opset()) as info:
+        verify_file(str(bad), str(MODELS / "tiny_resnet.py"), batches=1)
+    assert "--opset" not in str(info.value)
