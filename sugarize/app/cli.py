@@ -215,6 +215,12 @@ def export_cmd(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to torch's maximum (its ONNX_MAX_OPSET, "
                                         "23 with torch 2.13); default the exporter's own (18)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
+    dynamic_sequence: bool = typer.Option(False, "--dynamic-sequence",
+                                          help="Make dimension 1 of token inputs (integer tensors) dynamic: any "
+                                          "sequence length; parity is checked at two lengths."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
+                                                 help="Keep the weights in OUTPUT.data beside the file (default: "
+                                                 "when they are over 1.5 GiB; protobuf holds 2 GiB)."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = typer.Option(1e-5, "--atol"),
     rtol: float = typer.Option(1e-5, "--rtol"),
@@ -235,9 +241,10 @@ def export_cmd(
                           dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
                           batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
                           calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite,
-                          trust_recipe=trust_recipe)
+                          trust_recipe=trust_recipe, dynamic_sequence=dynamic_sequence, external_data=external_data)
     if as_json:
         _emit_json({"onnx": str(res.export.path), "written": res.written, "opset": res.export.opset, "op_types": res.export.op_types,
+                    "external_data": str(res.export.external_data) if res.export.external_data else None,
                     "stripped_sites": res.export.stripped_sites, "notes": res.notes + res.export.notes, "parity": res.parity.to_dict(),
                     "int8": res.int8.to_dict() if res.int8 else None})
     else:

@@ -165,7 +165,8 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                 force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
                 seed: int = 0, int8: bool = False, data: str | None = None,
                 calibration_batches: int = 32, allow_nonfinite: bool = False,
-                trust_recipe: bool = False) -> ExportOutcome:
+                trust_recipe: bool = False, dynamic_sequence: bool = False,
+                external_data: bool | None = None) -> ExportOutcome:
     """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``).
 
     With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
@@ -173,7 +174,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     """
     from ..deploy.export import export_onnx
     from ..deploy.parity import verify
-    from ..files.fsutil import atomic_path, check_writable
+    from ..files.fsutil import atomic_folder, check_writable
     from ..passes.strip import count_sugar, strip
 
     check_writable(out, force=force)
@@ -193,14 +194,18 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     # they all pass, so a failed check (or a kill) leaves a previous output as it was.
     with tempfile.TemporaryDirectory() as refdir:
         ref = export_onnx(src.original, Path(refdir) / "original.onnx", inputs, opset=opset,
-                          dynamic_batch=dynamic_batch)
+                          dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, external_data=external_data)
         try:
-            with atomic_path(out, force=force) as tmp:
-                result = export_onnx(plain, tmp, inputs, opset=opset, dynamic_batch=dynamic_batch, force=True)
-                result = replace(result, path=Path(out), stripped_sites=sites)
+            with atomic_folder(out, force=force, companions=(".data",)) as folder:
+                tmp = folder / Path(out).name
+                result = export_onnx(plain, tmp, inputs, opset=opset, dynamic_batch=dynamic_batch,
+                                     dynamic_sequence=dynamic_sequence, external_data=external_data, force=True)
+                result = replace(result, path=Path(out), stripped_sites=sites,
+                                 external_data=Path(out + ".data") if result.external_data else None)
                 parity = verify(tmp, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
                                 rtol=rtol, batches=batches, seed=seed,
-                                batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite)
+                                batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite,
+                                sequence_lengths=_lengths(inputs) if dynamic_sequence else None)
                 if not parity.passed:
                     raise _ChecksFailed()
                 q = None
@@ -210,6 +215,25 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
         except _ChecksFailed:
             return ExportOutcome(result, parity, src.notes, None, written=False)
     return ExportOutcome(result, parity, src.notes, q)
+
+
+def _lengths(inputs: tuple) -> tuple[int, ...]:
+    """Sequence lengths parity checks a dynamic-sequence export at: the example's and half of it."""
+    from ..deploy.export import is_token_input
+
+    n = next((t.shape[1] for t in inputs if is_token_input(t)), None)
+    return tuple(sorted({max(1, n // 2), n})) if n else ()
+
+
+def _dynamic_dims(proto) -> tuple[bool, bool]:
+    """(batch, sequence): whether a file's inputs have a dynamic dimension 0, and 1 of token inputs."""
+    batch = sequence = False
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        batch = batch or bool(dims and dims[0].dim_param)
+        integer = i.type.tensor_type.elem_type in (6, 7)  # INT32, INT64
+        sequence = sequence or bool(integer and len(dims) >= 2 and dims[1].dim_param)
+    return batch, sequence
 
 
 class _ChecksFailed(Exception):
@@ -231,14 +255,15 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     src = open_source(against, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
-    dynamic = any(d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1])
+    dynamic, sequence = _dynamic_dims(proto)
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
-                          dynamic_batch=dynamic)
+                          dynamic_batch=dynamic, dynamic_sequence=sequence)
         return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
-                      runtime=runtime, allow_nonfinite=allow_nonfinite)
+                      runtime=runtime, allow_nonfinite=allow_nonfinite,
+                      sequence_lengths=_lengths(inputs) if sequence else None)
 
 
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",

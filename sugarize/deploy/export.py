@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import ExportError, InternalError
 from ..modes import eval_mode, without_kv_cache
-from ..files.fsutil import atomic_path
+from ..files.fsutil import atomic_folder
 from ..passes.strip import count_sugar, has_sugar, strip
 
 __all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "max_opset", "check_opset", "file_opset",
@@ -36,6 +36,8 @@ class ExportResult:
     stripped_sites: int
     dynamic_batch: bool
     notes: list[str] = field(default_factory=list)
+    dynamic_sequence: bool = False
+    external_data: Path | None = None  # the weights file beside the .onnx, when they are kept outside it
 
 
 def default_opset() -> int:
@@ -83,7 +85,8 @@ def _nonfinite_weights(model: nn.Module) -> list[str]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _export_below_native(model: nn.Module, tmp: Path, example_args: tuple, opset: int, dynamic_batch: bool) -> None:
+def _export_below_native(model: nn.Module, tmp: Path, example_args: tuple, opset: int, dynamic_batch: bool,
+                         dynamic_sequence: bool = False) -> None:
     """torch's TorchScript-based exporter (``dynamo=False``), which writes opsets below the
     dynamo exporter's own. (The dynamo exporter builds its own opset and runs onnx's version
     converter, which has no down-adapters for several ops (Relu 14 -> 13, Split, ReduceMean):
@@ -95,13 +98,19 @@ def _export_below_native(model: nn.Module, tmp: Path, example_args: tuple, opset
     names = [params[i] if i < len(params) else f"input_{i}" for i in range(len(example_args))]
     dynamic_axes = None
     output_names = None
-    if dynamic_batch:
+    if dynamic_batch or dynamic_sequence:
         from torch.utils._pytree import tree_flatten
 
         outputs = [t for t in tree_flatten(model(*example_args))[0] if isinstance(t, torch.Tensor)]
         output_names = [f"output_{i}" for i in range(len(outputs))]
-        dynamic_axes = {n: {0: "batch"} for n, a in zip(names, example_args) if isinstance(a, torch.Tensor) and a.dim()}
-        dynamic_axes.update({n: {0: "batch"} for n, t in zip(output_names, outputs) if t.dim()})
+        axes = _dynamic_axes(example_args, dynamic_batch, dynamic_sequence)
+        dynamic_axes = {n: a for n, a in zip(names, axes) if a}
+        # outputs follow: batch on dimension 0; a token model's outputs carry the sequence on 1
+        out_axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_sequence:
+            out_axes[1] = "sequence"
+        dynamic_axes.update({n: {d: v for d, v in out_axes.items() if d < t.dim()} for n, t in zip(output_names, outputs)
+                             if t.dim()})
     torch.onnx.export(model, example_args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
                       output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
@@ -145,9 +154,40 @@ def _export_failure(exc: Exception) -> str:
     return f"torch.onnx.export failed: {first[:300]}"
 
 
-def _batch_dynamic_shapes(args: Sequence[Any]):
-    dim = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: dim} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+def is_token_input(a) -> bool:
+    """An integer tensor of at least two dimensions: token ids (batch, sequence), whose dimension
+    1 ``dynamic_sequence`` makes dynamic."""
+    return isinstance(a, torch.Tensor) and a.dim() >= 2 and not a.dtype.is_floating_point and a.dtype != torch.bool
+
+
+def _dynamic_axes(args: Sequence[Any], batch: bool, sequence: bool) -> list[dict[int, str]]:
+    """Per input, the dynamic dimensions and their names (batch: 0; sequence: 1 of token inputs)."""
+    out = []
+    for a in args:
+        axes = {}
+        if batch and isinstance(a, torch.Tensor) and a.dim() > 0:
+            axes[0] = "batch"
+        if sequence and is_token_input(a):
+            axes[1] = "sequence"
+        out.append(axes)
+    return out
+
+
+def _dynamic_shapes(args: Sequence[Any], batch: bool, sequence: bool):
+    dims = {"batch": torch.export.Dim("batch", min=1, max=1 << 20), "sequence": torch.export.Dim.AUTO}
+    return tuple({i: dims[n] for i, n in axes.items()} or None for axes in _dynamic_axes(args, batch, sequence))
+
+
+# Over this many bytes of weights the file keeps them beside it (model.onnx.data): one protobuf
+# message holds at most 2 GiB, and the graph needs room besides the weights.
+EXTERNAL_DATA_BYTES = 1 << 30 | 1 << 29  # 1.5 GiB
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def export_onnx(
@@ -157,12 +197,14 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = False,
+    dynamic_sequence: bool = False,
+    external_data: bool | None = None,
     force: bool = True,
 ) -> ExportResult:
     """Strips SUGAR, exports ``model`` in eval mode to ONNX at ``path``, runs onnx.checker.
 
-    The file is written to a temporary name and renamed once it passed the checker, so a
-    failed export leaves nothing behind.
+    The file (and its external data) is written in a temporary folder beside ``path`` and moved
+    into place once it passed the checker, so a failed export leaves nothing behind.
 
     Args:
         model: a SUGAR model, a stripped model or any ReLU model.
@@ -172,6 +214,11 @@ def export_onnx(
             the dynamo exporter's own (18). From 18 up the dynamo exporter writes it, below
             torch's TorchScript-based exporter. The result's ``opset`` is read back from the file.
         dynamic_batch: make dimension 0 of every tensor input dynamic.
+        dynamic_sequence: make dimension 1 of every token input (an integer tensor of two or
+            more dimensions) dynamic: a language model then takes any sequence length.
+        external_data: keep the weights in ``<path>.data`` beside the file; None (default):
+            when they are over ``EXTERNAL_DATA_BYTES`` (1.5 GiB; protobuf holds 2 GiB at most).
+            Both files are written or neither. Needs opset 18 or higher.
         force: replace an existing file.
 
     Returns:
@@ -185,7 +232,8 @@ def export_onnx(
     stripped_sites = count_sugar(model)
     plain = strip(model) if has_sugar(model) else model
     with eval_mode(plain), without_kv_cache(plain) as no_cache:  # the caller's modes and config come back
-        result = _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, force)
+        result = _export(plain, path, example_args, stripped_sites, opset, dynamic_batch, dynamic_sequence,
+                         external_data, force)
     if no_cache:
         result.notes.append("exported without the KV cache (use_cache=False for the export, as optimum's no-past "
                             "export): the graph takes the tokens and returns the logits")
@@ -193,7 +241,7 @@ def export_onnx(
 
 
 def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, opset: int | None,
-            dynamic_batch: bool, force: bool) -> ExportResult:
+            dynamic_batch: bool, dynamic_sequence: bool, external_data: bool | None, force: bool) -> ExportResult:
     import onnx
 
     if has_sugar(plain):  # pragma: no cover - strip guarantees it
@@ -214,29 +262,37 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
     if opset < default_opset():
         notes.append(f"opset {opset}: exported with torch's TorchScript-based exporter (dynamo=False), as the "
                      f"dynamo exporter writes opset {default_opset()}")
-    with atomic_path(path, force=force) as tmp:
+    external = external_data if external_data is not None else _weight_bytes(plain) > EXTERNAL_DATA_BYTES
+    if external and opset < default_opset():
+        raise ExportError(f"the weights ({_weight_bytes(plain) / 2**30:.1f} GiB) go in an external data file, which "
+                          f"sugarize writes at opset {default_opset()} or higher; drop --opset {opset}")
+    if external:
+        notes.append(f"weights in {Path(path).name}.data beside the file (external data): ship both files")
+    with atomic_folder(path, force=force, companions=(".data",)) as folder:
+        tmp = folder / Path(path).name
         try:
             with _quiet(), torch.no_grad():
                 if opset < default_opset():
-                    _export_below_native(plain, tmp, example_args, opset, dynamic_batch)
+                    _export_below_native(plain, tmp, example_args, opset, dynamic_batch, dynamic_sequence)
                 else:
                     program = torch.onnx.export(
                         plain,
                         example_args,
                         dynamo=True,
                         opset_version=opset,
-                        dynamic_shapes=_batch_dynamic_shapes(example_args) if dynamic_batch else None,
-                        external_data=False,
+                        dynamic_shapes=(_dynamic_shapes(example_args, dynamic_batch, dynamic_sequence)
+                                        if dynamic_batch or dynamic_sequence else None),
+                        external_data=external,
                         verbose=False,
                     )
-                    program.save(str(tmp), external_data=False)
+                    program.save(str(tmp), external_data=external)
         except Exception as exc:
             raise ExportError(_export_failure(exc)) from exc
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            onnx.checker.check_model(str(tmp), full_check=True)  # by path: external data and > 2 GiB too
         except Exception as exc:
             raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
-        proto = onnx.load(str(tmp))
+        proto = onnx.load(str(tmp), load_external_data=False)
         written = file_opset(proto)
         if written != opset:
             raise ExportError(f"the exporter wrote opset {written}, not the requested {opset}; nothing was written")
@@ -249,6 +305,8 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
         stripped_sites=stripped_sites,
         dynamic_batch=dynamic_batch,
         notes=notes,
+        dynamic_sequence=dynamic_sequence,
+        external_data=Path(str(path) + ".data") if external else None,
     )
 
 
@@ -256,5 +314,6 @@ def onnx_op_types(model_or_path) -> list[str]:
     """Op types of an ONNX model's main graph, in order."""
     import onnx
 
-    proto = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    proto = (onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, os.PathLike))
+             else model_or_path)
     return [n.op_type for n in proto.graph.node]

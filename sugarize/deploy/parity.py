@@ -189,6 +189,7 @@ def verify(
     runtime: str = "onnxruntime",
     structure: bool = True,
     allow_nonfinite: bool = False,
+    sequence_lengths: Sequence[int] | None = None,
 ) -> ParityReport:
     """Runs the ONNX model in onnxruntime (CPU) and compares every output with PyTorch.
 
@@ -199,6 +200,10 @@ def verify(
     types, in order, must be equal and every node must be in the standard domain, and (with
     ``structure``) the two graphs must be structurally identical, before and after
     onnxruntime's full optimisation (see ``sugarize.deploy.structure``).
+
+    ``batch_sizes`` and ``sequence_lengths`` (for a file exported with a dynamic batch or
+    sequence) reshape the inputs: every batch size with every length, the length on dimension 1
+    of each token input (an integer tensor of two or more dimensions).
 
     ``runtime="openvino"`` runs the file in OpenVINO's CPU plugin at explicit float32 (the
     verdict), and reports the plugin's default inference precision in ``notes``.
@@ -231,7 +236,8 @@ def verify(
     references = [("original", original)] + ([("stripped", stripped)] if stripped is not None else [])
     with eval_mode(original, stripped), without_kv_cache(original, stripped):  # both given back after
         results, runs, default_worst = _run_batches(runner, default_runner, references, example_args, batches, seed,
-                                                    batch_sizes, out_names, runtime, atol, rtol, allow_nonfinite)
+                                                    batch_sizes, out_names, runtime, atol, rtol, allow_nonfinite,
+                                                    sequence_lengths)
     merged = _merge(results)
     notes = []
     if default_runner is not None:
@@ -242,18 +248,31 @@ def verify(
                         atol, rtol, runs, seed, merged, graph, notes, shape_report)
 
 
+def _shaped(example_args: tuple, size: int | None, length: int | None) -> tuple:
+    """The example inputs at batch ``size`` and, for token inputs, sequence ``length``."""
+    from .export import is_token_input
+
+    out = []
+    for t in example_args:
+        if size is not None:
+            t = t[:1].expand(size, *t.shape[1:])
+        if length is not None and is_token_input(t):
+            t = t[:, :1].expand(t.shape[0], length, *t.shape[2:])
+        out.append(t.contiguous())
+    return tuple(out)
+
+
 def _run_batches(runner, default_runner, references, example_args, batches, seed, batch_sizes, out_names,
-                 runtime, atol, rtol, allow_nonfinite):
+                 runtime, atol, rtol, allow_nonfinite, sequence_lengths=None):
     """Every seeded batch through the runtime and the PyTorch references: the per-output rows."""
     default_worst = 0.0
     results: list[OutputParity] = []
-    sizes = list(batch_sizes) if batch_sizes else [None]
+    shapes = [(b, n) for b in (list(batch_sizes) if batch_sizes else [None])
+              for n in (list(sequence_lengths) if sequence_lengths else [None])]
     runs = 0
     for b in range(batches):
-        for size in sizes:
-            example = example_args
-            if size is not None:
-                example = tuple(t[:1].expand(size, *t.shape[1:]).contiguous() for t in example_args)
+        for size, length in shapes:
+            example = _shaped(example_args, size, length) if (size, length) != (None, None) else example_args
             inputs = _batch_inputs(example, seed + b)
             try:
                 ort_outs = runner.run([t.numpy() for t in inputs])

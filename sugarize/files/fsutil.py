@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..errors import OutputPathError
 
-__all__ = ["atomic_path", "check_writable", "remove_stale_temps"]
+__all__ = ["atomic_path", "atomic_folder", "check_writable", "remove_stale_temps"]
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -48,12 +48,14 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Removes temporary files of ours left in ``folder`` by a process that no longer runs
     (a kill -9, a power cut); returns what was removed."""
+    import shutil
+
     removed = []
     for tmp in Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
         pid = tmp.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
                 removed.append(tmp)
     return removed
 
@@ -105,3 +107,60 @@ def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _place(tmp: Path, path: Path, force: bool) -> None:
+    """``tmp`` becomes ``path``: replaced with ``force``, else an exclusive create."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: an exclusive create
+    except FileExistsError:
+        raise OutputPathError(f"{path} already exists (another run wrote it first); pass --force "
+                              "to replace it") from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if path.exists():
+            raise OutputPathError(f"{path} already exists; pass --force to replace it") from None
+        os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yields a private temporary folder beside ``path``: write ``folder / path.name`` there, and any
+    companion file named ``path.name + suffix`` (an ONNX file's ``.data``). When the block
+    succeeds, the companions that were written, then the file, take their places by the rules of
+    ``atomic_path``; a companion placed before a failure is removed again, so the pair is both
+    files or neither. The folder is removed on every exit path (one left by a kill -9, by the
+    next write to that folder)."""
+    import shutil
+
+    path = check_writable(path, force=force)
+    companion_paths = [path.with_name(path.name + suffix) for suffix in companions]
+    for c in companion_paths:
+        check_writable(c, force=force)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        remove_stale_temps(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
+                              f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
+    placed: list[Path] = []
+    try:
+        yield tmp
+        for c in companion_paths:
+            written = tmp / c.name
+            if written.exists():
+                _place(written, c, force)
+                placed.append(c)
+        _place(tmp / path.name, path, force)
+        placed = []
+    finally:
+        for c in placed:  # the file itself did not take its place: neither does its companion
+            with contextlib.suppress(FileNotFoundError):
+                c.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+

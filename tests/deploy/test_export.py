@@ -340,3 +340,68 @@ def test_verify_takes_a_file_torch_onnx_export_wrote_with_its_defaults(exported,
                                                      r"sugarize exports opsets 13 to %d" % max_opset()) as info:
         verify_file(str(bad), str(MODELS / "tiny_resnet.py"), batches=1)
     assert "--opset" not in str(info.value)
+
+
+def test_external_data_is_written_beside_the_file_and_read_by_verify_and_structure(exported, tmp_path, monkeypatch):
+    """Over the threshold (lowered here from 1.5 GiB) the weights go to model.onnx.data; the
+    checker, verify and the structure check read the pair, and nothing else is left."""
+    import onnx
+
+    from sugarize.deploy import export as ex
+    from sugarize.deploy.structure import compare_structure
+
+    e = exported["tiny_resnet"]
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_BYTES", 0)
+    res = export_onnx(e["sugar"], tmp_path / "m.onnx", e["args"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert res.external_data == tmp_path / "m.onnx.data" and any("ship both files" in n for n in res.notes)
+    proto = onnx.load(str(res.path), load_external_data=False)
+    assert proto.graph.initializer and all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+                                           if t.dims and len(t.raw_data) == 0)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0 and (tmp_path / "m.onnx").stat().st_size < 100_000
+    report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
+                             reference_onnx=e["original"], batches=1)
+    assert report.passed, report.summary()
+    assert compare_structure(res.path, e["original"]).passed
+    # both files or neither: a data file in the way (no --force) stops the pair before anything is written
+    (tmp_path / "n.onnx.data").write_text("someone else's")
+    with pytest.raises(sugarize.SugarizeError, match="n.onnx.data already exists"):
+        export_onnx(e["sugar"], tmp_path / "n.onnx", e["args"], force=False)
+    assert not (tmp_path / "n.onnx").exists() and (tmp_path / "n.onnx.data").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "n.onnx.data"]
+
+
+def test_a_dynamic_sequence_passes_parity_at_several_lengths_and_batch_sizes(exported, tmp_path):
+    import onnx
+
+    e = exported["relu_transformer"]
+    (ids,) = e["args"]
+    res = export_onnx(e["sugar"], tmp_path / "t.onnx", e["args"], dynamic_batch=True, dynamic_sequence=True)
+    ref = export_onnx(e["model"], tmp_path / "t.orig.onnx", e["args"], dynamic_batch=True, dynamic_sequence=True)
+    dims = [d for d in onnx.load(str(res.path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0].dim_param and dims[1].dim_param  # read back: batch and sequence are dynamic in the file
+    report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
+                             reference_onnx=ref.path, batches=1, batch_sizes=(1, 3), sequence_lengths=(5, ids.shape[1]))
+    assert report.passed, report.summary()
+    assert report.batches == 4  # every batch size at every length (the model pools over the sequence)
+    assert {tuple(o.shape) for o in report.outputs} == {(1, 5), (3, 5)}  # 5 classes
+
+
+def test_cli_export_with_a_dynamic_sequence_and_external_data_then_verify(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from helpers import MODELS
+    from sugarize.app.cli import app
+
+    model = str(MODELS / "relu_transformer.py")
+    out = tmp_path / "t.onnx"
+    res = CliRunner().invoke(app, ["export", model, "-o", str(out), "--dynamic-sequence", "--external-data", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["external_data"] == str(out) + ".data" and (tmp_path / "t.onnx.data").exists()
+    assert data["parity"]["batches"] == 3 * 2  # 3 seeded batches at lengths 6 and 12
+    res = CliRunner().invoke(app, ["verify", str(out), "--against", model, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["batches"] == 3 * 2  # verify reads the dynamic sequence from the file

@@ -118,3 +118,20 @@ def test_an_exception_inside_removes_the_temporary_file_and_keeps_the_target(tmp
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old" and temps(tmp_path) == []
+
+
+def test_atomic_folder_places_a_file_and_its_companion_or_neither(tmp_path):
+    from sugarize.files.fsutil import atomic_folder
+
+    target = tmp_path / "m.onnx"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, force=False, companions=(".data",)) as folder:
+            (folder / "m.onnx").write_text("graph")
+            (folder / "m.onnx.data").write_text("weights")
+            raise RuntimeError("a check failed")
+    assert list(tmp_path.iterdir()) == []  # neither, and no temporary folder
+    with atomic_folder(target, force=False, companions=(".data",)) as folder:
+        (folder / "m.onnx").write_text("graph")
+        (folder / "m.onnx.data").write_text("weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert target.read_text() == "graph" and (tmp_path / "m.onnx.data").read_text() == "weights"
