@@ -186,6 +186,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     trained = src.sugar if src.sugar is not None else src.original
+    reference = _reference(src)
     sites = count_sugar(trained)
     # Once, in place (the checkpoint's model is not used again): exported below and compared
     # in the parity check.
@@ -193,7 +194,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     # Every check runs on a temporary file beside the output; it becomes the output only if
     # they all pass, so a failed check (or a kill) leaves a previous output as it was.
     with tempfile.TemporaryDirectory() as refdir:
-        ref = export_onnx(src.original, Path(refdir) / "original.onnx", inputs, opset=opset,
+        ref = export_onnx(reference, Path(refdir) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, external_data=external_data)
         try:
             with atomic_folder(out, force=force, companions=(".data",)) as folder:
@@ -202,7 +203,7 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                                      dynamic_sequence=dynamic_sequence, external_data=external_data, force=True)
                 result = replace(result, path=Path(out), stripped_sites=sites,
                                  external_data=Path(out + ".data") if result.external_data else None)
-                parity = verify(tmp, src.original, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
+                parity = verify(tmp, reference, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
                                 rtol=rtol, batches=batches, seed=seed,
                                 batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite,
                                 sequence_lengths=_lengths(inputs) if dynamic_sequence else None)
@@ -236,6 +237,22 @@ def _dynamic_dims(proto) -> tuple[bool, bool]:
     return batch, sequence
 
 
+def _reference(src: Source) -> nn.Module:
+    """The model an export of ``src`` must compute: the original, or where the SUGAR model
+    relufied sites (their forward changed on purpose), the original with those sites ReLU
+    (``strip(sugarize(original))`` with the checkpoint's config: the same weights, no training)."""
+    from ..passes.rewrite import sugarize
+    from ..passes.strip import strip
+
+    info = (getattr(src.sugar, "meta", None) or {}).get("sugarize", {}) if src.sugar is not None else {}
+    config = info.get("config")
+    if not config or not config.get("relufy"):
+        return src.original
+    src.notes.append("relufied sites: parity and structure are checked against the original with those sites "
+                     "ReLU, its forward as converted")
+    return strip(sugarize(src.original, config=SugarConfig.from_dict(config)), copy=False)
+
+
 class _ChecksFailed(Exception):
     """A check failed on the temporary export: it is not renamed to the output."""
 
@@ -256,11 +273,12 @@ def verify_file(onnx_path: str, against: str, *, weights: str | None = None, mod
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
     dynamic, sequence = _dynamic_dims(proto)
+    reference = _reference(src)
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        ref = export_onnx(src.original, Path(tmp) / "original.onnx", inputs, opset=opset,
+        ref = export_onnx(reference, Path(tmp) / "original.onnx", inputs, opset=opset,
                           dynamic_batch=dynamic, dynamic_sequence=sequence)
-        return verify(onnx_path, src.original, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
+        return verify(onnx_path, reference, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
                       runtime=runtime, allow_nonfinite=allow_nonfinite,
                       sequence_lengths=_lengths(inputs) if sequence else None)
