@@ -194,17 +194,19 @@ def strip_(model: nn.Module) -> list[Site]:
 
     sites = []
     for catcher in detach(model):
+        if catcher.relu_only:  # a stripped model's, stripped again: it stays (strip is idempotent)
+            attach(model, catcher.config, list(catcher.roots), relu_only=True)
+            continue
         for root in catcher.roots:
             sites.append(Site(root, "functional calls", "relu", "", "stripped", capture=NAME))
         names = frozenset(n for kind in catcher.config.relufy for n in ACTIVATIONS[kind].names)
         relufied = [r for r in catcher.roots if names and call_roots(model.get_submodule(r), names)]
-        if relufied and not catcher.relu_only:
+        if relufied:
             attach(model, catcher.config, relufied, relu_only=True)
             where = ", ".join(r or "<model>" for r in relufied)
             warnings.warn(f"relufied functional calls ({', '.join(catcher.config.relufy)}) in the forward of {where} "
-                          "compute ReLU "
-                          "only through a sugarize hook: to ship a standard model, change those calls to F.relu in "
-                          "your code (activation modules need no change)", SugarizeWarning, stacklevel=3)
+                          "compute ReLU only through a sugarize hook: to ship a standard model, change those calls "
+                          "to F.relu in your code (activation modules need no change)", SugarizeWarning, stacklevel=3)
     return sites
 
 

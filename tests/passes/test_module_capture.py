@@ -341,3 +341,20 @@ def test_copy_false_on_the_module_path_shares_weights_and_never_changes_the_mode
     assert sm.model.embed_tokens.weight is model.model.embed_tokens.weight
     plain = sugarize.strip(sm, copy=False)
     assert plain is sm and plain.config.hidden_act == "relu" and model.config.hidden_act == "silu"
+
+
+def test_relufied_functional_calls_stay_relu_after_strip_with_a_warning_and_strip_is_idempotent():
+    """A forward that calls F.gelu and does not trace: after strip its relufied calls compute ReLU
+    only through a hook (no hook can turn a Python F.gelu call into ReLU otherwise); strip says
+    so, and stripping again keeps it."""
+    fix = load_fixture("gelu_silu_spellings")
+    model = fix.build_model()
+    relu_model = fix.build_model(relu=True)
+    relu_model.load_state_dict(model.state_dict())
+    x = torch.randn(8, 16) * 3
+    sm = sugarize.sugarize(model, relufy=("gelu", "silu"), capture="modules")
+    with pytest.warns(sugarize.SugarizeWarning, match=r"change those calls to F.relu"):
+        plain = sugarize.strip(sm)
+    assert same_bits(plain(x), relu_model(x)) and not sugarize.count_sugar(plain)
+    again = sugarize.strip(plain)
+    assert same_bits(again(x), relu_model(x))
