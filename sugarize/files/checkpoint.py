@@ -212,14 +212,27 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
 
     path = Path(path)
     recipe = read_recipe(path)
-    loaded = load_model(model_file_of(path, recipe, model=model, trust_recipe=trust_recipe))
+    # the hash is checked again on the very bytes that run (a file swapped after the first check is refused)
+    spec = model_file_of(path, recipe, model=model, trust_recipe=trust_recipe)
+    loaded = load_model(spec, expect_sha256=recipe["model"]["sha256"])
     state = load_weights(path)
     load_state_into(loaded.model, state, f"checkpoint {path.name}")
     sm = convert(loaded.model, config=SugarConfig.from_dict(recipe["config"]))
     inputs = loaded.example_inputs
     if inputs is None and recipe.get("inputs"):
         inputs = make_inputs(recipe["inputs"])
-    return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, [])
+    notes = []
+    if model is None or _split_name(model) is None:
+        how = "--trust-recipe" if model is None else "its sha256 matched"
+        notes.append(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); "
+                     f"pass --model {loaded.path.name}:NAME to call another")
+    return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, notes)
+
+
+def _split_name(model: str) -> str | None:
+    from .modelfile import _split_spec
+
+    return _split_spec(str(model))[1]
 
 
 def load_checkpoint(path, *, model: str | None = None, trust_recipe: bool = False):

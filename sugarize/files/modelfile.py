@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
 import os
 import sys
 import traceback
@@ -40,32 +40,59 @@ def _split_spec(spec: str) -> tuple[Path, str | None]:
     return Path(text), None
 
 
-def _import_file(path: Path):
-    """Imports a user's Python file under a private module name.
+# Modules sugarize itself imports, now or later (optional dependencies included): a file of the
+# user's folder must never stand in for one of them, installed or not.
+TOOL_MODULES = frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "openvino", "numpy", "safetensors",
+                          "typer", "rich", "click", "matplotlib", "sklearn", "transformers", "accelerate", "peft",
+                          "sugarize"})
 
+
+def _import_file(path: Path, expect_sha256: str | None = None):
+    """Runs a user's Python file under a private module name: ``(module, sha256 of what ran)``.
+
+    The file is read once; those bytes are hashed, checked against ``expect_sha256`` if given
+    (``CheckpointError`` before anything runs), compiled and executed: no other read of the file
+    and no bytecode cache (a planted ``__pycache__/*.pyc`` never runs, and none is written).
     The file's folder goes at the *end* of ``sys.path``, so the file can import the modules
     beside it but cannot shadow the tool's own dependencies (an ``onnx.py`` beside it is not
-    onnx); and the module is registered under a name of its own (``sugarize_user_<stem>_<hash>``),
-    so a model file called ``inspect.py`` does not replace the standard library's ``inspect``.
-    A file inside a package (a folder with ``__init__.py``) is imported as that package's
-    module, so its relative imports work.
+    onnx), and any such module it imported itself is dropped from ``sys.modules`` after it ran
+    (``TOOL_MODULES``: an ``openvino.py`` beside it never becomes sugarize's openvino). The
+    module is registered under a name of its own (``sugarize_user_<stem>_<hash>``), so a model
+    file called ``inspect.py`` does not replace the standard library's ``inspect``. A file inside
+    a package (a folder with ``__init__.py``) runs as that package's module, so its relative
+    imports work.
     """
+    import types
+
     path = path.resolve()
     folder = path.parent
+    package = None
     if (folder / "__init__.py").exists():  # part of a package: relative imports work
-        pkg_root, name = folder.parent, f"{folder.name}.{path.stem}"
+        pkg_root, name, package = folder.parent, f"{folder.name}.{path.stem}", folder.name
     else:
         pkg_root, name = folder, f"sugarize_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    for p in (str(folder), str(pkg_root)):
-        if p not in sys.path:
-            sys.path.append(p)
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(source).hexdigest()
+    if expect_sha256 is not None and digest != expect_sha256:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{path.name} changed while it was being opened (its sha256 is now {digest[:12]}..., "
+                              f"expected {expect_sha256[:12]}...); nothing was run: give the file the checkpoint "
+                              "was made from")
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path) and \
+            getattr(loaded, "__sugarize_sha256__", None) == digest:
+        return loaded, digest
+    module = types.ModuleType(name)
+    module.__file__, module.__package__, module.__sugarize_sha256__ = str(path), package, digest
+    before = set(sys.modules)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        with user_folders(path):
+            exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as exc:
         sys.modules.pop(name, None)
         raise ModelFileError(
@@ -83,7 +110,36 @@ def _import_file(path: Path):
             f"running {path.name} failed: {type(exc).__name__}: {first_line(exc)} ({_where(exc, path)}); "
             f"run `python {path}` to see the full traceback"
         ) from exc
-    return module
+    finally:
+        _drop_stand_ins(set(sys.modules) - before, folder, pkg_root)
+    return module, digest
+
+
+@contextlib.contextmanager
+def user_folders(path: Path):
+    """While the user's code runs (its import, its factory, ``example_inputs``): its folder (and its
+    package's root) at the *end* of ``sys.path``, so it can import the modules beside it. Taken
+    off again after, so that no module the tool imports later, installed or not, can be found there."""
+    path = Path(path).resolve()
+    folders = [str(path.parent)] + ([str(path.parent.parent)] if (path.parent / "__init__.py").exists() else [])
+    added = [f for f in folders if f not in sys.path]
+    sys.path.extend(added)
+    try:
+        yield
+    finally:
+        for f in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(f)
+
+
+def _drop_stand_ins(new: set[str], *folders: Path) -> None:
+    """Forgets modules the user's code imported from its own folders under a name the tool imports."""
+    roots = [str(f) + os.sep for f in folders]
+    for mod in new:
+        if mod.split(".")[0] in TOOL_MODULES:
+            file = getattr(sys.modules.get(mod), "__file__", None) or ""
+            if any(file.startswith(r) for r in roots):
+                del sys.modules[mod]
 
 
 
@@ -150,8 +206,9 @@ def _materialise(obj: Any, path: Path, name: str) -> nn.Module:
     )
 
 
-def load_model(spec: str | os.PathLike) -> LoadedModel:
-    """Loads the model named by ``path/to/model.py[:NAME]``.
+def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None) -> LoadedModel:
+    """Loads the model named by ``path/to/model.py[:NAME]``; what runs is the bytes hashed
+    (``LoadedModel.sha256``), checked against ``expect_sha256`` when given, before they run.
 
     NAME is an ``nn.Module`` instance or a zero-argument factory. Without NAME the
     conventional names (model, build_model, get_model, create_model) are tried, then a
@@ -167,16 +224,18 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
     if path.suffix != ".py":
         hint = " (that looks like a checkpoint: use `sugarize export`)" if path.suffix == ".safetensors" else ""
         raise ModelFileError(f"{path} is not a Python file{hint}; give model.py or model.py:NAME")
-    module = _import_file(path)
-    model, name = _resolve(module, path, name)
-    example = None
-    if callable(getattr(module, "example_inputs", None)):
-        try:
-            example = module.example_inputs()
-        except Exception as exc:
-            raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
+    module, digest = _import_file(path, expect_sha256)
+    with user_folders(path):
+        model, name = _resolve(module, path, name)
+        example = None
+        if callable(getattr(module, "example_inputs", None)):
+            try:
+                example = module.example_inputs()
+            except Exception as exc:
+                raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
+    if example is not None:
         example = _as_tuple(example, f"{path.name}:example_inputs()")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{path.name}:{name} is on the meta device (its weights hold no data): build it on the "
                              "CPU, or give it real weights (model.to_empty(device='cpu') and load_state_dict) first")
-    return LoadedModel(model, path.resolve(), name, example, _sha256(path), module)
+    return LoadedModel(model, path.resolve(), name, example, digest, module)

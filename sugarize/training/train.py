@@ -47,7 +47,7 @@ def load_data(path) -> DataSpec:
     if path.suffix != ".py":
         raise DataFileError(f"data file {path} is not a Python file; give a .py file with train_loader()")
     try:
-        module = _import_file(path)
+        module, _ = _import_file(path)
     except ModelFileError as exc:
         raise DataFileError(str(exc)) from exc
     train = getattr(module, "train_loader", None)
@@ -59,8 +59,13 @@ def load_data(path) -> DataSpec:
 
 
 def _loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
+    import contextlib
+
+    from ..files.modelfile import user_folders
+
     try:
-        return make()
+        with user_folders(path) if path else contextlib.nullcontext():  # its folder, for the imports it makes
+            return make()
     except Exception as exc:
         name = Path(path).name if path else "data file"
         raise DataFileError(f"{name}:{what}() raised {type(exc).__name__}: {exc}") from exc
