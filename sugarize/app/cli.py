@@ -50,6 +50,13 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _traceback() -> None:
+    """--debug: the traceback on stderr, before the one line; the exit code stays the error's."""
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
+
+
 def command(fn: Callable) -> Callable:
     """Maps library errors to one line on stderr and their exit code; never a traceback."""
 
@@ -67,7 +74,7 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(143) from None
         except SugarizeError as exc:
             if _state["debug"]:
-                raise
+                _traceback()
             msg = " ".join(str(exc).split())
             label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
             hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
@@ -80,7 +87,7 @@ def command(fn: Callable) -> Callable:
             raise
         except Exception as exc:  # a bug in sugarize: still one line unless --debug
             if _state["debug"]:
-                raise
+                _traceback()
             msg = " ".join(str(exc).split())[:300]
             err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
                       highlight=False, soft_wrap=True)
@@ -143,6 +150,38 @@ MODEL_FILE = typer.Option(None, "--model", help="The model file a checkpoint was
                                                  "its code runs only if you name it here.")
 TRUST_RECIPE = typer.Option(False, "--trust-recipe",
                             help="Run the model file a checkpoint's recipe names (after the sha256 check).")
+def _tolerance(value: float) -> float:
+    import math
+
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a tolerance: give a finite number >= 0, such as 1e-5")
+    return value
+
+
+def _plot_path(value: Optional[Path]) -> Optional[Path]:
+    if value is not None and value.suffix.lower() not in PLOT_SUFFIXES:
+        raise typer.BadParameter(f"{value.name}: a plot is written as {', '.join(PLOT_SUFFIXES)}; name the file so")
+    return value
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+SEED_MAX = 2**63 - 1  # what torch.manual_seed and every generator take
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _tol_option(name: str):
+    return typer.Option(1e-5, name, callback=_tolerance, help="Tolerance, finite and >= 0.")
+
+
+def _seed_option():
+    return typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed, 0 to 2**63 - 1.")
+
+
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
 
 
@@ -222,10 +261,10 @@ def export_cmd(
                                                  help="Keep the weights in OUTPUT.data beside the file (default: "
                                                  "when they are over 1.5 GiB; protobuf holds 2 GiB)."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
-    atol: float = typer.Option(1e-5, "--atol"),
-    rtol: float = typer.Option(1e-5, "--rtol"),
+    atol: float = _tol_option("--atol"),
+    rtol: float = _tol_option("--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = _seed_option(),
     allow_nonfinite: bool = ALLOW_NONFINITE,
     int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx: static int8 (QDQ) quantisation."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
@@ -273,10 +312,10 @@ def verify_cmd(
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
     input_shape: Optional[List[str]] = INPUT_SHAPE,
-    atol: float = typer.Option(1e-5, "--atol"),
-    rtol: float = typer.Option(1e-5, "--rtol"),
+    atol: float = _tol_option("--atol"),
+    rtol: float = _tol_option("--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = _seed_option(),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (the openvino extra)."),
     allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -303,7 +342,9 @@ def verify_cmd(
 @app.command("surrogates")
 @command
 def surrogates_cmd(
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each s(x) and s'(x) next to ReLU's."),
+    plot: Optional[Path] = typer.Option(None, "--plot", callback=_plot_path,
+                                        help="Write a PNG of each s(x) and s'(x) next to ReLU's."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing plot."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
 ):
     """The surrogate registry: formulas, defaults, sources, and the opt-in compressed modes' error."""
@@ -322,7 +363,7 @@ def surrogates_cmd(
     if plot is not None:
         from .plots import plot_surrogates
 
-        plot_surrogates(plot)
+        plot_surrogates(plot, force=force)
     if as_json:
         return _emit_json([{"name": e.name, "params": e.defaults(), "formula": e.summary(), "source": e.source,
                             "save_error": errors[e.name]} for e in rows])
@@ -348,8 +389,11 @@ def audit_cmd(
     model: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
     data: Path = typer.Option(..., "--data", help="Data file with train_loader() (and val_loader())."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="State dict to load first."),
-    split: str = typer.Option("train", "--split", help="Which loader to audit: train or val."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-site bars and a firing histogram (PNG)."),
+    split: str = typer.Option("train", "--split", callback=lambda v: _choice(v, "--split", ("train", "val")),
+                              help="Which loader to audit: train or val."),
+    plot: Optional[Path] = typer.Option(None, "--plot", callback=_plot_path,
+                                        help="Write per-site bars and a firing histogram (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing plot."),
     model_file: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -358,7 +402,8 @@ def audit_cmd(
     from .workflows import audit_file
 
     report = audit_file(model, str(data), weights=str(weights) if weights else None, split=split,
-                        plot=str(plot) if plot else None, model_file=model_file, trust_recipe=trust_recipe)
+                        plot=str(plot) if plot else None, model_file=model_file, trust_recipe=trust_recipe,
+                        force=force)
     if as_json:
         return _emit_json(report.to_dict())
     table = _table(f"audit over {report.samples} inputs",
@@ -382,7 +427,7 @@ def finetune_cmd(
     epochs: int = typer.Option(1, "--epochs", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = _seed_option(),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from weights written by finetune."),
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,

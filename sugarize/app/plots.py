@@ -30,7 +30,7 @@ def save_figure(fig, path, *, force: bool = True) -> Path:
     return path
 
 
-def plot_surrogates(path) -> Path:
+def plot_surrogates(path, *, force: bool = True) -> Path:
     """One panel per surrogate: s(x) and s'(x) with default parameters, next to ReLU and its 0/1 derivative."""
     import torch
 
@@ -54,7 +54,7 @@ def plot_surrogates(path) -> Path:
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    return save_figure(fig, path)
+    return save_figure(fig, path, force=force)
 
 
 def plot_audit(report, path, *, force: bool = True) -> Path:

@@ -94,10 +94,11 @@ class ConvertOutcome:
 def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Sequence[str] | None = None,
                  force: bool = False) -> ConvertOutcome:
     """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``)."""
-    from ..files.fsutil import check_writable
+    from ..files.fsutil import check_not_input, check_writable
     from ..files.inputs import input_specs
     from ..passes.rewrite import sugarize
 
+    check_not_input(out, model)
     check_writable(out, force=force)
     loaded = load_model(model)
     inputs = None
@@ -174,9 +175,10 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     """
     from ..deploy.export import export_onnx
     from ..deploy.parity import verify
-    from ..files.fsutil import atomic_folder, check_writable
+    from ..files.fsutil import atomic_folder, check_not_input, check_writable
     from ..passes.strip import count_sugar, strip
 
+    check_not_input(out, source, weights, model, data)
     check_writable(out, force=force)
     if int8 and not data:
         raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
@@ -292,6 +294,11 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
     from ..training.deadunits import audit
     from ..training.train import _batches, _loader, load_data
 
+    if plot:  # before the audit runs: an existing plot is replaced only with --force, never an input
+        from ..files.fsutil import check_not_input, check_writable
+
+        check_not_input(plot, model, data, weights, model_file)
+        check_writable(plot, force=force)
     src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
     spec = load_data(data)
     make = spec.train_loader if split == "train" else spec.val_loader
@@ -312,11 +319,12 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
     """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
     import json
 
-    from ..files.fsutil import check_writable
+    from ..files.fsutil import check_not_input, check_writable
     from ..files.weights import load_weights, save_weights
     from ..files.checkpoint import read_recipe
     from ..training.train import finetune, load_data
 
+    check_not_input(out, checkpoint, data, model)  # --resume may be the output: it continues that file
     check_writable(out, force=force)
     spec = load_data(data)
     src = open_source(checkpoint, model=model, trust_recipe=trust_recipe)

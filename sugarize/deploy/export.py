@@ -132,6 +132,17 @@ def _quiet():
             lg.setLevel(level)
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``exc``'s chain of causes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _export_failure(exc: Exception) -> str:
     """One line naming the real cause: torch.onnx wraps torch.export's error in a page of advice."""
     import re
@@ -287,6 +298,8 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
                     )
                     program.save(str(tmp), external_data=external)
         except Exception as exc:
+            if _interrupted(exc):  # Ctrl-C inside torch.export, which wraps it: an interrupt, not a bad model
+                raise KeyboardInterrupt from exc
             raise ExportError(_export_failure(exc)) from exc
         try:
             onnx.checker.check_model(str(tmp), full_check=True)  # by path: external data and > 2 GiB too

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..errors import OutputPathError
 
-__all__ = ["atomic_path", "atomic_folder", "check_writable", "remove_stale_temps"]
+__all__ = ["atomic_path", "atomic_folder", "check_writable", "check_not_input", "remove_stale_temps"]
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -30,6 +30,31 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write {path}: folder {parent} is not writable; choose another -o")
     return path
+
+
+def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuses an output that is the same file as one of the inputs (symlinks and hard links
+    included), even with --force: writing it would destroy what the command reads.
+
+    Raises:
+        OutputPathError: naming the input.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(str(given))
+        if not src.exists() and ":" in src.name:  # model.py:NAME
+            src = src.with_name(src.name.rpartition(":")[0])
+        try:
+            same = src.exists() and os.path.samefile(out, src)
+        except OSError:
+            same = False
+        if same:
+            raise OutputPathError(f"{out} is the input {src.name}: writing it would destroy what this command reads, "
+                                  "--force or not; give another -o")
 
 
 TEMP_MARK = ".sugarize-"  # temporary files: .<target name>.sugarize-<pid>-<random>.tmp

@@ -93,6 +93,11 @@ def _import_file(path: Path, expect_sha256: str | None = None):
     try:
         with user_folders(path):
             exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    except SystemExit as exc:  # the user's file is the user's: exit 2 naming it, never its own code
+        sys.modules.pop(name, None)
+        raise ModelFileError(f"{path.name} called sys.exit({exc.code!r}) while it was imported; a model file "
+                             "defines the model and returns: remove the exit (or guard it with "
+                             "if __name__ == '__main__')") from None
     except SyntaxError as exc:
         sys.modules.pop(name, None)
         raise ModelFileError(
@@ -194,6 +199,9 @@ def _materialise(obj: Any, path: Path, name: str) -> nn.Module:
                 f"{path.name}:{name} cannot be called without arguments ({first_line(exc)}); "
                 f"give a zero-argument factory or an nn.Module instance"
             ) from exc
+        except SystemExit as exc:
+            raise ModelFileError(f"{path.name}:{name}() called sys.exit({exc.code!r}); a factory returns the "
+                                 "model") from None
         except Exception as exc:
             raise ModelFileError(
                 f"{path.name}:{name}() raised {type(exc).__name__}: {first_line(exc)} ({_where(exc, path)})"
@@ -231,7 +239,7 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None) -> 
         if callable(getattr(module, "example_inputs", None)):
             try:
                 example = module.example_inputs()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
     if example is not None:
         example = _as_tuple(example, f"{path.name}:example_inputs()")

@@ -66,15 +66,34 @@ def _loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
     try:
         with user_folders(path) if path else contextlib.nullcontext():  # its folder, for the imports it makes
             return make()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # the data file's code: its failure is the user's (exit 2)
         name = Path(path).name if path else "data file"
         raise DataFileError(f"{name}:{what}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def _iterate(loader: Iterable, what: str):
+    """The loader's items; an exception (or sys.exit) raised while iterating it is the data file's."""
+    try:
+        iterator = iter(loader)
+    except (Exception, SystemExit) as exc:
+        raise DataFileError(f"{what} returned a {type(loader).__name__}, which cannot be iterated "
+                            f"({type(exc).__name__}: {first_line(exc, 200)}); return a list or a DataLoader") from None
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (Exception, SystemExit) as exc:
+            raise DataFileError(f"{what} raised {type(exc).__name__} while it was iterated: {first_line(exc, 200)}; "
+                                "fix the data file") from None
+        yield item
 
 
 def _batches(loader: Iterable, what: str):
     """``(x, y)`` pairs of tensors from a data file's loader, checked; an empty loader is an error."""
     empty = True
-    for batch in loader:
+    it = _iterate(loader, what)
+    for batch in it:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise DataFileError(f"{what} must yield (x, y) batches, got {type(batch).__name__}")
         x, y = batch[0], batch[1]
@@ -109,7 +128,7 @@ def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
                                 f"(classes 0..{out.shape[1] - 1}); fix the labels or the model's output size")
     try:
         loss = loss_fn(out, y)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataFileError(f"the loss rejected a batch from {what} (output {shape}, y {tuple(y.shape)} "
                             f"{y.dtype}): {type(exc).__name__}: {first_line(exc, 200)}; class labels are int64 "

@@ -27,6 +27,10 @@ DATA = {
     "empty": "def train_loader():\n    return []\n",
     "float_labels": "import torch\ndef train_loader():\n    return [(torch.randn(8, 64), torch.randn(8))]\n",
     "rows_mismatch": "import torch\ndef train_loader():\n    return [(torch.randn(8, 64), torch.zeros(5, dtype=torch.long))]\n",
+    "exits_while_iterated": ("import sys, torch\ndef train_loader():\n    yield (torch.randn(8, 64), torch.zeros(8, "
+                             "dtype=torch.long))\n    sys.exit(1)\n"),
+    "raises_while_iterated": ("import torch\ndef train_loader():\n    yield (torch.randn(8, 64), torch.zeros(8, "
+                              "dtype=torch.long))\n    raise ValueError('shard 2 is corrupt')\n"),
 }
 FRAGMENT = {
     "wrong_size": "rejected a batch",
@@ -36,6 +40,8 @@ FRAGMENT = {
     "empty": "yielded no batches",
     "float_labels": "the loss rejected a batch",
     "rows_mismatch": "x with 8 rows and y with 5",
+    "exits_while_iterated": "raised SystemExit while it was iterated",
+    "raises_while_iterated": "raised ValueError while it was iterated: shard 2 is corrupt",
 }
 MODELS = {
     "meta": ("import torch, torch.nn as nn\ndef build_model():\n    with torch.device('meta'):\n"
@@ -48,6 +54,8 @@ MODELS = {
                      "        super().__init__(); self.l = nn.Linear(64, 16)\n    def forward(self, x):\n"
                      "        torch.relu(self.l(x))\nmodel = M()\ndef example_inputs():\n    return (torch.randn(4, 64),)\n",
                      "forward returned NoneType"),
+    "sys_exit": ("import sys\nsys.exit(0)\n", "called sys.exit(0) while it was imported"),
+    "sys_exit_in_factory": ("import sys\ndef build_model():\n    sys.exit(1)\n", "build_model() called sys.exit(1)"),
 }
 
 
@@ -79,7 +87,8 @@ def test_bad_data_files_through_finetune_audit_and_int8_export(mlp, tmp_path, ca
     check(tmp_path, ["finetune", ck, "--model", model, "--data", data, "-o", weights], FRAGMENT[case], [weights])
     if case not in ("labels_out_of_range", "float_labels"):  # audit reads no labels
         check(tmp_path, ["audit", ck, "--model", model, "--data", data], FRAGMENT[case], [])
-    if case in ("numpy", "none", "empty", "rows_mismatch"):  # int8 calibration reads the same batches
+    if case in ("numpy", "none", "empty", "rows_mismatch", "exits_while_iterated", "raises_while_iterated"):
+        # int8 calibration reads the same batches
         check(tmp_path, ["export", model, "--int8", "--data", data, "-o", onnx], FRAGMENT[case],
               [onnx, tmp_path / "m.int8.onnx"])
 
@@ -128,3 +137,85 @@ def test_an_output_in_a_special_folder_is_exit_2_naming_the_folder(tmp_path, fol
         assert res.exit_code == 2, (args, res.output)
         line = " ".join(res.output.split())
         assert f"folder {folder}" in line and "choose another -o" in line and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--atol", "nan"], "nan is not a tolerance"), (["--atol", "-1"], "-1.0 is not a tolerance"),
+    (["--rtol", "inf"], "inf is not a tolerance"), (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-3"], "--seed"),
+])
+def test_options_are_checked_when_parsed(mlp, tmp_path, args, fragment):
+    """Before, --atol nan and -1 were accepted and reported as a parity failure (exit 1), and
+    --seed 2**70 was exit 3."""
+    model, ck = mlp
+    onnx = tmp_path / "m.onnx"
+    for command in (["export", model, "-o", onnx], ["verify", onnx, "--against", model]):
+        if command[0] == "verify" and "--atol" not in args and "--rtol" not in args and "--seed" not in args:
+            continue
+        res = runner.invoke(app, [str(a) for a in command + args])
+        assert res.exit_code == 2, (command, args, res.output)
+        assert fragment in res.output and "Traceback" not in res.output
+    assert not onnx.exists()
+
+
+def test_an_unknown_split_is_refused(mlp, tmp_path):
+    """Before, audit --split bogus audited the validation split and exited 0."""
+    model, ck = mlp
+    res = runner.invoke(app, ["audit", str(model), "--data", str(FIXTURES / "digits_data.py"), "--split", "bogus"])
+    assert res.exit_code == 2 and "'bogus' is not one of train, val" in res.output
+
+
+def test_plots_are_never_replaced_without_force_nor_written_in_an_unknown_format(mlp, tmp_path):
+    model, _ = mlp
+    data = str(FIXTURES / "digits_data.py")
+    plot = tmp_path / "p.png"
+    plot.write_bytes(b"someone's picture")
+    for command in (["audit", str(model), "--data", data, "--plot", str(plot)], ["surrogates", "--plot", str(plot)]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 2 and "pass --force to replace it" in res.output, (command, res.output)
+        assert plot.read_bytes() == b"someone's picture"
+    res = runner.invoke(app, ["surrogates", "--plot", str(plot), "--force"])
+    assert res.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    res = runner.invoke(app, ["surrogates", "--plot", str(tmp_path / "p.xyz")])
+    assert res.exit_code == 2 and "a plot is written as .png" in res.output and not (tmp_path / "p.xyz").exists()
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_force(mlp, tmp_path):
+    """Before, convert m.py -o m.py --force replaced the source with a checkpoint, and finetune
+    ck -o ck and export ck -o ck replaced the checkpoint."""
+    import os
+
+    model, ck = mlp
+    source, weights = model.read_bytes(), ck.read_bytes()
+    link = tmp_path / "link.py"
+    os.symlink(model, link)
+    cases = [(["convert", model, "-o", model, "--force"], model), (["convert", model, "-o", link, "--force"], model),
+             (["export", ck, "--model", model, "-o", ck, "--force"], ck),
+             (["finetune", ck, "--model", model, "--data", FIXTURES / "digits_data.py", "-o", ck, "--force"], ck)]
+    for args, victim in cases:
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 2 and "writing it would destroy what this command reads" in res.output, (args, res.output)
+    # a plot onto an input: refused by its name already (an input is no image)
+    res = runner.invoke(app, [str(a) for a in ["audit", ck, "--model", model, "--data", FIXTURES / "digits_data.py",
+                                                 "--plot", model, "--force"]])
+    assert res.exit_code == 2 and "a plot is written as" in res.output
+    assert model.read_bytes() == source and ck.read_bytes() == weights
+
+
+def test_ctrl_c_inside_the_exporter_is_exit_130(mlp, tmp_path, monkeypatch):
+    """torch.export wraps a KeyboardInterrupt in its own error: it was reported as a bad model."""
+    import torch
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Failed to export the model with torch.export.") from exc
+
+    model, _ = mlp
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    onnx = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", str(model), "-o", str(onnx)])
+    assert res.exit_code == 130 and "interrupted" in res.output and not onnx.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+

@@ -177,9 +177,12 @@ def test_unwritable_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    """Before, --debug re-raised: an exit-2 mistake became exit 1 (which reads as a failed check)."""
     res = runner.invoke(app, ["--debug", "convert", str(tmp_path / "missing.py"), "-o", str(tmp_path / "o")])
-    assert res.exit_code != 0 and isinstance(res.exception, sugarize.SugarizeError)
+    assert res.exit_code == 2, res.output
+    assert "Traceback (most recent call last)" in res.output and "ModelFileError" in res.output
+    assert "not found" in res.output.strip().splitlines()[-1]
 
 
 def test_checkpoint_recipe_records_model_and_hash(checkpoint):
