@@ -78,15 +78,29 @@ def read_recipe(path) -> dict[str, Any]:
         ) from exc
     if "sugarize" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a SUGAR checkpoint; pass it as --weights")
+    text = meta["sugarize"]
+    if len(text) > MAX_RECIPE_CHARS:
+        raise CheckpointError(f"checkpoint {path} has a recipe of {len(text):,} characters, more than a recipe ever "
+                              f"holds ({MAX_RECIPE_CHARS:,}); create it again with `sugarize convert`")
     try:
-        recipe = json.loads(meta["sugarize"])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path} has a damaged recipe ({exc}); create it again") from exc
+        recipe = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # malformed, or nested deeper than any recipe is
+        raise CheckpointError(f"checkpoint {path} has a damaged recipe ({type(exc).__name__}: {first_line(exc, 120)}); "
+                              "create it again with `sugarize convert`") from None
     validate_recipe(recipe, path)
     return recipe
 
 
 _HEX = set("0123456789abcdef")
+MAX_RECIPE_CHARS = 8 << 20  # a recipe holds one report: 8 Mi characters is thousands of sites
+
+
+def _site_fields():
+    from dataclasses import fields
+
+    from ..passes.report import Site
+
+    return {f.name: f for f in fields(Site)}
 
 
 def validate_recipe(recipe: Any, path) -> None:
@@ -135,16 +149,49 @@ def validate_recipe(recipe: Any, path) -> None:
             shape = need(spec, "shape", list, f"inputs[{i}].")
             if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
                 raise bad(f"inputs[{i}].shape", "must be a list of non-negative integers")
-            need(spec, "dtype", str, f"inputs[{i}].")
+            dtype = need(spec, "dtype", str, f"inputs[{i}].")
+            import torch
+
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise bad(f"inputs[{i}].dtype", f"must name a torch dtype (float32, int64...), not {dtype[:40]!r}")
     config = need(recipe, "config", dict, "")
     try:
         SugarConfig.from_dict(config)
     except (TypeError, ValueError, SugarizeError) as exc:
         raise bad("config", f"is not a valid conversion config ({first_line(exc)})") from None
     report = need(recipe, "report", dict, "")
+    need(report, "capture", str, "report.")
+    notes = need(report, "notes", list, "report.")
+    if not all(isinstance(n, str) for n in notes):
+        raise bad("report.notes", "must be a list of strings")
+    runtime = report.get("runtime")
+    if runtime is not None:
+        if not isinstance(runtime, dict):
+            raise bad("report.runtime", f"must be an object or null, not {type(runtime).__name__}")
+        for key in ("relu_calls", "converted_calls", "unconverted_calls"):
+            need(runtime, key, int, "report.runtime.")
+        counts = need(runtime, "unconverted", dict, "report.runtime.")
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in counts.items()):
+            raise bad("report.runtime.unconverted", "must map spellings to counts")
+        if not all(isinstance(x, str) for x in need(runtime, "unconverted_sites", list, "report.runtime.")):
+            raise bad("report.runtime.unconverted_sites", "must be a list of strings")
+    known = _site_fields()
     for i, site in enumerate(need(report, "sites", list, "report.")):
-        if not isinstance(site, dict) or not all(isinstance(site.get(k), str) for k in ("path", "spelling", "kind", "status")):
-            raise bad(f"report.sites[{i}]", "must hold path, spelling, kind and status strings")
+        where = f"report.sites[{i}]."
+        if not isinstance(site, dict):
+            raise bad(f"report.sites[{i}]", "must be an object")
+        extra = sorted(set(site) - set(known))
+        if extra:
+            raise bad(f"{where}{extra[0]}", "is not a site field")
+        for key in ("path", "spelling", "kind", "node", "status"):
+            need(site, key, str, where)
+        for key in ("reason", "surrogate", "capture"):
+            if key in site:
+                need(site, key, str, where)
+        if "forward_changed" in site:
+            need(site, "forward_changed", bool, where)
+        if site.get("calls") is not None:
+            need(site, "calls", int, where)
 
 
 @dataclass

@@ -20,10 +20,10 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
         OutputPathError: it exists and ``force`` is False, or its folder is missing or read-only.
     """
     path = Path(path)
+    if path.is_dir():  # before "exists": --force would not help
+        raise OutputPathError(f"{path} is a folder; give a file name (such as {path / 'model.onnx'})")
     if path.exists() and not force:
         raise OutputPathError(f"{path} already exists; pass --force to replace it")
-    if path.is_dir():
-        raise OutputPathError(f"{path} is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputPathError(f"cannot write {path}: folder {parent} does not exist; create it first")

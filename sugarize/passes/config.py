@@ -95,17 +95,50 @@ class SugarConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SugarConfig":
+        """The config a ``to_dict`` wrote (a JSON file, a checkpoint's recipe), every field's type checked.
+
+        Raises:
+            ParameterError: naming an unknown field or one of the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise ParameterError(f"a config is a mapping of fields, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ParameterError(
                 f"unknown config field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
             )
+        for name, value in data.items():
+            if not _FIELD_TYPES[name](value):
+                raise ParameterError(f"config field {name!r} holds {type(value).__name__} {value!r:.40}, which it "
+                                     f"cannot be ({_FIELD_DOCS[name]})")
         return cls(**dict(data))
 
     @classmethod
     def from_json(cls, text: str) -> "SugarConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _strings(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_FIELD_TYPES = {
+    "surrogate": lambda v: isinstance(v, str),
+    "params": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+    "negative_only": lambda v: isinstance(v, bool),
+    "save": lambda v: isinstance(v, str),
+    "include": _strings, "exclude": _strings,
+    "relufy": lambda v: isinstance(v, str) or _strings(v),
+    "relufy_surrogate": lambda v: v is None or isinstance(v, str),
+}
+_FIELD_DOCS = {"surrogate": "a surrogate name", "params": "names to numbers", "negative_only": "true or false",
+               "save": "a save mode", "include": "a list of module-path globs", "exclude": "a list of module-path globs",
+               "relufy": "a list of activation names", "relufy_surrogate": "a surrogate name or null"}
 
 
 def _expand_relufy(kinds) -> list[str]:

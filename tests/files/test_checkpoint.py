@@ -130,7 +130,7 @@ def test_python_api_runs_only_named_or_trusted_code(converted):
     (lambda r: r.pop("config"), "config is missing"),
     (lambda r: r["config"].update(surrogate="nope"), "config is not a valid conversion config"),
     (lambda r: r["config"].update(unknown=1), "config is not a valid conversion config"),
-    (lambda r: r.update(report={"sites": 3}), "report.sites must be a list"),
+    (lambda r: r["report"].update(sites=3), "report.sites must be a list"),
     (lambda r: r.update(format="sugarize-checkpoint/99"), "this sugarize reads sugarize-checkpoint/1"),
 ])
 def test_a_malformed_recipe_is_exit_2_naming_the_field(converted, tmp_path, change, fragment):
