@@ -150,8 +150,6 @@ def validate_recipe(recipe: Any, path) -> None:
             if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
                 raise bad(f"inputs[{i}].shape", "must be a list of non-negative integers")
             dtype = need(spec, "dtype", str, f"inputs[{i}].")
-            import torch
-
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise bad(f"inputs[{i}].dtype", f"must name a torch dtype (float32, int64...), not {dtype[:40]!r}")
     config = need(recipe, "config", dict, "")
