@@ -104,34 +104,27 @@ def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     - The result gets the mode a plain ``open()`` would give (0o666 less the umask).
     """
     path = check_writable(path, force=force)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        remove_stale_temps(folder)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
-    except OSError as exc:  # /proc, /sys, a read-only mount: the folder takes no new files
-        raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
-                              f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
+    fd, tmp = _temp_beside(path, tempfile.mkstemp)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path exists: an exclusive create
-            except FileExistsError:
-                raise OutputPathError(f"{path} already exists (another run wrote it first); pass --force "
-                                      "to replace it") from None
-            except OSError:  # a filesystem without hard links: check, then rename
-                if path.exists():
-                    raise OutputPathError(f"{path} already exists; pass --force to replace it") from None
-                os.replace(tmp, path)
-            tmp.unlink(missing_ok=True)
+        _place(tmp, path, force)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _temp_beside(path: Path, make):
+    """``make(prefix=, suffix=, dir=)`` (mkstemp or mkdtemp) of one of our temporary names beside
+    ``path``, stale ones of dead processes removed first; a folder that takes no files is the user's."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        remove_stale_temps(folder)
+        return make(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
+    except OSError as exc:  # /proc, /sys, a read-only mount: the folder takes no new files
+        raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
+                              f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
 
 
 def _place(tmp: Path, path: Path, force: bool) -> None:
@@ -166,13 +159,7 @@ def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str
     companion_paths = [path.with_name(path.name + suffix) for suffix in companions]
     for c in companion_paths:
         check_writable(c, force=force)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        remove_stale_temps(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
-                              f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
+    tmp = Path(_temp_beside(path, tempfile.mkdtemp))
     placed: list[Path] = []
     try:
         yield tmp
