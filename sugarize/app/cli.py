@@ -480,7 +480,7 @@ def demo_cmd(
     cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs, dead_case=dead_case)
     if quick:
         cfg = dataclasses.replace(cfg, seeds=(0,), pretrain_epochs=2, epochs=2, dead_epochs=2)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _demo_folder(out_dir)
     with err.status("training...") as status:
         result = run_demo(cfg, out_dir=out_dir, progress=lambda s: status.update(s))
     plot = None
@@ -529,6 +529,23 @@ def demo_cmd(
     if plot:
         out.print(f"wrote {plot}")
     out.print(f"done in {result.seconds:.0f} s")
+
+
+def _demo_folder(out_dir: Path) -> None:
+    """The demo's --out folder, made if needed, checked writable before any training."""
+    import os
+
+    from ..errors import OutputPathError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputPathError(f"--out {out_dir} is a file; the demo writes a folder of files: give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot make the folder {out_dir} ({exc.strerror or type(exc).__name__}); "
+                              "give --out a folder you can write") from None
+    if not os.access(out_dir, os.W_OK):
+        raise OutputPathError(f"folder {out_dir} is not writable; give --out a folder you can write")
 
 
 def _demo_table(rows, seeds: int) -> Table:

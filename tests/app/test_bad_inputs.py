@@ -219,3 +219,13 @@ def test_ctrl_c_inside_the_exporter_is_exit_130(mlp, tmp_path, monkeypatch):
     assert res.exit_code == 130 and "interrupted" in res.output and not onnx.exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
+
+
+def test_the_demo_onto_a_file_or_into_a_folder_that_takes_no_files_is_exit_2(tmp_path):
+    """Before, both were exit 3 (after training)."""
+    afile = tmp_path / "a_file"
+    afile.write_text("keep")
+    res = runner.invoke(app, ["demo", "--quick", "--out", str(afile)])
+    assert res.exit_code == 2 and "is a file" in res.output and afile.read_text() == "keep"
+    res = runner.invoke(app, ["demo", "--quick", "--out", "/proc/sugarize-demo"])  # even root cannot write there
+    assert res.exit_code == 2 and "give --out a folder you can write" in res.output
