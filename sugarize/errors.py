@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (its type's name if it has none), cut at ``limit``."""
+def first_line(exc: BaseException, limit: int = 2000) -> str:
+    """The first line of an exception's message (its type's name if it has none), whole: cut only
+    past ``limit`` characters (a tensor printed into a message), never mid-sentence otherwise."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 

@@ -162,7 +162,7 @@ def _export_failure(exc: Exception) -> str:
             after = text.split("## Exception summary", 1)[1].strip().splitlines()
             reason_line = after[0].strip() if after else reason_line
         return f"torch.onnx.export failed: torch.export cannot capture the model: {reason_line[:400]}"
-    return f"torch.onnx.export failed: {first[:300]}"
+    return f"torch.onnx.export failed: {first}"
 
 
 def is_token_input(a) -> bool:

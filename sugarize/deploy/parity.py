@@ -113,7 +113,7 @@ def _load_onnx(path):
         onnx.checker.check_model(str(path), full_check=True)
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        msg = first_line(exc, 200)
+        msg = first_line(exc)
         raise InputError(f"{path} is not a valid ONNX model ({msg}); export it again") from exc
     return proto
 
@@ -280,7 +280,7 @@ def _run_batches(runner, default_runner, references, example_args, batches, seed
             except Exception as exc:
                 raise InputError(
                     f"{runtime} rejected inputs of shape {[tuple(t.shape) for t in inputs]}: "
-                    f"{first_line(exc, 200)}"
+                    f"{first_line(exc)}"
                 ) from exc
             runs += 1
             for ref_name, module in references:

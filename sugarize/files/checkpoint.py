@@ -85,7 +85,7 @@ def read_recipe(path) -> dict[str, Any]:
     try:
         recipe = json.loads(text)
     except (ValueError, RecursionError) as exc:  # malformed, or nested deeper than any recipe is
-        raise CheckpointError(f"checkpoint {path} has a damaged recipe ({type(exc).__name__}: {first_line(exc, 120)}); "
+        raise CheckpointError(f"checkpoint {path} has a damaged recipe ({type(exc).__name__}: {first_line(exc)}); "
                               "create it again with `sugarize convert`") from None
     validate_recipe(recipe, path)
     return recipe

@@ -73,7 +73,7 @@ def make_inputs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch.Tenso
         try:
             out.append(random_tensor(s["shape"], dtype, g))
         except (RuntimeError, MemoryError) as exc:
-            raise InputError(f"cannot allocate an example input of shape {shape} ({first_line(exc, 120)}); "
+            raise InputError(f"cannot allocate an example input of shape {shape} ({first_line(exc)}); "
                              "give a smaller --input-shape") from exc
     return tuple(out)
 

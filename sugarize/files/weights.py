@@ -63,7 +63,7 @@ def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tens
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read {path} as weights: {first_line(exc)[:200]}; give a safetensors file or a "
+            f"cannot read {path} as weights: {first_line(exc)}; give a safetensors file or a "
             "torch.save(model.state_dict()) file"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -126,7 +126,7 @@ def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor):
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager formulas
         _state["failed"].add(key)
         warnings.warn(f"sugarize: a fused SUGAR kernel is unavailable for {key[:2]} ({type(exc).__name__}: "
-                      f"{first_line(exc, 200)}); its eager formulas, a few more memory passes, serve it",
+                      f"{first_line(exc)}); its eager formulas, a few more memory passes, serve it",
                       stacklevel=3)
         return None
 

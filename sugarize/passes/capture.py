@@ -52,7 +52,7 @@ def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torc
     try:
         graph = Tracer().trace(root)
     except Exception as exc:  # tracing runs arbitrary user code
-        first = first_line(exc, 10_000)
+        first = first_line(exc)
         raise CaptureError(
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}. "
             "Mark the untraceable code with torch.fx.wrap, or convert a traceable submodule"

@@ -137,7 +137,7 @@ def audit(model: nn.Module, batches: Iterable[Any]) -> AuditReport:
                 gm(*inputs)
             except Exception as exc:
                 raise InputError(f"the model rejected a batch (x {tuple(inputs[0].shape)} {inputs[0].dtype}): "
-                                 f"{type(exc).__name__}: {first_line(exc, 200)}; make the batches fit the model") from exc
+                                 f"{type(exc).__name__}: {first_line(exc)}; make the batches fit the model") from exc
             recorder.samples += inputs[0].shape[0]
     if not recorder.samples:
         raise InputError("no batches to audit: the loader yielded nothing")

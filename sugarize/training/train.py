@@ -77,14 +77,14 @@ def _iterate(loader: Iterable, what: str):
         iterator = iter(loader)
     except (Exception, SystemExit) as exc:
         raise DataFileError(f"{what} returned a {type(loader).__name__}, which cannot be iterated "
-                            f"({type(exc).__name__}: {first_line(exc, 200)}); return a list or a DataLoader") from None
+                            f"({type(exc).__name__}: {first_line(exc)}); return a list or a DataLoader") from None
     while True:
         try:
             item = next(iterator)
         except StopIteration:
             return
         except (Exception, SystemExit) as exc:
-            raise DataFileError(f"{what} raised {type(exc).__name__} while it was iterated: {first_line(exc, 200)}; "
+            raise DataFileError(f"{what} raised {type(exc).__name__} while it was iterated: {first_line(exc)}; "
                                 "fix the data file") from None
         yield item
 
@@ -117,7 +117,7 @@ def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
         out = model(x)
     except Exception as exc:
         raise DataFileError(f"the model rejected a batch from {what} (x {tuple(x.shape)} {x.dtype}): "
-                            f"{type(exc).__name__}: {first_line(exc, 200)}; make the batches fit the model") from exc
+                            f"{type(exc).__name__}: {first_line(exc)}; make the batches fit the model") from exc
     if not isinstance(out, torch.Tensor) and loss_fn is F.cross_entropy:
         raise DataFileError(f"the model returns a {type(out).__name__}, not a tensor of outputs: define "
                             "loss_fn(output, y) in the data file to compute the loss from it")
@@ -131,7 +131,7 @@ def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
     except (Exception, SystemExit) as exc:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataFileError(f"the loss rejected a batch from {what} (output {shape}, y {tuple(y.shape)} "
-                            f"{y.dtype}): {type(exc).__name__}: {first_line(exc, 200)}; class labels are int64 "
+                            f"{y.dtype}): {type(exc).__name__}: {first_line(exc)}; class labels are int64 "
                             "indices, or define loss_fn in the data file") from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise DataFileError(f"the data file's loss_fn must return a scalar tensor, not {type(loss).__name__}")

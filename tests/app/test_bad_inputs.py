@@ -229,3 +229,12 @@ def test_the_demo_onto_a_file_or_into_a_folder_that_takes_no_files_is_exit_2(tmp
     assert res.exit_code == 2 and "is a file" in res.output and afile.read_text() == "keep"
     res = runner.invoke(app, ["demo", "--quick", "--out", "/proc/sugarize-demo"])  # even root cannot write there
     assert res.exit_code == 2 and "give --out a folder you can write" in res.output
+
+
+def test_an_error_from_user_code_is_reported_whole(tmp_path):
+    """Before, messages were cut mid-sentence at 200 characters."""
+    reason = "the checkpoint shard 7 of 12 was written by another version of my training code " * 4
+    model = tmp_path / "long.py"
+    model.write_text(f"def build_model():\n    raise ValueError({reason.strip()!r})\n")
+    res = runner.invoke(app, ["convert", str(model), "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2 and reason.strip() in " ".join(res.stderr.split())
