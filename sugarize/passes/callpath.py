@@ -30,7 +30,7 @@ from .activations import ACTIVATIONS, FUNCTION_NAMES, call_match, module_match
 from .config import SugarConfig
 from .report import Site
 
-__all__ = ["NAME", "find", "convert", "strip_", "count", "instrument", "makes_calls", "call_roots", "CallCatcher",
+__all__ = ["NAME", "find", "convert", "convert_", "strip_", "count", "instrument", "makes_calls", "call_roots", "CallCatcher",
            "attach", "detach", "catchers", "ActivationRecorder", "count_calls", "call_sites", "with_calls"]
 
 NAME = "calls"
@@ -181,9 +181,15 @@ def convert(model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[n
     forwards that make activation calls hooked to convert them as they run. Its sites are listed
     once example inputs are counted (``call_sites``)."""
     root = private_copy(model, copy)
-    if not catchers(root):  # an already converted model keeps the catchers it has
+    return root, convert_(root, cfg)
+
+
+def convert_(root: nn.Module, cfg: SugarConfig) -> list[Site]:
+    """In place on a model private to the pass (the module path's result): hooks the forwards
+    that make activation calls. An already converted model keeps the catchers it has."""
+    if not catchers(root):
         attach(root, cfg, call_roots(root))
-    return root, []
+    return []
 
 
 def strip_(model: nn.Module) -> list[Site]:

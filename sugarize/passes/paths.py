@@ -66,7 +66,7 @@ def convert(model: nn.Module, cfg: SugarConfig, capture: str, *, copy: bool) -> 
                 raise
             why = str(exc).split(". Mark")[0]
     out, sites = modulepath.convert(model, cfg, copy=copy)
-    out, more = callpath.convert(out, cfg, copy=False)  # out is already private: no tensor is copied
+    more = callpath.convert_(out, cfg)  # out is already private: hooked in place, not cloned again
     return out, sites + more, modulepath.NAME, why
 
 
