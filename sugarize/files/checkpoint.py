@@ -183,7 +183,7 @@ def validate_recipe(recipe: Any, path) -> None:
             raise bad(f"{where}{extra[0]}", "is not a site field")
         for key in ("path", "spelling", "kind", "node", "status"):
             need(site, key, str, where)
-        for key in ("reason", "surrogate", "capture"):
+        for key in ("reason", "surrogate", "capture", "fused"):
             if key in site:
                 need(site, key, str, where)
         if "forward_changed" in site:

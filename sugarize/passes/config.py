@@ -29,6 +29,10 @@ class SugarConfig:
         relufy: also turn these activations into ReLU forward + SUGAR ("gelu", "silu").
             Their surrogate is their own derivative unless ``relufy_surrogate`` names one.
         relufy_surrogate: surrogate for relufied sites instead of the activation's own.
+        fuse_bn: on the fx path, fuse each exact SUGAR site fed by a BatchNorm (directly or
+            through a residual add) with it, so that its eager backward rebuilds x from
+            BatchNorm's input instead of keeping a copy (the same values; less memory).
+            False keeps every site apart.
     """
 
     surrogate: str = DEFAULT_SURROGATE
@@ -39,6 +43,7 @@ class SugarConfig:
     exclude: tuple[str, ...] = ()
     relufy: tuple[str, ...] = ()
     relufy_surrogate: str | None = None
+    fuse_bn: bool = True
 
     def __post_init__(self) -> None:
         from ..method.saved import check_options
@@ -135,10 +140,12 @@ _FIELD_TYPES = {
     "include": _strings, "exclude": _strings,
     "relufy": lambda v: isinstance(v, str) or _strings(v),
     "relufy_surrogate": lambda v: v is None or isinstance(v, str),
+    "fuse_bn": lambda v: isinstance(v, bool),
 }
 _FIELD_DOCS = {"surrogate": "a surrogate name", "params": "names to numbers", "negative_only": "true or false",
                "save": "a save mode", "include": "a list of module-path globs", "exclude": "a list of module-path globs",
-               "relufy": "a list of activation names", "relufy_surrogate": "a surrogate name or null"}
+               "relufy": "a list of activation names", "relufy_surrogate": "a surrogate name or null",
+               "fuse_bn": "true or false"}
 
 
 def _expand_relufy(kinds) -> list[str]:

@@ -8,6 +8,7 @@ The capture-path interface (``paths.py``): ``find``, ``convert``, ``strip_``, ``
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from ..method.op import OP
 from .capture import capture, graph_module, trace_graph
 from .config import SugarConfig
-from .match import Match, is_sugar, match_node, may_alias, module_path
+from . import fusion
+from .match import Match, is_sugar, match_node, may_alias, module_path, sugar_options
 from .report import Report, Site
 
 __all__ = ["NAME", "find", "convert", "strip_", "count", "instrument", "plan_sites", "convert_graph"]
@@ -47,9 +49,10 @@ def _sugar_site(node: torch.fx.Node) -> Site:
         kind=info.get("kind", "relu"),
         node=node.name,
         status="sugar",
-        surrogate=str(node.args[1]),
+        surrogate=str(sugar_options(node)[0]),
         forward_changed=info.get("kind", "relu") != "relu",
         capture=NAME,
+        fused=info.get("fused", {}).get("what", "") if isinstance(info.get("fused"), dict) else "",
     )
 
 
@@ -125,6 +128,11 @@ def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: Sug
         )
     if rewired:  # in-place sites add nodes or move uses; a site rewritten in place cannot break the graph
         graph.lint()
+    if cfg.fuse_bn:
+        fused = fusion.fuse(graph, modules)
+        if fused:
+            sites = [replace(s, fused=fused[s.node]) if s.status == "converted" and s.node in fused else s
+                     for s in sites]
     return Report(sites=sites)
 
 
@@ -163,7 +171,10 @@ def _graph_modules(model: nn.Module) -> list[torch.fx.GraphModule]:
 
 
 def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return gm.graph.find_nodes(op="call_function", target=OP)  # an indexed lookup, not a scan
+    """The SUGAR op nodes (indexed lookups, not a scan), fused ones unfused first."""
+    for node in fusion.fused_nodes(gm.graph):
+        fusion.unfuse(gm.graph, node)
+    return gm.graph.find_nodes(op="call_function", target=OP)
 
 
 def strip_(model: nn.Module) -> list[Site]:
@@ -195,8 +206,9 @@ def strip_(model: nn.Module) -> list[Site]:
 
 
 def count(model: nn.Module) -> int:
-    """SUGAR nodes in the graphs of ``model`` (every GraphModule inside it)."""
-    return sum(len(_sugar_nodes(gm)) for gm in _graph_modules(model))
+    """SUGAR nodes in the graphs of ``model`` (every GraphModule inside it), fused ones included."""
+    return sum(len(gm.graph.find_nodes(op="call_function", target=OP)) + len(fusion.fused_nodes(gm.graph))
+               for gm in _graph_modules(model))
 
 
 @contextlib.contextmanager
@@ -207,7 +219,9 @@ def instrument(model: nn.Module, record):
     Raises:
         CaptureError: the model cannot be traced.
     """
-    gm, _ = capture(model, copy=False)
+    gm, _ = capture(model, copy=False)  # over a copy of the graph: unfusing it leaves the model's alone
+    for node in fusion.fused_nodes(gm.graph):
+        fusion.unfuse(gm.graph, node)  # the audit reads x, which a fused node never holds
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if is_sugar(node):

@@ -24,7 +24,8 @@ from typing import ContextManager, Protocol
 import torch.nn as nn
 
 from ..errors import CaptureError
-from . import callpath, fxpath, modulepath
+from . import callpath, fusion, fxpath, modulepath
+from .match import sugar_options
 from .config import SugarConfig
 from .report import Site
 
@@ -108,8 +109,8 @@ def op_options(model: nn.Module) -> set[tuple]:
     found: set[tuple] = set()
     for module in model.modules():
         if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.find_nodes(op="call_function", target=OP):
-                surrogate, params, negative_only, save = node.args[1:5]
+            for node in module.graph.find_nodes(op="call_function", target=OP) + fusion.fused_nodes(module.graph):
+                surrogate, params, negative_only, save = sugar_options(node)
                 found.add((surrogate, tuple(params), bool(negative_only), save))
         elif isinstance(module, SugarActivation):
             surrogate, params, negative_only, save = module.options

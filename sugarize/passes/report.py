@@ -25,6 +25,8 @@ class Site:
         calls: for a site found at runtime (or inside TorchScript), how many calls it made in
             one forward pass; None for a graph node.
         capture: the capture path that found it: "fx", "modules" or "calls" ("" inside TorchScript).
+        fused: what the SUGAR op was fused with on the fx path ("BatchNorm2d", "BatchNorm2d + add"):
+            its eager backward rebuilds x from the BatchNorm's input instead of keeping it; "" if none.
     """
 
     path: str
@@ -37,6 +39,7 @@ class Site:
     forward_changed: bool = False
     calls: int | None = None
     capture: str = ""
+    fused: str = ""
 
 
 @dataclass
@@ -87,6 +90,9 @@ class Report:
         t = self.totals()
         parts = [f"{t.get(k, 0)} {k}" for k in ("converted", "sugar", "convertible", "stripped", "skipped") if t.get(k)]
         line = f"{t['sites']} activation sites: " + (", ".join(parts) if parts else "none")
+        fused = sum(1 for s in self.sites if s.fused and s.status in ("converted", "sugar"))
+        if fused:
+            line += f"; {fused} fused with their BatchNorm (x rebuilt in the eager backward, not kept)"
         if self.runtime:
             r = self.runtime
             line += (f"; at runtime {r['converted_calls']} SUGAR calls, {r['unconverted_calls']} ReLU calls left "
@@ -96,7 +102,8 @@ class Report:
     def __str__(self) -> str:
         rows = [("path", "spelling", "status", "surrogate", "reason")]
         for s in self.sites:
-            rows.append((s.path or "<model>", s.spelling, s.status, s.surrogate, s.reason))
+            reason = s.reason or (f"fused with {s.fused}" if s.fused else "")
+            rows.append((s.path or "<model>", s.spelling, s.status, s.surrogate, reason))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
         return "\n".join(lines + [self.summary() + f" (capture: {self.capture})"])

@@ -29,6 +29,7 @@ def sugarize(
     negative_only: bool = False,
     save: str = DEFAULT_SAVE,
     relufy: Iterable[str] | str = (),
+    fuse_bn: bool = True,
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
     example_kwargs: dict | None = None,
@@ -62,6 +63,10 @@ def sugarize(
         save: what the backward keeps: "full" (default, exact) or the opt-in compressed
             "bfloat16" / "uint8" (their error: ``sugarize.save_error``).
         relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
+        fuse_bn: on the fx path, fuse each exact site fed by a BatchNorm (``relu(bn(c))``,
+            ``relu(bn(c) + r)``) with it: the same values and gradients, and in eager mode its
+            backward rebuilds x from BatchNorm's input instead of keeping it (the report's
+            ``Site.fused`` names them). ``False`` keeps every site apart.
         config: a ``SugarConfig`` holding the options above, instead of the keywords;
             a keyword that contradicts it is an error, never silently dropped.
         example_args, example_kwargs: example inputs, as ``torch.export`` takes them.
@@ -86,7 +91,7 @@ def sugarize(
         >>> print(sugarize.report_of(sm))
     """
     cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
-                   include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy)
+                   include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy, fuse_bn=fuse_bn)
     if capture not in CAPTURES:
         raise ParameterError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
     out, sites, taken, why = paths.convert(model, cfg, capture, copy=copy)

@@ -1,0 +1,136 @@
+"""BatchNorm (+ a residual add) + SUGAR as one eager op that keeps no copy of x.
+
+The exact SUGAR op keeps ``s'(x)`` for its backward: one tensor of x's size per site that
+ReLU does not keep (ReLU's output is kept by the next layer anyway). Where x is a
+BatchNorm's output (``relu(bn(c))``) or that output plus a residual (``relu(bn(c) + r)``),
+x is cheap to rebuild from what BatchNorm keeps anyway: its input ``c``, the batch mean and
+inverse std, and its affine parameters. ``bn_sugar`` does that in eager mode: the forward
+runs BatchNorm exactly as ``nn.BatchNorm*d.forward`` does (same ATen call, so the output,
+the running statistics and ``num_batches_tracked`` are bit for bit BatchNorm's), the add,
+and ``relu``; the backward rebuilds ``x``, takes ``grad * s'(x)`` and runs BatchNorm's own
+backward on it. It saves ``c``, the statistics and ``r``: what the ReLU model keeps, except
+``r`` where no other layer keeps it (a downsampling shortcut's BatchNorm output).
+
+Everywhere else the function is BatchNorm, the add and the SUGAR op, unfused: under any
+tracer or compiler (``torch.compile`` recomputes x by itself, and its partitioner must see
+BatchNorm), without gradients, with a compressed ``save`` mode, with hooks on the
+BatchNorm module, or for a residual that broadcasts or has another dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .kernels import traced
+from .op import OP
+from .saved import _decode_mul, _derivative, _encode
+
+__all__ = ["bn_sugar", "fusable_module"]
+
+
+def fusable_module(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is ``_BatchNorm.forward`` (BatchNorm1d/2d/3d and subclasses that
+    keep it); not SyncBatchNorm, LazyBatchNorm before its first call, or a user's own forward."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return (isinstance(module, _BatchNorm) and type(module).forward is _BatchNorm.forward
+            and not isinstance(module, nn.SyncBatchNorm)
+            and not any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks or getattr(m, "_global_forward_hooks_always_called", None))
+
+
+def _fuse_now(bn: nn.Module, c, residual, save: str) -> bool:
+    if torch.compiler.is_compiling() or save != "full" or not torch.is_grad_enabled() \
+            or isinstance(c, torch.fx.Proxy):
+        return False
+    tensors = (c,) if residual is None else (c, residual)
+    if traced(*tensors) or _has_hooks(bn) or not fusable_module(bn):
+        return False
+    if residual is not None and (residual.shape != c.shape or residual.dtype != c.dtype
+                                 or residual.device != c.device):
+        return False
+    return c.requires_grad or (residual is not None and residual.requires_grad) or any(
+        p.requires_grad for p in (bn.weight, bn.bias) if p is not None)
+
+
+def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surrogate: str,
+             params: Sequence[float], negative_only: bool, save: str) -> torch.Tensor:
+    """``sugar(bn(c) + residual)`` (``residual`` None: ``sugar(bn(c))``), fused in eager mode.
+
+    The value is exactly the unfused one's; BatchNorm's running statistics change exactly as
+    ``bn(c)`` changes them. The call target of a fused fx node (``passes/fusion.py``)."""
+    if not _fuse_now(bn, c, residual, save):
+        x = bn(c)
+        if residual is not None:
+            x = x + residual
+        return OP(x, surrogate, params, negative_only, save)
+    # _BatchNorm.forward, step for step
+    bn._check_input_dim(c)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if keep else None
+    running_var = bn.running_var if keep else None
+    if training:
+        torch.nn.functional._verify_batch_size(c.size())
+    return _BNSugar.apply(c, bn.weight, bn.bias, running_mean, running_var, residual, training, factor,
+                          bn.eps, surrogate, tuple(params), bool(negative_only))
+
+
+def _rebuild(c, weight, bias, mean, invstd, dtype):
+    """BatchNorm's output from its input and statistics, as ATen's CPU kernel computes it
+    (``c * alpha + beta``, in float32 or better), rounded to the output's dtype."""
+    shape = [1, -1] + [1] * (c.dim() - 2)
+    alpha = invstd if weight is None else invstd * weight
+    beta = -mean * alpha if bias is None else bias - mean * alpha
+    return torch.addcmul(beta.view(shape), c, alpha.view(shape)).to(dtype)
+
+
+class _BNSugar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                surrogate, params, negative_only):
+        out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+            c, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+        if residual is not None:
+            out = out + residual
+        out = out.relu_()
+        # Training mode: the batch statistics; the running ones change with every forward
+        # and the backward does not read them. Eval mode: the running ones.
+        ctx.save_for_backward(c, weight, bias, None if training else running_mean,
+                              None if training else running_var, mean, invstd, reserve, residual)
+        ctx.options = (training, eps, impl, surrogate, list(params), negative_only, out.dtype)
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, weight, bias, running_mean, running_var, mean, invstd, reserve, residual = ctx.saved_tensors
+        training, eps, impl, surrogate, params, negative_only, dtype = ctx.options
+        with torch.no_grad():
+            if training:
+                x = _rebuild(c, weight, bias, mean, invstd, dtype)
+            else:
+                x = _rebuild(c, weight, bias, running_mean, torch.rsqrt(running_var.float() + eps), dtype)
+            if residual is not None:
+                x = x.add_(residual)
+            saved = _encode(_derivative(x, surrogate, params, negative_only), dtype, "full", None)
+            del x
+            g = _decode_mul(grad, saved, "full", None)
+            del saved
+            gc, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
+                impl, c, g, weight, running_mean, running_var, mean, invstd, training, eps, list(ctx.needs), reserve)
+        return (gc, gw, gb, None, None, g if ctx.needs_input_grad[5] else None,
+                None, None, None, None, None, None)
