@@ -6,7 +6,9 @@
 Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
 - training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
-  batch 64) and a deep MLP, eager and under ``torch.compile`` (compile time separately);
+  batch 64), a ResNet-50-style bottleneck CNN (64x64, batch 32) and a deep MLP, eager and
+  under ``torch.compile`` (compile time separately); SUGAR BatchNorm-fused (the default),
+  unfused, and fused with the opt-in kernels;
 - memory held for the backward pass: bytes of the unique non-parameter tensors autograd
   saves (``saved_tensors_hooks``), and the peak RSS of a fresh process running 3 steps;
 - conversion cost: ``sugarize`` + ``strip`` beyond one ``symbolic_trace``, 50..5,000 sites;
@@ -38,25 +40,34 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from _common import finish, interleaved, machine, machine_line, md_table  # noqa: E402
-from models import ACTIVATIONS, ResNet18  # noqa: E402
+from models import ACTIVATIONS, ResNet18, ResNet50  # noqa: E402
 
 import sugarize  # noqa: E402
+import sugarize.method.kernels  # noqa: E402
 from sugarize.app.demo import DeepMLP  # noqa: E402
 
-SUGAR_VARIANTS = {  # (surrogate, save); None: the default (exact)
-    "sugarize B-SiLU (default, exact)": ("bsilu", None),
-    "sugarize NeLU (default, exact)": ("nelu", None),
-    "sugarize B-SiLU, opt-in save=bfloat16": ("bsilu", "bfloat16"),
-    "sugarize B-SiLU, opt-in save=uint8": ("bsilu", "uint8"),
-    "sugarize B-SiLU, module path (default)": ("bsilu", None),
+DEFAULT = "sugarize B-SiLU (default: exact, BatchNorm-fused)"
+SUGAR_VARIANTS = {  # sugarize() options; "kernels": the opt-in fused kernels on (sugarize.warmup)
+    DEFAULT: {"surrogate": "bsilu"},
+    "sugarize B-SiLU, exact, fuse_bn=False (unfused)": {"surrogate": "bsilu", "fuse_bn": False},
+    "sugarize B-SiLU, BatchNorm-fused + opt-in kernels (warmup)": {"surrogate": "bsilu", "kernels": True},
+    "sugarize NeLU (default, exact)": {"surrogate": "nelu"},
+    "sugarize B-SiLU, opt-in save=bfloat16": {"surrogate": "bsilu", "save": "bfloat16"},
+    "sugarize B-SiLU, opt-in save=uint8": {"surrogate": "bsilu", "save": "uint8"},
+    "sugarize B-SiLU, module path (default)": {"surrogate": "bsilu", "capture": "modules"},
 }
 VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
-COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", "sugarize B-SiLU (default, exact)",
+COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", DEFAULT,
             "sugarize NeLU (default, exact)", "sugarize B-SiLU, opt-in save=uint8"]
-COMPILED_MLP = COMPILED + ["sugarize B-SiLU, module path (default)"]
 MODELS = {
     "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),
+    "ResNet-50 bottlenecks (64x64, batch 32)": (lambda act: ResNet50(act), (32, 3, 64, 64)),
     "MLP 8x1024 (batch 256)": (lambda act: DeepMLP(8, 1024, inputs=784, act=act), (256, 784)),
+}
+COMPILED_BY_MODEL = {  # ResNet-50's compile takes a minute per variant here: ReLU and the default only
+    "ResNet-18 (32x32, batch 64)": COMPILED,
+    "ResNet-50 bottlenecks (64x64, batch 32)": ["ReLU", DEFAULT],
+    "MLP 8x1024 (batch 256)": COMPILED + ["sugarize B-SiLU, module path (default)"],
 }
 
 
@@ -64,10 +75,14 @@ def build(model_name: str, variant: str, seed: int = 0) -> nn.Module:
     make, _ = MODELS[model_name]
     torch.manual_seed(seed)
     if variant in SUGAR_VARIANTS:
-        surrogate, save = SUGAR_VARIANTS[variant]
-        options = {} if save is None else {"save": save}
-        capture = "modules" if "module path" in variant else "auto"  # what untraceable models get
-        return sugarize.sugarize(make(nn.ReLU), surrogate, capture=capture, **options)
+        options = dict(SUGAR_VARIANTS[variant])
+        kernels = options.pop("kernels", False)
+        model = sugarize.sugarize(make(nn.ReLU), **options)
+        if kernels:
+            sugarize.warmup(model)  # compiles them now, and turns them on for the process ...
+            sugarize.method.kernels.set_enabled(False)  # ... which make_step scopes to this model's steps
+            model.bench_kernels = True
+        return model
     return make(ACTIVATIONS[variant])
 
 
@@ -86,7 +101,18 @@ def make_step(model: nn.Module, x, y):
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-    return step
+
+    if not getattr(model, "bench_kernels", False):
+        return step
+    from sugarize.method import kernels
+
+    def with_kernels():
+        kernels.set_enabled(True)
+        try:
+            step()
+        finally:
+            kernels.set_enabled(False)
+    return with_kernels
 
 
 def saved_bytes(model: nn.Module, x) -> int:
@@ -277,7 +303,7 @@ KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training 
 
 
 def compiled_steps(model_name: str, repeats: int) -> dict[str, dict]:
-    return timed_steps(model_name, COMPILED_MLP if model_name.startswith("MLP") else COMPILED, repeats, compiled=True)
+    return timed_steps(model_name, COMPILED_BY_MODEL[model_name], repeats, compiled=True)
 
 
 def compiled_only(args) -> int:

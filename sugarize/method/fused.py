@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .kernels import traced
+from .kernels import fused_bn_grad, traced
 from .op import OP
 from .saved import _decode_mul, _derivative, _encode
 
@@ -89,12 +89,17 @@ def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surr
                           bn.eps, surrogate, tuple(params), bool(negative_only))
 
 
-def _rebuild(c, weight, bias, mean, invstd, dtype):
-    """BatchNorm's output from its input and statistics, as ATen's CPU kernel computes it
-    (``c * alpha + beta``, in float32 or better), rounded to the output's dtype."""
-    shape = [1, -1] + [1] * (c.dim() - 2)
+def _affine(weight, bias, mean, invstd):
+    """Per channel ``(alpha, beta)`` with BatchNorm's output ``c * alpha + beta``, as ATen's CPU
+    kernel computes it (in float32 or better)."""
     alpha = invstd if weight is None else invstd * weight
     beta = -mean * alpha if bias is None else bias - mean * alpha
+    return alpha, beta
+
+
+def _rebuild(c, alpha, beta, dtype):
+    """BatchNorm's output from its input, rounded to the output's dtype."""
+    shape = [1, -1] + [1] * (c.dim() - 2)
     return torch.addcmul(beta.view(shape), c, alpha.view(shape)).to(dtype)
 
 
@@ -121,15 +126,21 @@ class _BNSugar(torch.autograd.Function):
         training, eps, impl, surrogate, params, negative_only, dtype = ctx.options
         with torch.no_grad():
             if training:
-                x = _rebuild(c, weight, bias, mean, invstd, dtype)
+                alpha, beta = _affine(weight, bias, mean, invstd)
             else:
-                x = _rebuild(c, weight, bias, running_mean, torch.rsqrt(running_var.float() + eps), dtype)
-            if residual is not None:
-                x = x.add_(residual)
-            saved = _encode(_derivative(x, surrogate, params, negative_only), dtype, "full", None)
-            del x
-            g = _decode_mul(grad, saved, "full", None)
-            del saved
+                alpha, beta = _affine(weight, bias, running_mean, torch.rsqrt(running_var.float() + eps))
+            g = fused_bn_grad(grad, c, alpha, beta, residual, surrogate, params, negative_only)
+            if g is None:  # the eager formulas (the default): a few passes over memory
+                x = _rebuild(c, alpha, beta, dtype)
+                if residual is not None:
+                    x = x.add_(residual)
+                d = _derivative(x, surrogate, params, negative_only)
+                del x
+                if d.dtype == grad.dtype and d.shape == grad.shape:
+                    g = d.mul_(grad)  # grad * s'(x), in s'(x)'s own buffer: one allocation less
+                else:
+                    g = _decode_mul(grad, _encode(d, dtype, "full", None), "full", None)
+                del d
             gc, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
                 impl, c, g, weight, running_mean, running_var, mean, invstd, training, eps, list(ctx.needs), reserve)
         return (gc, gw, gb, None, None, g if ctx.needs_input_grad[5] else None,

@@ -33,7 +33,8 @@ import torch
 
 from ..errors import first_line
 
-__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "traced", "fused_encode", "fused_decode", "compile_for"]
+__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "traced", "fused_encode", "fused_decode", "fused_bn_grad",
+           "compile_for", "compile_bn_grad_for"]
 
 MIN_NUMEL = 1 << 16
 _state: dict = {"enabled": os.environ.get("SUGARIZE_FUSED", "0") == "1", "failed": set()}
@@ -112,7 +113,7 @@ def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
     return _compile(decode, (save, grid))
 
 
-def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor):
+def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor, flat: bool = True):
     """The compiled kernel of configuration ``key`` on ``args``; None if it cannot compile or run.
 
     A failure turns off that configuration's kernel only (the eager formulas serve it from
@@ -122,7 +123,7 @@ def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor):
     try:
         # flat, and no view of the caller's tensor (``detach``): Dynamo guards a view on its base's
         # shape, which would recompile the kernel for every activation shape of a model
-        return make()(*(a.reshape(-1).detach() for a in args))
+        return make()(*((a.reshape(-1) if flat else a).detach() for a in args))
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager formulas
         _state["failed"].add(key)
         warnings.warn(f"sugarize: a fused SUGAR kernel is unavailable for {key[:2]} ({type(exc).__name__}: "
@@ -148,3 +149,67 @@ def fused_decode(grad: torch.Tensor, saved: torch.Tensor, save: str,
         return None
     out = _run(("decode", save, grid, grad.dtype), lambda: _decoder(save, grid), grad, saved)
     return None if out is None else out.view(grad.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _bn_grad(surrogate: str, params: tuple[float, ...], negative_only: bool, residual: bool,
+             dtype: torch.dtype) -> Callable:
+    from .saved import _grad_math
+
+    def bn_grad(grad, c, alpha, beta, *r):
+        x = (c * alpha + beta).to(dtype)  # BatchNorm's output (fused.py), in its dtype
+        if r:
+            x = x + r[0]
+        return _grad_math(grad, x, surrogate, params, negative_only)
+
+    return _compile(bn_grad, ("bn_grad", surrogate, params, negative_only, residual, dtype))
+
+
+def _channel_view(t: torch.Tensor):
+    """``t`` (N, C, ...) as a contiguous (A, C, B) view, its channels on dim 1; None for other layouts."""
+    if t.is_contiguous():
+        return t.view(t.shape[0], t.shape[1], -1)
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if last is not None and t.is_contiguous(memory_format=last):
+        return t.movedim(1, -1).reshape(-1, t.shape[1], 1)  # a view: channels-last is (N, ..., C) in memory
+    return None
+
+
+def _from_channel_view(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.is_contiguous():
+        return out.view(like.shape)
+    return out.view(like.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def fused_bn_grad(grad, c, alpha, beta, residual, surrogate: str, params: Sequence[float],
+                  negative_only: bool) -> torch.Tensor | None:
+    """``grad * s'(x)`` with ``x = c * alpha + beta (+ residual)`` per channel (a BatchNorm's output
+    rebuilt), in one pass; None where the kernel does not apply (``fused.py``'s eager formulas then)."""
+    tensors = (grad, c) if residual is None else (grad, c, residual)
+    if not enabled() or traced(*tensors) or c.numel() < MIN_NUMEL or c.device.type not in ("cpu", "cuda") \
+            or c.dim() < 2 or any(t.shape != c.shape or t.stride() != c.stride() for t in tensors):
+        return None
+    views = [_channel_view(t) for t in tensors]
+    if any(v is None for v in views):
+        return None
+    shape = (1, -1, 1)
+    args = [views[0], views[1], alpha.view(shape), beta.view(shape)] + views[2:]
+    key = ("bn_grad", surrogate, tuple(params), negative_only, residual is not None, c.dtype)
+    out = _run(key, lambda: _bn_grad(surrogate, tuple(params), negative_only, residual is not None, c.dtype),
+               *args, flat=False)
+    return None if out is None else _from_channel_view(out, c)
+
+
+def compile_bn_grad_for(surrogate: str, params: Sequence[float], negative_only: bool,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> bool:
+    """Compiles (now) the fused BatchNorm + SUGAR backward kernels of one configuration, with and
+    without a residual, for contiguous and channels-last inputs; False if they cannot be."""
+    c = torch.zeros(4, 8, 64, 64, dtype=dtype, device=device)
+    vec = torch.ones(8, device=device)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            t = c.contiguous(memory_format=layout)
+            for residual in (None, t):
+                if fused_bn_grad(t, t, vec, vec, residual, surrogate, params, negative_only) is None:
+                    return False
+    return True

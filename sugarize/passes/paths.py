@@ -146,6 +146,7 @@ def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
     import time
 
     import torch
+    import torch.fx
 
     from ..method import kernels
 
@@ -155,6 +156,14 @@ def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
     for options in sorted(op_options(model), key=repr):
         for dtype in dtypes or (torch.float32,):
             if kernels.compile_for(*options, dtype=dtype, device=device):
+                done += 1
+            else:
+                failed += 1
+    fused = {sugar_options(node)[:3] for gm in model.modules() if isinstance(gm, torch.fx.GraphModule)
+             for node in fusion.fused_nodes(gm.graph)}
+    for surrogate, params, negative_only in sorted(fused, key=repr):  # BatchNorm-fused sites' backward
+        for dtype in dtypes or (torch.float32,):
+            if kernels.compile_bn_grad_for(surrogate, params, negative_only, dtype=dtype, device=device):
                 done += 1
             else:
                 failed += 1
