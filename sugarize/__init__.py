@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .deploy.export import export_onnx
     from .deploy.parity import compare_graphs, verify
     from .errors import (CaptureError, CheckpointError, DataFileError, DivergenceError, ExportError, InputError,
-                         InternalError, ParityError, SugarizeError, SugarizeWarning)
+                         InternalError, ParityError, SugarizeError, SugarizeNote, SugarizeWarning)
     from .files.checkpoint import load_checkpoint, save_checkpoint
     from .files.modelfile import load_model
     from .files.weights import load_weights, save_weights
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .passes.rewrite import SugarizePass, inspect, sugarize
     from .passes.strip import StripPass, count_sugar, strip, strip_
     from .training.deadunits import audit
+    from .training.sweep import sweep
     from .training.train import finetune
 
 

@@ -34,6 +34,11 @@ class SugarizeWarning(UserWarning):
     """What a user must know that is not an error: a result that needs an action of theirs."""
 
 
+class SugarizeNote(SugarizeWarning):
+    """What was decided on the user's behalf and must be said (which function of a model file
+    ran): needs no action. The CLI prints it as a note; filter it like any warning."""
+
+
 class InputError(SugarizeError):
     """Input that is missing, malformed, or rejected by the model: example inputs, files, options."""
 

@@ -57,43 +57,90 @@ def _traceback() -> None:
     traceback.print_exc(file=sys.stderr)
 
 
+def _ours(w) -> bool:
+    from ..errors import SugarizeWarning
+
+    return issubclass(w.category, SugarizeWarning) or str(w.message).startswith("sugarize")
+
+
+def _show_warnings(caught, failed: bool) -> None:
+    """sugarize's own warnings (what the user must act on) and notes after a command that
+    succeeded; dependencies' warnings (internal paths, deprecations) only under --debug, and
+    after an error only under --debug: the error stays the first and only line."""
+    from ..errors import SugarizeNote
+
+    seen = set()
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        if text in seen:
+            continue
+        seen.add(text)
+        label = "note" if issubclass(w.category, SugarizeNote) else "warning"
+        if _state["debug"]:
+            where = "" if _ours(w) else f" ({w.category.__name__}, {w.filename}:{w.lineno})"
+            err.print(f"[yellow]{label}:[/] {text}{where}", highlight=False, soft_wrap=True)
+        elif _ours(w) and not failed:
+            err.print(f"[yellow]{label}:[/] {text.removeprefix('sugarize: ')}", highlight=False, soft_wrap=True)
+
+
 def command(fn: Callable) -> Callable:
-    """Maps library errors to one line on stderr and their exit code; never a traceback."""
+    """Maps library errors to one line on stderr and their exit code; never a traceback.
+
+    Warnings raised while the command runs are captured (this process is the CLI's own; the
+    filters come back after it) and shown by ``_show_warnings``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import signal
-        import threading
+        import warnings
 
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        try:
-            return fn(*args, **kwargs)
-        except Terminated:
-            err.print("terminated")
-            raise typer.Exit(143) from None
-        except SugarizeError as exc:
-            if _state["debug"]:
-                _traceback()
-            msg = " ".join(str(exc).split())
-            label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
-            hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
-            err.print(f"[bold red]{label}:[/] {msg}{hint}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # a bug in sugarize: still one line unless --debug
-            if _state["debug"]:
-                _traceback()
-            msg = " ".join(str(exc).split())[:300]
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(3) from None
+        failed = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out_ = _run_command(fn, args, kwargs)
+                failed = False
+                return out_
+            except typer.Exit as exc:
+                failed = bool(exc.exit_code)
+                raise
+            finally:
+                _show_warnings(caught, failed)
 
     return wrapper
+
+
+def _run_command(fn: Callable, args, kwargs):
+    """The command, its errors mapped to one line on stderr and an exit code."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return fn(*args, **kwargs)
+    except Terminated:
+        err.print("terminated")
+        raise typer.Exit(143) from None
+    except SugarizeError as exc:
+        if _state["debug"]:
+            _traceback()
+        msg = " ".join(str(exc).split())
+        label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
+        hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
+        err.print(f"[bold red]{label}:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug in sugarize: still one line unless --debug
+        if _state["debug"]:
+            _traceback()
+        msg = " ".join(str(exc).split())[:300]
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
 
 
 def _emit_json(data: Any) -> None:
@@ -182,6 +229,9 @@ def _seed_option():
     return typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed, 0 to 2**63 - 1.")
 
 
+DATA_FILE = typer.Option(..., "--data", help="Data file with train_loader() (and val_loader(), loss_fn).")
+OPTIMIZER = typer.Option("sgd", "--optimizer", callback=lambda v: _choice(v, "--optimizer", ("sgd", "adamw")),
+                         help="sgd (momentum 0.9) or adamw.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, repeatable: 1,3,224,224 or 1,16:int64.")
 
 
@@ -225,14 +275,28 @@ def convert_cmd(
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also turn these into ReLU + SUGAR: gelu,silu."),
     relufy_surrogate: Optional[str] = typer.Option(
         None, "--relufy-surrogate", help="Surrogate for relufied sites (default: the replaced activation's own)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A conversion config (JSON) such as `sugarize "
+                                                                 "sweep` writes, instead of the options above."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Convert every ReLU of MODEL to SUGAR and write a checkpoint (weights + JSON recipe)."""
-    from .workflows import convert_file
+    from .workflows import convert_file, read_config_file
 
     cfg = _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate)
+    if config is not None:
+        from ..errors import ParameterError
+
+        given = [flag for flag, value, default in (
+            ("--surrogate", surrogate, DEFAULT_SURROGATE), ("--param", param or None, None),
+            ("--negative-only", negative_only, False), ("--include", include or None, None),
+            ("--exclude", exclude or None, None), ("--save-precision", save, DEFAULT_SAVE),
+            ("--relufy", relufy, None), ("--relufy-surrogate", relufy_surrogate, None)) if value != default]
+        if given:
+            raise ParameterError(f"--config {config.name} holds the conversion options; drop {', '.join(given)} "
+                                 "or edit the file")
+        cfg = read_config_file(str(config))
     res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force)
     if as_json:
         return _emit_json({"checkpoint": str(res.path), "config": cfg.to_dict(), "report": res.report.to_dict()})
@@ -422,15 +486,17 @@ def audit_cmd(
 @command
 def finetune_cmd(
     checkpoint: Path = typer.Argument(..., help="A SUGAR checkpoint from `sugarize convert`."),
-    data: Path = typer.Option(..., "--data", help="Data file with train_loader() (and val_loader(), loss_fn)."),
+    data: Path = DATA_FILE,
     output: Path = typer.Option(..., "--output", "-o", help="Weights to write (.safetensors)."),
     epochs: int = typer.Option(1, "--epochs", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw."),
+    optimizer: str = OPTIMIZER,
     seed: int = _seed_option(),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from weights written by finetune."),
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
+    plot: Optional[Path] = typer.Option(None, "--plot", callback=_plot_path,
+                                        help="Draw loss, validation accuracy and dead units per epoch (PNG)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
 ):
@@ -455,10 +521,101 @@ def finetune_cmd(
         task = bar.add_task("fine-tuning", total=None)
         history = finetune_file(str(checkpoint), str(data), str(output), epochs=epochs, lr=lr, optimizer=optimizer,
                                 seed=seed, resume=str(resume) if resume else None, model=model, force=force,
-                                on_step=lambda e, s: bar.advance(task), on_epoch=line, trust_recipe=trust_recipe)
+                                on_step=lambda e, s: bar.advance(task), on_epoch=line, trust_recipe=trust_recipe,
+                                plot=str(plot) if plot else None)
     if as_json:
-        return _emit_json({"weights": str(output), "history": [asdict(h) for h in history]})
+        return _emit_json({"weights": str(output), "history": [asdict(h) for h in history],
+                           "plot": str(plot) if plot else None})
     out.print(f"wrote {output}")
+    if plot:
+        out.print(f"wrote {plot}")
+
+
+@app.command("sweep")
+@command
+def sweep_cmd(
+    model: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint: its weights are the start."),
+    data: Path = DATA_FILE,
+    candidates: Optional[str] = typer.Option(
+        None, "--candidates", "-c",
+        help="Comma-separated: surrogate names with :NAME=VALUE and :neg (bsilu,nelu:alpha=0.1,bsilu:neg), or "
+             "all, registry, grid, negative. Default: all (the registry, B-SiLU and NeLU alpha grids, "
+             "negative-only). ReLU, the baseline, always runs."),
+    seeds: int = typer.Option(3, "--seeds", min=1, max=100, help="Fine-tunes per candidate (3 or more for a verdict)."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Epochs per fine-tune."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per fine-tune (instead of --epochs)."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    optimizer: str = OPTIMIZER,
+    relufy: Optional[str] = typer.Option(None, "--relufy", help="Also sweep these as ReLU + SUGAR: gelu,silu "
+                                                                "(the baseline: them as plain ReLU)."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Module-path glob to convert (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Module-path glob to leave alone (repeatable)."),
+    output: Path = typer.Option(Path("sugarize-sweep.json"), "--output", "-o",
+                                help="Where the winner's config goes (for `sugarize convert --config`)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", callback=_plot_path, help="Draw the comparison (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output or plot."),
+    model_file: Optional[str] = MODEL_FILE,
+    trust_recipe: bool = TRUST_RECIPE,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """Which surrogate for this model? Short fine-tunes of ReLU and each candidate from the same weights."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .workflows import sweep_file
+
+    config = None
+    if relufy or include or exclude:
+        config = _config(DEFAULT_SURROGATE, None, False, include, exclude, DEFAULT_SAVE, relufy)
+    started = time.perf_counter()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("sweeping (steps)", total=None)
+
+        def on_step(done, total):
+            bar.update(task, completed=done, total=total)
+
+        def on_run(run):
+            state = "diverged" if run.diverged else f"{run.metric:.4f}"
+            bar.console.print(f"  {run.candidate} seed {run.seed}: {state} ({run.seconds:.1f} s)",
+                              highlight=False) if not as_json else None
+
+        result = sweep_file(model, str(data), candidates=candidates, seeds=seeds, epochs=epochs, steps=steps,
+                            lr=lr, optimizer=optimizer, config=config, output=str(output),
+                            plot=str(plot) if plot else None, force=force, model_file=model_file,
+                            trust_recipe=trust_recipe, on_step=on_step, on_run=on_run)
+    wrote = result.winner is not None
+    if as_json:
+        return _emit_json({**result.to_dict(), "config_file": str(output) if wrote else None,
+                           "plot": str(plot) if plot else None})
+    pct = result.higher_is_better
+    fmt = (lambda v: f"{100 * v:.2f}") if pct else (lambda v: f"{v:.4f}")
+    table = _table(f"{result.metric} after the fine-tune, mean ± std over {seeds} seed(s); paired with ReLU per seed",
+                   "candidate", result.metric + (" %" if pct else ""), "vs ReLU per seed", "better seeds",
+                   "dead at end %", "revived units", "verdict")
+    for s in result.summaries:
+        if s.verdict == "diverged":
+            table.add_row(s.name, "diverged", "-", "-", "-", "-", "diverged")
+            continue
+        diff = "" if s.verdict == "baseline" else (
+            f"{100 * s.diff_mean:+.2f} ± {100 * s.diff_std:.2f}" if pct else f"{-s.diff_mean:+.4f} ± {s.diff_std:.4f}")
+        table.add_row(s.name, f"{fmt(s.metric_mean)} ± {fmt(s.metric_std)}", diff,
+                      "" if s.verdict == "baseline" else f"{s.better_seeds}/{s.seeds}",
+                      f"{100 * s.dead_end_mean:.1f}", f"{s.revived_mean:.1f}", s.verdict)
+    out.print(f"start: {result.metric} {fmt(result.start_metric)}, dead units {100 * result.dead_start:.1f}% "
+              f"({result.dead_units_start} of {result.units})")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}")
+    out.print(result.advice)
+    if wrote:
+        out.print(f"wrote {output}: convert with\n  sugarize convert {model} --config {output} -o model.sugar.safetensors")
+    else:
+        out.print("no config written")
+    if plot:
+        out.print(f"wrote {plot}")
+    out.print(f"done in {time.perf_counter() - started:.0f} s")
 
 
 @app.command("demo")

@@ -11,7 +11,8 @@ On the bundled digits data (offline), two cases, each on several seeds:
    every hidden bias at ``dead_bias``, so that about 45 % of its units never fire and it
    predicts a single class; every variant is fine-tuned from it.
 
-Validation accuracy and dead units (never positive on the training data) are measured.
+Validation accuracy and dead units (never positive on the training data) are measured, the
+dead units after every epoch too (each run's ``dead_curve``: the revival, epoch by epoch).
 Then the best SUGAR model of case 1 goes through strip -> ONNX -> onnxruntime parity.
 """
 
@@ -107,6 +108,7 @@ class Run:
     accuracy: float
     dead: float
     model: nn.Module = field(repr=False)
+    dead_curve: list[float] = field(default_factory=list)  # dead units before the fine-tune and after each epoch
 
 
 @dataclass
@@ -134,6 +136,17 @@ class DemoResult:
             "accuracy_not_worse": sum(a.accuracy >= b.accuracy for a, b in pairs),
             "fewer_dead": sum(a.dead < b.dead for a, b in pairs),
         }
+
+    def dead_curves(self, *, dead_case: bool = False) -> dict[str, list[float]]:
+        """Per variant, dead units before the fine-tune and after each epoch, mean over seeds."""
+        out = {}
+        for v in VARIANTS:
+            curves = [r.dead_curve for r in (self.dead_runs if dead_case else self.runs)
+                      if r.variant == v and r.dead_curve and r.accuracy == r.accuracy]
+            if curves:
+                n = min(len(c) for c in curves)
+                out[v] = [statistics.mean(c[i] for c in curves) for i in range(n)]
+        return out
 
     def rows(self, *, dead_case: bool = False):
         """Mean and spread per variant over seeds (case 2's with ``dead_case``)."""
@@ -168,12 +181,14 @@ def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
     """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden."""
     from ..training.deadunits import audit
 
+    curve = [_dead_fraction(model, xt)]
     try:
-        finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False)
+        finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False,
+                 on_epoch=lambda r: curve.append(_dead_fraction(model, xt)))
     except DivergenceError:  # the loss diverged: report it, do not hide it
-        return Run(name, seed, float("nan"), float("nan"), model), None
+        return Run(name, seed, float("nan"), float("nan"), model, curve), None
     report = audit(model, [xt])
-    return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model), report
+    return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model, curve), report
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,

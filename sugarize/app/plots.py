@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import SugarizeError
 from ..files.fsutil import atomic_path
 
-__all__ = ["plot_surrogates", "save_figure"]
+__all__ = ["plot_surrogates", "save_figure", "check_plotting"]
 
 
 def _pyplot():
@@ -19,6 +19,11 @@ def _pyplot():
     except ImportError as exc:
         raise SugarizeError("plotting needs matplotlib: pip install 'sugarize[plot]'") from exc
     return plt
+
+
+def check_plotting() -> None:
+    """Raises the error a plot would raise (matplotlib missing) before any work is done."""
+    _pyplot()
 
 
 def save_figure(fig, path, *, force: bool = True) -> Path:
@@ -75,23 +80,97 @@ def plot_audit(report, path, *, force: bool = True) -> Path:
     return save_figure(fig, path, force=force)
 
 
-def plot_demo(result, path, *, force: bool = True) -> Path:
-    """Demo: accuracy and dead units per variant, and firing histograms (seed 0)."""
-    plt = _pyplot()
-    rows = result.rows()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def _bars(ax, rows, key: str, ylabel: str, color=None):
     names = [r["variant"] for r in rows]
-    axes[0].bar(names, [100 * r["accuracy_mean"] for r in rows], yerr=[100 * r["accuracy_std"] for r in rows])
-    axes[0].set_ylabel("validation accuracy %")
-    axes[0].set_ylim(min(100 * r["accuracy_mean"] for r in rows) - 10, 100)
-    axes[1].bar(names, [100 * r["dead_mean"] for r in rows], yerr=[100 * r["dead_std"] for r in rows], color="C3")
-    axes[1].set_ylabel("dead units %")
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=30)
-    for name in ("ReLU", "SUGAR B-SiLU"):
-        if name in result.firing:
-            axes[2].hist(result.firing[name], bins=40, alpha=0.6, label=name)
-    axes[2].set_xlabel("training inputs on which a unit fires")
-    axes[2].legend()
+    ax.bar(names, [100 * r[f"{key}_mean"] for r in rows], yerr=[100 * r[f"{key}_std"] for r in rows], color=color)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+
+
+def plot_demo(result, path, *, force: bool = True) -> Path:
+    """Demo: both cases side by side (accuracy and dead units per variant), the firing histogram
+    of case 1 and the revival curve of case 2 (dead units per epoch)."""
+    plt = _pyplot()
+    cases = [("case 1: a trained model", result.rows(), False)]
+    if result.dead_runs:
+        cases.append(("case 2: a mostly dead model", result.rows(dead_case=True), True))
+    fig, axes = plt.subplots(len(cases), 3, figsize=(16, 4.2 * len(cases)), squeeze=False)
+    for row, (title, rows, dead_case) in zip(axes, cases):
+        _bars(row[0], rows, "accuracy", "validation accuracy %")
+        row[0].set_title(title)
+        accs = [100 * r["accuracy_mean"] for r in rows if r["accuracy_mean"] == r["accuracy_mean"]]
+        if accs:
+            row[0].set_ylim(max(0, min(accs) - 10), 100)
+        _bars(row[1], rows, "dead", "dead units %", color="C3")
+        row[1].set_title(title + ": dead units after the fine-tune")
+        if dead_case:
+            for name, curve in result.dead_curves(dead_case=True).items():
+                row[2].plot(range(len(curve)), [100 * d for d in curve], marker=".", label=name)
+            row[2].set_xlabel("epoch (0: the starting weights)")
+            row[2].set_ylabel("dead units %")
+            row[2].set_title("case 2: the revival, epoch by epoch (mean over seeds)")
+            row[2].legend(fontsize=8)
+        else:
+            for name in ("ReLU", "SUGAR B-SiLU"):
+                if name in result.firing:
+                    row[2].hist(result.firing[name], bins=40, alpha=0.6, label=name)
+            row[2].set_xlabel("training inputs on which a unit fires (seed 0)")
+            row[2].legend()
     fig.suptitle("sugarize demo: fine-tuning a ReLU MLP whose units died (digits, 8x8)")
+    fig.tight_layout()
+    return save_figure(fig, path, force=force)
+
+
+def plot_sweep(result, path, *, force: bool = True) -> Path:
+    """Sweep: each candidate's metric (mean and spread over seeds) against ReLU's, and its dead units
+    at the end and the units it revived."""
+    plt = _pyplot()
+    rows = [s for s in result.summaries if s.verdict != "diverged"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(10, 0.7 * len(rows) + 6), 4.5))
+    names = [s.name for s in rows]
+    scale = 100 if result.higher_is_better else 1
+    colors = {"baseline": "0.5", "better": "C2", "worse": "C3", "within noise": "C0"}
+    a1.bar(names, [scale * s.metric_mean for s in rows], yerr=[scale * s.metric_std for s in rows],
+           color=[colors.get(s.verdict, "C0") for s in rows])
+    a1.axhline(scale * rows[0].metric_mean, color="0.5", lw=1, ls="--", label="ReLU")
+    a1.set_ylabel(result.metric + (" %" if result.higher_is_better else ""))
+    lo = min(scale * (s.metric_mean - s.metric_std) for s in rows)
+    hi = max(scale * (s.metric_mean + s.metric_std) for s in rows)
+    a1.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    a1.set_title("green: better than ReLU, red: worse, blue: within noise")
+    a2.bar([i - 0.2 for i in range(len(rows))], [100 * s.dead_end_mean for s in rows], width=0.4,
+           label="dead units at the end %", color="C3")
+    a2.axhline(100 * result.dead_start, color="C3", lw=1, ls="--", label="dead at the start %")
+    a2b = a2.twinx()
+    a2b.bar([i + 0.2 for i in range(len(rows))], [s.revived_mean for s in rows], width=0.4, color="C2",
+            label="revived units")
+    a2b.set_ylabel("revived units (mean over seeds)")
+    a2.set_xticks(range(len(rows)), names)
+    a2.set_ylabel("dead units %")
+    a2.legend(loc="upper left", fontsize=8)
+    a2b.legend(loc="upper right", fontsize=8)
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.suptitle(f"sugarize sweep: {len(rows) - 1} candidates vs ReLU, {rows[0].seeds} seeds")
+    return save_figure(fig, path, force=force)
+
+
+def plot_history(history, path, *, force: bool = True) -> Path:
+    """Fine-tuning curves per epoch: training loss, validation accuracy and dead units."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = [h.epoch for h in history]
+    axes[0].plot(epochs, [h.loss for h in history], marker="o")
+    axes[0].set_ylabel("training loss")
+    acc = [(h.epoch, 100 * h.val_accuracy) for h in history if h.val_accuracy is not None]
+    if acc:
+        axes[1].plot(*zip(*acc), marker="o", color="C2")
+    axes[1].set_ylabel("validation accuracy %")
+    dead = [(h.epoch, 100 * h.dead_fraction) for h in history if h.dead_fraction is not None]
+    if dead:
+        axes[2].plot(*zip(*dead), marker="o", color="C3")
+    axes[2].set_ylabel("dead units %")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.suptitle("sugarize finetune")
     return save_figure(fig, path, force=force)

@@ -17,7 +17,8 @@ from ..files.weights import load_state_into, load_weights
 from ..passes.config import SugarConfig
 from ..passes.report import Report
 
-__all__ = ["resolve_inputs", "inspect_file", "convert_file", "export_file", "verify_file", "open_source"]
+__all__ = ["resolve_inputs", "inspect_file", "convert_file", "export_file", "verify_file", "open_source", "sweep_file",
+           "read_config_file"]
 
 
 def resolve_inputs(example: tuple | None, input_shapes: Sequence[str] | None, where: str) -> tuple:
@@ -315,7 +316,7 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
 
 def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: float, optimizer: str = "sgd",
                   seed: int = 0, resume: str | None = None, model: str | None = None, force: bool = False,
-                  on_step=None, on_epoch=None, trust_recipe: bool = False):
+                  on_step=None, on_epoch=None, trust_recipe: bool = False, plot: str | None = None):
     """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
     import json
 
@@ -326,6 +327,12 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
 
     check_not_input(out, checkpoint, data, model)  # --resume may be the output: it continues that file
     check_writable(out, force=force)
+    if plot:
+        from .plots import check_plotting
+
+        check_not_input(plot, checkpoint, data, model, resume, out)
+        check_writable(plot, force=force)
+        check_plotting()
     spec = load_data(data)
     src = open_source(checkpoint, model=model, trust_recipe=trust_recipe)
     if src.sugar is None:
@@ -343,6 +350,10 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
                                              "optimizer": optimizer, "checkpoint": Path(checkpoint).name,
                                              "surrogate": read_recipe(checkpoint)["config"]["surrogate"]})}
     save_weights({**src.sugar.state_dict(), **optim_state}, out, metadata=meta, force=force)
+    if plot:
+        from .plots import plot_history
+
+        plot_history(history, plot, force=force)
     return history
 
 
@@ -361,6 +372,83 @@ def _resume_epoch(path: str) -> int:
         pass
     import warnings
 
+    from ..errors import SugarizeWarning
+
     warnings.warn(f"{Path(path).name} records no finished epoch (it was not written by `sugarize finetune`): "
-                  "epochs count from 1 again, so the data order differs from an uninterrupted run", stacklevel=2)
+                  "epochs count from 1 again, so the data order differs from an uninterrupted run", SugarizeWarning,
+                  stacklevel=2)
     return 0
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a conversion config is a few hundred bytes
+
+
+def read_config_file(path: str) -> SugarConfig:
+    """A conversion config written by ``sugarize sweep`` (or ``SugarConfig.to_json``): JSON only, no
+    code runs; every field is checked (``SugarConfig.from_dict``).
+
+    Raises:
+        InputError: the file is missing, too large, not JSON, or not a valid config.
+    """
+    import json
+
+    from ..errors import SugarizeError, first_line
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file {p} not found; give the JSON file `sugarize sweep` wrote")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {p.name} is {p.stat().st_size:,} bytes, more than a config holds "
+                         f"({MAX_CONFIG_BYTES:,}); give the JSON file `sugarize sweep` wrote")
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"config file {p.name} is not JSON ({first_line(exc)}); give the file `sugarize sweep` "
+                         "wrote") from None
+    try:
+        return SugarConfig.from_dict(data)
+    except (TypeError, ValueError, SugarizeError) as exc:
+        raise InputError(f"config file {p.name}: {first_line(exc)}") from None
+
+
+def sweep_file(model: str, data: str, *, candidates: str | None = None, seeds: int = 3, epochs: int = 1,
+               steps: int | None = None, lr: float = 1e-3, optimizer: str = "sgd", config: SugarConfig | None = None,
+               capture: str = "auto", output: str | None = None, plot: str | None = None, force: bool = False,
+               model_file: str | None = None, trust_recipe: bool = False, on_step=None, on_run=None):
+    """Sweeps the candidate surrogates on a model file or checkpoint (``sugarize sweep``); writes the
+    winner's config to ``output`` (JSON, for ``sugarize convert --config``) if one beats ReLU.
+
+    Every output is checked before any training: an existing file is replaced only with ``force``,
+    an input never. A checkpoint's own conversion options (sites, relufy) are the base config
+    unless ``config`` is given.
+    """
+    from ..files.checkpoint import read_recipe
+    from ..files.fsutil import atomic_path, check_not_input, check_writable
+    from ..training.sweep import parse_candidates, sweep
+    from ..training.train import load_data
+
+    for target in (output, plot):
+        if target:
+            check_not_input(target, model, data, model_file)
+            check_writable(target, force=force)
+    if plot:
+        from .plots import check_plotting
+
+        check_plotting()
+    cands = parse_candidates(candidates) if candidates else None  # a bad spec fails before anything runs
+    spec = load_data(data)
+    src = open_source(model, model=model_file, trust_recipe=trust_recipe)
+    if config is None and src.sugar is not None:
+        config = SugarConfig.from_dict(read_recipe(model)["config"])
+    result = sweep(src.original, spec, candidates=cands, seeds=seeds, epochs=epochs, steps=steps, lr=lr,
+                   optimizer=optimizer, config=config, capture=capture, on_step=on_step, on_run=on_run)
+    winner = result.winner_config()
+    if output and winner is not None:
+        with atomic_path(output, force=force) as tmp:
+            tmp.write_text(winner.to_json() + "\n")
+            read_config_file(str(tmp))  # what convert --config will read back
+    if plot:
+        from .plots import plot_sweep
+
+        plot_sweep(result, plot, force=force)
+    return result

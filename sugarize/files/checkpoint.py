@@ -268,9 +268,14 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
         inputs = make_inputs(recipe["inputs"])
     notes = []
     if model is None or _split_name(model) is None:
+        import warnings
+
+        from ..errors import SugarizeNote
+
         how = "--trust-recipe" if model is None else "its sha256 matched"
-        notes.append(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); "
-                     f"pass --model {loaded.path.name}:NAME to call another")
+        # a note every command shows (the CLI prints sugarize's warnings), not only those that print notes
+        warnings.warn(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); pass --model "
+                      f"{loaded.path.name}:NAME to call another", SugarizeNote, stacklevel=2)
     return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, notes)
 
 

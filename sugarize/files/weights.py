@@ -99,4 +99,28 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
         raise CheckpointError(
             f"{source} does not fit this model: {'; '.join(parts)}; is it for a different model?"
         )
+    _warn_lossy_casts(own, state, source)
     model.load_state_dict(state, strict=True)
+
+
+def _warn_lossy_casts(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` casts each tensor to the model's dtype without a word: warn where that
+    changes a value (float64 -> float32 rounding) or its kind (integers or booleans into floats)."""
+    import warnings
+
+    from ..errors import SugarizeWarning
+
+    changed = []
+    for key, target in own.items():
+        value = state[key]
+        if value.dtype == target.dtype:
+            continue
+        kind = value.is_floating_point() != target.is_floating_point() or (value.dtype == torch.bool) != (
+            target.dtype == torch.bool)
+        if kind or not torch.equal(value.to(target.dtype).to(value.dtype), value):
+            changed.append((key, value.dtype, target.dtype))
+    if changed:
+        key, a, b = changed[0]
+        warnings.warn(f"{source}: {len(changed)} tensor(s) change when cast to the model's dtype, e.g. {key!r} "
+                      f"{str(a).removeprefix('torch.')} -> {str(b).removeprefix('torch.')}; save the weights in the "
+                      "model's dtype to load them exactly", SugarizeWarning, stacklevel=3)

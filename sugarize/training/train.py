@@ -184,6 +184,7 @@ def finetune(
     audit_dead: bool = True,
     start_epoch: int = 0,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    max_steps: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> list[EpochResult]:
@@ -194,6 +195,9 @@ def finetune(
 
     ``optimizer_state`` (tensors keyed ``__optim__.<param>.<slot>``) is loaded before training
     and replaced by the final state after it, so weights plus this state resume exactly.
+
+    ``max_steps`` stops training after that many optimizer steps in all (the epoch it stops in
+    is measured and recorded, as a whole one is).
 
     Raises:
         DataFileError: a loader fails or yields something that is not ``(x, y)``.
@@ -218,7 +222,10 @@ def finetune(
                     slot = key[len(prefix):]
                     opt.state[p][slot] = value.clone() if slot != "step" else value.clone().reshape(())
     history = []
+    taken = 0
     for epoch in range(start_epoch, start_epoch + epochs):
+        if max_steps is not None and taken >= max_steps:
+            break
         seed_everything(seed + epoch)
         model.train()
         loss_sum, n = 0.0, 0
@@ -232,8 +239,11 @@ def finetune(
             opt.step()
             loss_sum += float(loss.detach()) * len(y)
             n += len(y)
+            taken += 1
             if on_step:
                 on_step(epoch, step)
+            if max_steps is not None and taken >= max_steps:
+                break
         result = EpochResult(epoch + 1, loss_sum / max(n, 1))
         if data.val_loader is not None:
             result.val_loss, result.val_accuracy = evaluate(model, _loader(data.val_loader, "val_loader", data.path),

@@ -229,7 +229,7 @@ def test_export_opset_13_writes_an_opset_13_file_and_reports_what_the_file_says(
     res = run("export", checkpoint, "--model", RESNET, "-o", onnx_path, "--opset", "13", "--json")
     assert res.exit_code == 0, res.output
     declared = {o.domain: o.version for o in onnx.load(str(onnx_path)).opset_import}
-    assert declared[""] == 13 and json.loads(res.output)["opset"] == 13
+    assert declared[""] == 13 and json.loads(res.stdout)["opset"] == 13
     res = run("export", checkpoint, "--model", RESNET, "-o", tmp_path / "m12.onnx", "--opset", "12")
     assert res.exit_code == 2 and "lowest that works is 13" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "m12.onnx").exists()
