@@ -91,6 +91,8 @@ def plot_demo(result, path, *, force: bool = True) -> Path:
     """Demo: both cases side by side (accuracy and dead units per variant), the firing histogram
     of case 1 and the revival curve of case 2 (dead units per epoch)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     cases = [("case 1: a trained model", result.rows(), False)]
     if result.dead_runs:
         cases.append(("case 2: a mostly dead model", result.rows(dead_case=True), True))
@@ -106,6 +108,7 @@ def plot_demo(result, path, *, force: bool = True) -> Path:
         if dead_case:
             for name, curve in result.dead_curves(dead_case=True).items():
                 row[2].plot(range(len(curve)), [100 * d for d in curve], marker=".", label=name)
+            row[2].xaxis.set_major_locator(MaxNLocator(integer=True))
             row[2].set_xlabel("epoch (0: the starting weights)")
             row[2].set_ylabel("dead units %")
             row[2].set_title("case 2: the revival, epoch by epoch (mean over seeds)")

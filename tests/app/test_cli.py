@@ -235,3 +235,19 @@ def test_export_opset_13_writes_an_opset_13_file_and_reports_what_the_file_says(
     assert not (tmp_path / "m12.onnx").exists()
     res = run("verify", onnx_path, "--against", checkpoint, "--trust-recipe")
     assert res.exit_code == 0, res.output
+
+
+def test_finetune_records_dead_units_per_epoch_and_plots_the_curve(checkpoint, tmp_path):
+    data = tmp_path / "data.py"
+    data.write_text("import torch\ndef train_loader():\n    g = torch.Generator().manual_seed(0)\n"
+                    "    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))]\n")
+    plot = tmp_path / "curve.png"
+    res = run("finetune", checkpoint, "--model", RESNET, "--data", data, "--epochs", "2", "-o", tmp_path / "w.safetensors",
+              "--plot", plot, "--json")
+    assert res.exit_code == 0, res.output
+    history = json.loads(res.stdout)["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and all(0 <= h["dead_fraction"] <= 1 for h in history)
+    assert plot.stat().st_size > 0
+    res = run("finetune", checkpoint, "--model", RESNET, "--data", data, "-o", tmp_path / "w2.safetensors",
+              "--plot", plot)
+    assert res.exit_code == 2 and "--force" in res.output and not (tmp_path / "w2.safetensors").exists()

@@ -54,3 +54,63 @@ def test_warmup_compiles_the_kernels_now_and_the_training_step_then_compiles_not
         assert kernels.fused_encode(torch.randn(128, 1024), "nelu", [0.3], False, "full", None) is not None
     finally:
         kernels.set_enabled(was)
+
+
+class _BNNet(nn.Module):
+    """conv-bn-relu and a residual conv-bn-add-relu, at 8 x 16 x 32 x 32: above MIN_NUMEL."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        return self.head(torch.relu(self.b2(self.c2(h)) + h))
+
+
+def _sum_step(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+
+
+def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_eager_formulas():
+    import copy
+
+    from sugarize.method.fused import bn_sugar
+
+    was = kernels.enabled()
+    try:
+        sm = sugarize.sugarize(_BNNet(), "bsilu", alpha=1.1)  # a configuration no other test compiles
+        assert len(sm.graph.find_nodes(op="call_function", target=bn_sugar)) == 2
+        eager = copy.deepcopy(sm)
+        result = sugarize.warmup(sm)
+        assert result["failed"] == 0 and result["kernels"] == 2  # the op's saved forms, the fused backward
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(8, 3, 32, 32).contiguous(memory_format=layout)
+            m1, m2 = (copy.deepcopy(m).to(memory_format=layout) for m in (eager, sm))
+            kernels.set_enabled(False)
+            _sum_step(m1, x)
+            kernels.set_enabled(True)
+            before = _frames()
+            calls = []
+            real = kernels._run
+
+            def spy(key, *args, **kw):
+                calls.append(key[0])
+                return real(key, *args, **kw)
+
+            kernels._run = spy
+            try:
+                _sum_step(m2, x)
+            finally:
+                kernels._run = real
+            assert calls.count("bn_grad") == 2, calls  # both fused sites took the one-pass kernel
+            assert _frames() == before  # warmup compiled it for both layouts
+            for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+                rel = ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item()
+                assert rel <= 1e-5, (layout, n, rel)
+    finally:
+        kernels.set_enabled(was)

@@ -171,13 +171,26 @@ def test_bad_data_files_are_answered(tmp_path):
 
 
 def test_demo_runs_small_and_exports(tmp_path):
-    from sugarize.app.demo import DemoConfig, run_demo
+    from sugarize.app.demo import VARIANTS, DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(seeds=(0,), pretrain_epochs=1, epochs=1, depth=3, width=16), out_dir=tmp_path)
+    result = run_demo(DemoConfig(seeds=(0,), pretrain_epochs=1, epochs=1, depth=3, width=16, dead_epochs=3),
+                      out_dir=tmp_path)
     assert [r["variant"] for r in result.rows()] == ["ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU"]
     ex = result.export
     assert ex["op_types"] == ex["relu_op_types"] and ex["op_types"].count("Relu") == 3
     assert ex["parity"].passed
+    # dead units are recorded before the fine-tune and after every epoch: the start is the
+    # measured starting point, the end the run's final figure
+    for run in result.dead_runs:
+        assert len(run.dead_curve) == 3 + 1
+        assert run.dead_curve[0] == result.dead_start[0][1] and run.dead_curve[-1] == run.dead
+    assert all(len(run.dead_curve) == 1 + 1 for run in result.runs)
+    curves = result.dead_curves(dead_case=True)
+    assert set(curves) == set(VARIANTS) and all(len(c) == 4 and c[0] == result.dead_start[0][1]
+                                                for c in curves.values())
+    from sugarize.app.plots import plot_demo
+
+    assert plot_demo(result, tmp_path / "demo.png").stat().st_size > 0
 
 
 def test_demo_paired_compares_seed_by_seed():
