@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Table
 
@@ -16,8 +17,43 @@ from .. import __version__
 from ..errors import ParityError, SugarizeError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
+class _OneLineErrors(TyperGroup):
+    """Usage mistakes (an unknown option, a bad value, a missing argument) as one line on stderr
+    and exit 2, like every other mistake: click would print the usage and a boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:  # typer >= 0.24 carries its own copy of click
+            from typer._click import exceptions as click
+        except ImportError:  # pragma: no cover - older typer: click itself
+            from click import exceptions as click
+
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except getattr(click, "NoArgsIsHelpError", ()) as exc:  # bare `sugarize`: the help, as asked for
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f"`{exc.ctx.command_path} --help`" if exc.ctx is not None else "`sugarize --help`"
+            msg = " ".join(exc.format_message().split())
+            err.print(f"[bold red]error:[/] {msg} (see {where})", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            err.print(f"[bold red]error:[/] {' '.join(exc.format_message().split())}", highlight=False,
+                      soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="sugarize",
+    cls=_OneLineErrors,
     help="Fine-tune ReLU networks with SUGAR surrogate gradients and ship the same ReLU graph.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -122,12 +158,12 @@ def _run_command(fn: Callable, args, kwargs):
         err.print("terminated")
         raise typer.Exit(143) from None
     except SugarizeError as exc:
-        if _state["debug"]:
-            _traceback()
         msg = " ".join(str(exc).split())
         label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
         hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
         err.print(f"[bold red]{label}:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+        if _state["debug"]:  # after the error's line: it stays the first
+            _traceback()
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -135,11 +171,11 @@ def _run_command(fn: Callable, args, kwargs):
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug in sugarize: still one line unless --debug
-        if _state["debug"]:
-            _traceback()
         msg = " ".join(str(exc).split())[:300]
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
                   highlight=False, soft_wrap=True)
+        if _state["debug"]:
+            _traceback()
         raise typer.Exit(3) from None
 
 

@@ -266,3 +266,42 @@ def test_class_5_weights_cast_with_a_loss_warn(files):
     res = invoke("export", files["ck"], "--model", f"{files['model']}:build_model", "--weights", exact,
                  "-o", files["tmp"] / "y.onnx")
     assert res.exit_code == 0 and "change when cast" not in res.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["convert"], "Missing argument"),
+    (["inspect", "m.py", "--bogus"], "No such option: --bogus"),
+    (["audit", "m.py", "--data", "d.py", "--plot", "p.xyz"], "a plot is written as"),
+    (["audit", "m.py", "--data", "d.py", "--split", "bogus"], "'bogus' is not one of train, val"),
+    (["finetune", "ck", "--data", "d.py", "-o", "w", "--seed", str(2**70)], "--seed"),
+    (["verify", "m.onnx", "--against", "m.py", "--atol", "nan"], "not a tolerance"),
+    (["sweep", "m.py", "--data", "d.py", "--optimizer", "adam"], "'adam' is not one of sgd, adamw"),
+    (["export", "m.py", "-o", "m.onnx", "--opset", "x"], "--opset"),
+])
+def test_class_5_a_usage_mistake_is_one_line_naming_it_and_the_help_to_read(args, says):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("error:"), res.stderr
+    assert "--help" in lines[0] and "Usage:" not in res.output
+
+
+def test_class_5_under_debug_the_error_line_comes_first_then_the_traceback(tmp_path):
+    res = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "missing.py")])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error:") and "Traceback" in res.stderr
+
+
+def test_class_1_python_m_sugarize_never_imports_a_module_from_the_current_folder(files):
+    """``python -m`` puts the current folder first on sys.path: an openvino.py there was what
+    `verify --runtime openvino` imported (exit 3, its code run)."""
+    import subprocess
+    import sys
+
+    tmp = files["tmp"]
+    marker = tmp / "marker"
+    (tmp / "openvino.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('stand-in ran')\n")
+    res = subprocess.run([sys.executable, "-m", "sugarize", "verify", "m.onnx", "--against", "m.py", "--runtime",
+                          "openvino"], cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), res.stderr
+    assert res.returncode in (0, 1, 2) and "Traceback" not in res.stderr, res.stderr

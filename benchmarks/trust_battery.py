@@ -1,0 +1,236 @@
+"""Careless and hostile inputs through the CLI, before and after the trust work (issue #22).
+
+    python benchmarks/trust_battery.py [--before CHECKOUT] [--out benchmarks/results]
+
+Each case builds its files in a fresh folder and runs ``python -m sugarize ...`` in a fresh
+process, with ``PYTHONPATH`` set to a checkout: this one, and with ``--before`` an older one
+(a ``git worktree`` of the commit to compare with). Writes ``trust_battery.md`` and ``.json``:
+per case the exit code, the first line of stderr, and what the case checks afterwards (a
+marker file that planted code would write, an input that must be intact, a file that must
+not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _common import machine, machine_line, md_table, write  # noqa: E402
+
+MODEL = """import torch, torch.nn as nn
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+def other():
+    import pathlib; pathlib.Path(__file__).with_name('marker').write_text('other() ran')
+    return build_model()
+def example_inputs():
+    return (torch.randn(4, 64),)
+"""
+DATA = ("import torch\ndef train_loader():\n    g = torch.Generator().manual_seed(0)\n"
+        "    return [(torch.randn(8, 64, generator=g), torch.randint(0, 10, (8,), generator=g))]\n"
+        "def val_loader():\n    return train_loader()\n")
+RAISING = ("import torch\ndef train_loader():\n    yield (torch.randn(8, 64), torch.zeros(8, dtype=torch.long))\n"
+           "    raise ValueError('shard 2 is corrupt')\n")
+
+
+def _recipe(ck: Path, out: Path, edit) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(ck), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    recipe = json.loads(meta["sugarize"])
+    edit(recipe)
+    try:
+        meta["sugarize"] = json.dumps(recipe)
+    except RecursionError:
+        meta["sugarize"] = "[" * 100_000 + "]" * 100_000
+    save_file(load_file(str(ck)), str(out), metadata=meta)
+
+
+def _deep(recipe):
+    out = []
+    for _ in range(5000):
+        out = [out]
+    recipe["report"]["notes"] = out
+
+
+def _plant_pyc(d: Path):
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    src = d / "m.py"
+    evil = compile("import pathlib; pathlib.Path(__file__).with_name('marker').write_text('pyc ran')\n" + MODEL,
+                   str(src), "exec")
+    st = src.stat()
+    (d / "__pycache__").mkdir(exist_ok=True)
+    Path(importlib.util.cache_from_source(str(src))).write_bytes(
+        _code_to_timestamp_pyc(evil, int(st.st_mtime), st.st_size))
+
+
+def _int_weights(d: Path):
+    from safetensors.torch import load_file, save_file
+
+    state = {k: (v * 100).round().to(__import__("torch").int64) for k, v in load_file(str(d / "ck.safetensors")).items()}
+    save_file(state, str(d / "int.safetensors"))
+
+
+def _opset99(d: Path):
+    import onnx
+
+    m = onnx.load(str(d / "m.onnx"))
+    m.opset_import[0].version = 99
+    onnx.save(m, str(d / "future.onnx"))
+
+
+# (name, class, setup(folder) or None, args (with {d} for the folder), checks: {kind: file name})
+CASES = [
+    ("recipe names another function of the file, --model FILE", "1 code not named",
+     lambda d: _recipe(d / "ck.safetensors", d / "other.safetensors", lambda r: r["model"].update(name="other")),
+     ["inspect", "{d}/other.safetensors", "--model", "{d}/m.py"], {"not_created": "marker"}),
+    ("planted __pycache__/m.cpython-*.pyc, --model", "1 code not named", _plant_pyc,
+     ["export", "{d}/ck.safetensors", "--model", "{d}/m.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("openvino.py beside the model, verify --runtime openvino", "1 code not named",
+     lambda d: (d / "openvino.py").write_text("import pathlib\npathlib.Path(__file__).with_name('marker')"
+                                              ".write_text('stand-in ran')\n"),
+     ["verify", "{d}/m.onnx", "--against", "{d}/m.py", "--runtime", "openvino"], {"not_created": "marker"}),
+    ("audit --plot onto an existing file, no --force", "2 files lost",
+     lambda d: (d / "plot.png").write_text("mine"),
+     ["audit", "{d}/m.py", "--data", "{d}/data.py", "--plot", "{d}/plot.png"], {"intact": "plot.png"}),
+    ("convert m.py -o m.py --force", "2 files lost", None,
+     ["convert", "{d}/m.py", "-o", "{d}/m.py", "--force"], {"intact": "m.py"}),
+    ("finetune ck -o ck --force", "2 files lost", None,
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/ck.safetensors",
+      "--force"], {"intact": "ck.safetensors"}),
+    ("export ck -o ck --force", "2 files lost", None,
+     ["export", "{d}/ck.safetensors", "--model", "{d}/m.py", "-o", "{d}/ck.safetensors", "--force"],
+     {"intact": "ck.safetensors"}),
+    ("recipe nested 5,000 deep", "3 exit 3 on mistakes",
+     lambda d: _recipe(d / "ck.safetensors", d / "deep.safetensors", _deep), ["inspect", "{d}/deep.safetensors"], {}),
+    ("recipe site with an extra key", "3 exit 3 on mistakes",
+     lambda d: _recipe(d / "ck.safetensors", d / "extra.safetensors",
+                       lambda r: r["report"]["sites"][0].update(bogus=1)),
+     ["inspect", "{d}/extra.safetensors"], {}),
+    ("recipe config.relufy holding a number", "3 exit 3 on mistakes",
+     lambda d: _recipe(d / "ck.safetensors", d / "relufy.safetensors", lambda r: r["config"].update(relufy=3)),
+     ["export", "{d}/relufy.safetensors", "--model", "{d}/m.py", "-o", "{d}/x.onnx"], {"not_created": "x.onnx"}),
+    ("data loader raising while iterated (finetune)", "3 exit 3 on mistakes",
+     lambda d: (d / "raising.py").write_text(RAISING),
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/raising.py", "-o", "{d}/w.safetensors"],
+     {"not_created": "w.safetensors"}),
+    ("data loader raising in int8 calibration", "3 exit 3 on mistakes",
+     lambda d: (d / "raising.py").write_text(RAISING),
+     ["export", "{d}/m.py", "--int8", "--data", "{d}/raising.py", "-o", "{d}/q.onnx"], {"not_created": "q.onnx"}),
+    ("--plot with an unknown suffix", "3 exit 3 on mistakes", None,
+     ["audit", "{d}/m.py", "--data", "{d}/data.py", "--plot", "{d}/p.xyz"], {"not_created": "p.xyz"}),
+    ("demo --out onto an existing file", "3 exit 3 on mistakes", lambda d: (d / "afile").write_text("x"),
+     ["demo", "--quick", "--out", "{d}/afile"], {"intact": "afile"}),
+    ("--seed 2**70", "3 exit 3 on mistakes", None,
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/w.safetensors",
+      "--seed", str(2**70)], {"not_created": "w.safetensors"}),
+    ("model file calling sys.exit(0) at import", "4 wrong exit codes",
+     lambda d: (d / "exits.py").write_text("import sys\nsys.exit(0)\n"),
+     ["convert", "{d}/exits.py", "-o", "{d}/e.safetensors"], {"not_created": "e.safetensors"}),
+    ("model factory calling sys.exit(1)", "4 wrong exit codes",
+     lambda d: (d / "exits1.py").write_text("import sys\ndef build_model():\n    sys.exit(1)\n"),
+     ["export", "{d}/exits1.py", "-o", "{d}/e.onnx"], {"not_created": "e.onnx"}),
+    ("--debug on a missing model file", "4 wrong exit codes", None,
+     ["--debug", "inspect", "{d}/missing.py"], {}),
+    ("audit --split bogus", "4 wrong exit codes", None,
+     ["audit", "{d}/m.py", "--data", "{d}/data.py", "--split", "bogus"], {}),
+    ("verify --atol nan", "4 wrong exit codes", None,
+     ["verify", "{d}/m.onnx", "--against", "{d}/m.py", "--atol", "nan"], {}),
+    ("verify --atol -1", "4 wrong exit codes", None,
+     ["verify", "{d}/m.onnx", "--against", "{d}/m.py", "--atol", "-1"], {}),
+    ("verify a file declaring opset 99 (no --opset given)", "5 messages", _opset99,
+     ["verify", "{d}/future.onnx", "--against", "{d}/m.py"], {}),
+    ("an existing folder as -o", "5 messages", lambda d: (d / "outdir").mkdir(),
+     ["convert", "{d}/m.py", "-o", "{d}/outdir"], {}),
+    ("integer weights into a float model", "5 messages", _int_weights,
+     ["export", "{d}/ck.safetensors", "--model", "{d}/m.py:build_model", "--weights", "{d}/int.safetensors",
+      "-o", "{d}/w.onnx"], {}),
+]
+
+
+def _prepare(d: Path, checkout: Path) -> None:
+    (d / "m.py").write_text(MODEL)
+    (d / "data.py").write_text(DATA)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    for args in (["convert", str(d / "m.py"), "-o", str(d / "ck.safetensors")],
+                 ["export", str(d / "m.py"), "-o", str(d / "m.onnx")]):
+        subprocess.run([sys.executable, "-m", "sugarize", *args], env=env, capture_output=True, check=True, cwd=d)
+
+
+def run_case(case, checkout: Path) -> dict:
+    name, klass, setup, args, checks = case
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        _prepare(d, checkout)
+        if setup:
+            setup(d)
+        before = {f: (d / f).read_bytes() for f in checks.values() if (d / f).is_file()}
+        env = {**os.environ, "PYTHONPATH": str(checkout), "COLUMNS": "2000"}
+        res = subprocess.run([sys.executable, "-m", "sugarize", *[a.format(d=d) for a in args]], env=env,
+                             capture_output=True, text=True, cwd=d, timeout=600)
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else (res.stdout.strip().splitlines() or [""])[0]
+        first = first.replace(str(d), "<dir>")
+        kept = []
+        for kind, f in checks.items():
+            p = d / f
+            if kind == "not_created":
+                kept.append(f"{f} absent" if not p.exists() else f"{f} WRITTEN")
+            elif kind == "intact":
+                kept.append(f"{f} intact" if p.is_file() and p.read_bytes() == before.get(f) else f"{f} REPLACED")
+        warned = "warn" in res.stderr.lower() or "change when cast" in res.stderr
+        return {"case": name, "class": klass, "exit": res.returncode, "first_line": first[:200],
+                "stderr_lines": len(lines), "traceback": "Traceback" in res.stderr, "checks": ", ".join(kept),
+                "warned": warned}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", type=Path, default=None, help="an older checkout to compare with")
+    ap.add_argument("--before-label", default="before")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    after = [run_case(c, ROOT) for c in CASES]
+    before = [run_case(c, args.before) for c in CASES] if args.before else None
+    m = machine()
+    md = ["# Careless and hostile inputs through the CLI", "",
+          f"`python benchmarks/trust_battery.py{' --before ' + args.before_label if args.before else ''}` on "
+          f"{machine_line(m)}. Each case: a fresh folder, a fresh `python -m sugarize` process; *checks*: what "
+          "must hold afterwards (planted code's marker absent, an input intact, nothing written).", ""]
+    rows = []
+    for i, a in enumerate(after):
+        row = [a["class"], a["case"]]
+        if before:
+            b = before[i]
+            row += [str(b["exit"]) + (" +traceback" if b["traceback"] else ""), f"`{b['first_line'][:90]}`",
+                    b["checks"]]
+        row += [str(a["exit"]) + (" +traceback" if a["traceback"] else ""), f"`{a['first_line'][:120]}`", a["checks"]]
+        rows.append(row)
+    head = ["class", "input"]
+    if before:
+        head += [f"{args.before_label}: exit", "first line", "checks"]
+    head += ["now: exit", "first line", "checks"]
+    md += [md_table(head, rows), "", f"Total: {time.perf_counter() - start:.0f} s."]
+    write("trust_battery", "\n".join(md) + "\n", {"machine": m, "after": after, "before": before}, args.out)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
