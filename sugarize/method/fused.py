@@ -48,32 +48,24 @@ def _has_hooks(module: nn.Module) -> bool:
                 or m._global_forward_pre_hooks or getattr(m, "_global_forward_hooks_always_called", None))
 
 
-def _fuse_now(bn: nn.Module, c, residual, save: str) -> bool:
+def _fuse_now(bn: nn.Module, c, residual, save: str, shortcut: nn.Module | None) -> bool:
     if torch.compiler.is_compiling() or save != "full" or not torch.is_grad_enabled() \
             or isinstance(c, torch.fx.Proxy):
         return False
     tensors = (c,) if residual is None else (c, residual)
-    if traced(*tensors) or _has_hooks(bn) or not fusable_module(bn):
+    modules = (bn,) if shortcut is None else (bn, shortcut)
+    if traced(*tensors) or any(_has_hooks(m) or not fusable_module(m) for m in modules):
         return False
     if residual is not None and (residual.shape != c.shape or residual.dtype != c.dtype
                                  or residual.device != c.device):
         return False
-    return c.requires_grad or (residual is not None and residual.requires_grad) or any(
-        p.requires_grad for p in (bn.weight, bn.bias) if p is not None)
+    return any(t.requires_grad for t in tensors) or any(
+        p.requires_grad for m in modules for p in (m.weight, m.bias) if p is not None)
 
 
-def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surrogate: str,
-             params: Sequence[float], negative_only: bool, save: str) -> torch.Tensor:
-    """``sugar(bn(c) + residual)`` (``residual`` None: ``sugar(bn(c))``), fused in eager mode.
-
-    The value is exactly the unfused one's; BatchNorm's running statistics change exactly as
-    ``bn(c)`` changes them. The call target of a fused fx node (``passes/fusion.py``)."""
-    if not _fuse_now(bn, c, residual, save):
-        x = bn(c)
-        if residual is not None:
-            x = x + residual
-        return OP(x, surrogate, params, negative_only, save)
-    # _BatchNorm.forward, step for step
+def _prelude(bn: nn.Module, c: torch.Tensor) -> tuple:
+    """``_BatchNorm.forward`` up to its ``F.batch_norm`` call, step for step: the arguments of that
+    call (``num_batches_tracked`` counted as it counts it)."""
     bn._check_input_dim(c)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -81,12 +73,30 @@ def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surr
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if keep else None
-    running_var = bn.running_var if keep else None
     if training:
         torch.nn.functional._verify_batch_size(c.size())
-    return _BNSugar.apply(c, bn.weight, bn.bias, running_mean, running_var, residual, training, factor,
-                          bn.eps, surrogate, tuple(params), bool(negative_only))
+    return (c, bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None,
+            training, factor, bn.eps)
+
+
+def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surrogate: str,
+             params: Sequence[float], negative_only: bool, save: str,
+             shortcut: nn.Module | None = None) -> torch.Tensor:
+    """``sugar(bn(c) + residual)`` (``residual`` None: ``sugar(bn(c))``), fused in eager mode. With
+    ``shortcut`` (a downsampling shortcut's BatchNorm), ``residual`` is that BatchNorm's input:
+    ``sugar(bn(c) + shortcut(residual))``.
+
+    The value is exactly the unfused one's; the BatchNorms' running statistics change exactly as
+    calling them changes them. The call target of a fused fx node (``passes/fusion.py``)."""
+    if not _fuse_now(bn, c, residual, save, shortcut):
+        x = bn(c)
+        if residual is not None:
+            x = x + (residual if shortcut is None else shortcut(residual))
+        return OP(x, surrogate, params, negative_only, save)
+    first = _prelude(bn, c)
+    second = _prelude(shortcut, residual) if shortcut is not None else (None,) * 8
+    plain = residual if shortcut is None else None
+    return _BNSugar.apply(*first, plain, *second, surrogate, tuple(params), bool(negative_only))
 
 
 def _affine(weight, bias, mean, invstd):
@@ -103,35 +113,66 @@ def _rebuild(c, alpha, beta, dtype):
     return torch.addcmul(beta.view(shape), c, alpha.view(shape)).to(dtype)
 
 
+def _bn_forward(c, weight, bias, running_mean, running_var, training, momentum, eps):
+    out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+        c, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+    # Training mode: the batch statistics; the running ones change with every forward and the
+    # backward does not read them. Eval mode: the running ones.
+    saved = (c, weight, bias, None if training else running_mean, None if training else running_var,
+             mean, invstd, reserve)
+    return out, saved, (training, eps, impl)
+
+
+def _bn_rebuild(saved, meta, dtype):
+    c, weight, bias, running_mean, running_var, mean, invstd, _ = saved
+    training, eps, _ = meta
+    if training:
+        return _affine(weight, bias, mean, invstd)
+    return _affine(weight, bias, running_mean, torch.rsqrt(running_var.float() + eps))
+
+
+def _bn_backward(saved, meta, g, needs):
+    c, weight, bias, running_mean, running_var, mean, invstd, reserve = saved
+    training, eps, impl = meta
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        impl, c, g, weight, running_mean, running_var, mean, invstd, training, eps, list(needs), reserve)
+
+
 class _BNSugar(torch.autograd.Function):
+    """Inputs: BatchNorm 1's eight arguments, the plain residual (or None), BatchNorm 2's eight (or
+    Nones), then the surrogate's options."""
+
     @staticmethod
-    def forward(ctx, c, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+    def forward(ctx, c, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+                c2, weight2, bias2, running_mean2, running_var2, training2, momentum2, eps2,
                 surrogate, params, negative_only):
-        out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
-            c, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
-        if residual is not None:
+        out, saved, meta = _bn_forward(c, weight, bias, running_mean, running_var, training, momentum, eps)
+        saved2, meta2 = (), None
+        if c2 is not None:
+            out2, saved2, meta2 = _bn_forward(c2, weight2, bias2, running_mean2, running_var2, training2,
+                                              momentum2, eps2)
+            out = out + out2
+            del out2
+        elif residual is not None:
             out = out + residual
         out = out.relu_()
-        # Training mode: the batch statistics; the running ones change with every forward
-        # and the backward does not read them. Eval mode: the running ones.
-        ctx.save_for_backward(c, weight, bias, None if training else running_mean,
-                              None if training else running_var, mean, invstd, reserve, residual)
-        ctx.options = (training, eps, impl, surrogate, list(params), negative_only, out.dtype)
-        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        ctx.save_for_backward(*saved, residual, *saved2)
+        ctx.options = (meta, meta2, surrogate, list(params), negative_only, out.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        c, weight, bias, running_mean, running_var, mean, invstd, reserve, residual = ctx.saved_tensors
-        training, eps, impl, surrogate, params, negative_only, dtype = ctx.options
+        tensors = ctx.saved_tensors
+        saved, residual, saved2 = tensors[:8], tensors[8], tensors[9:]
+        meta, meta2, surrogate, params, negative_only, dtype = ctx.options
+        needs = ctx.needs_input_grad
         with torch.no_grad():
-            if training:
-                alpha, beta = _affine(weight, bias, mean, invstd)
-            else:
-                alpha, beta = _affine(weight, bias, running_mean, torch.rsqrt(running_var.float() + eps))
-            g = fused_bn_grad(grad, c, alpha, beta, residual, surrogate, params, negative_only)
+            alpha, beta = _bn_rebuild(saved, meta, dtype)
+            if meta2 is not None:  # the shortcut's BatchNorm output: rebuilt too, not kept
+                residual = _rebuild(saved2[0], *_bn_rebuild(saved2, meta2, dtype), dtype)
+            g = fused_bn_grad(grad, saved[0], alpha, beta, residual, surrogate, params, negative_only)
             if g is None:  # the eager formulas (the default): a few passes over memory
-                x = _rebuild(c, alpha, beta, dtype)
+                x = _rebuild(saved[0], alpha, beta, dtype)
                 if residual is not None:
                     x = x.add_(residual)
                 d = _derivative(x, surrogate, params, negative_only)
@@ -141,7 +182,10 @@ class _BNSugar(torch.autograd.Function):
                 else:
                     g = _decode_mul(grad, _encode(d, dtype, "full", None), "full", None)
                 del d
-            gc, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
-                impl, c, g, weight, running_mean, running_var, mean, invstd, training, eps, list(ctx.needs), reserve)
-        return (gc, gw, gb, None, None, g if ctx.needs_input_grad[5] else None,
-                None, None, None, None, None, None)
+            del residual
+            gc, gw, gb = _bn_backward(saved, meta, g, needs[0:3])
+            gc2 = gw2 = gb2 = None
+            if meta2 is not None:
+                gc2, gw2, gb2 = _bn_backward(saved2, meta2, g, needs[9:12])
+        return (gc, gw, gb, None, None, None, None, None, g if needs[8] else None,
+                gc2, gw2, gb2, None, None, None, None, None, None, None, None)

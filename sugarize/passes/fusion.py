@@ -67,9 +67,13 @@ def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> dict[str, str]
             if index is None or not isinstance(operands[1 - index], torch.fx.Node):
                 continue
             add, bn, residual, order = x, operands[index], operands[1 - index], index
+        # a downsampling shortcut's BatchNorm on the other side: fused too, so that its output
+        # (kept by no layer of the ReLU model) is rebuilt rather than kept
+        shortcut = residual if add is not None and _bn(residual, modules) else None
         c = bn.args[0]
         with graph.inserting_before(node):
             module = graph.get_attr(bn.target)
+            module2 = graph.get_attr(shortcut.target) if shortcut is not None else None
         info = dict(node.meta.get("sugarize", {}))
         kind = type(modules[bn.target]).__name__
         # where each node stood: unfuse puts it back there, so the code (and an export) runs
@@ -77,12 +81,20 @@ def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> dict[str, str]
         info["fused"] = {"bn": (bn.target, bn.name, bn.prev.name, dict(bn.meta)),
                          "add": None if add is None else (add.op, add.target, order, add.name, add.prev.name,
                                                           dict(add.meta)),
-                         "what": kind + (" + add" if add is not None else "")}
+                         "shortcut": None if shortcut is None else (shortcut.target, shortcut.name,
+                                                                    shortcut.prev.name, dict(shortcut.meta)),
+                         "what": kind + (" + add" if add is not None else "")
+                         + (f" + shortcut {type(modules[shortcut.target]).__name__}" if shortcut is not None else "")}
         node.meta["sugarize"] = info
         node.target = FUSED
-        node.args = (module, c, residual, surrogate, params, negative_only, save)
+        if shortcut is not None:
+            node.args = (module, c, shortcut.args[0], surrogate, params, negative_only, save, module2)
+        else:
+            node.args = (module, c, residual, surrogate, params, negative_only, save)
         if add is not None:
             graph.erase_node(add)
+        if shortcut is not None:
+            graph.erase_node(shortcut)
         graph.erase_node(bn)
         fused[node.name] = info["fused"]["what"]
     return fused
@@ -105,13 +117,18 @@ def _named(node, name: str, names, meta: dict):
 def unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
     """In place: the fused ``node`` becomes the BatchNorm call, the add (as written) and a SUGAR node,
     which is ``node`` itself (same name and metadata, less the fusion's record)."""
-    module, c, residual, surrogate, params, negative_only, save = node.args
+    module, c, residual, surrogate, params, negative_only, save, *rest = node.args
+    module2 = rest[0] if rest else None
     info = dict(node.meta.get("sugarize", {}))
     record = info.pop("fused", None) or {}
     target, bn_name, bn_after, bn_meta = record.get("bn") or (module.target, "", "", {})
     names = {n.name: n for n in graph.nodes}
     with _place(graph, names, bn_after, node):
         x = _named(graph.call_module(target, (c,)), bn_name, names, bn_meta)
+    if module2 is not None:  # the shortcut's BatchNorm call, on its input
+        target2, name2, after2, meta2 = record.get("shortcut") or (module2.target, "", "", {})
+        with _place(graph, names, after2, node):
+            residual = _named(graph.call_module(target2, (residual,)), name2, names, meta2)
     if residual is not None:
         op, add_target, order, add_name, add_after, add_meta = record.get("add") or (
             "call_function", operator.add, 0, "", "", {})
@@ -120,6 +137,7 @@ def unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
             x = _named(graph.create_node(op, add_target, args, {}), add_name, names, add_meta)
     node.target, node.args = OP, (x, surrogate, params, negative_only, save)
     node.meta["sugarize"] = info
-    if not module.users:
-        graph.erase_node(module)
+    for attr in (module, module2):
+        if attr is not None and not attr.users:
+            graph.erase_node(attr)
     return node

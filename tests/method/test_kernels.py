@@ -57,17 +57,21 @@ def test_warmup_compiles_the_kernels_now_and_the_training_step_then_compiles_not
 
 
 class _BNNet(nn.Module):
-    """conv-bn-relu and a residual conv-bn-add-relu, at 8 x 16 x 32 x 32: above MIN_NUMEL."""
+    """conv-bn-relu, a residual conv-bn-add-relu, and one with a downsampling conv-bn shortcut, at
+    8 x 16 x 32 x 32 (the last 8 x 16 x 32 x 32 too, stride 1): above MIN_NUMEL."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
         self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.d, self.db = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
         self.head = nn.Conv2d(16, 2, 1)
 
     def forward(self, x):
         h = torch.relu(self.b1(self.c1(x)))
-        return self.head(torch.relu(self.b2(self.c2(h)) + h))
+        h = torch.relu(self.b2(self.c2(h)) + h)
+        return self.head(torch.relu(self.b3(self.c3(h)) + self.db(self.d(h))))
 
 
 def _sum_step(model, x):
@@ -84,7 +88,7 @@ def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_
     was = kernels.enabled()
     try:
         sm = sugarize.sugarize(_BNNet(), "bsilu", alpha=1.1)  # a configuration no other test compiles
-        assert len(sm.graph.find_nodes(op="call_function", target=bn_sugar)) == 2
+        assert len(sm.graph.find_nodes(op="call_function", target=bn_sugar)) == 3
         eager = copy.deepcopy(sm)
         result = sugarize.warmup(sm)
         assert result["failed"] == 0 and result["kernels"] == 2  # the op's saved forms, the fused backward
@@ -107,7 +111,7 @@ def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_
                 _sum_step(m2, x)
             finally:
                 kernels._run = real
-            assert calls.count("bn_grad") == 2, calls  # both fused sites took the one-pass kernel
+            assert calls.count("bn_grad") == 3, calls  # every fused site took the one-pass kernel
             assert _frames() == before  # warmup compiled it for both layouts
             for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
                 rel = ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item()

@@ -89,8 +89,9 @@ def test_the_report_and_the_graph_name_every_fused_site_and_the_site_without_bat
     sm = sugarize.sugarize(Net())
     sites = {(s.path, s.node): s.fused for s in sugarize.report_of(sm).sites}
     assert sorted(sites.values()) == ["", "BatchNorm1d", "BatchNorm2d", "BatchNorm2d", "BatchNorm2d + add",
-                                      "BatchNorm2d + add"]
+                                      "BatchNorm2d + add + shortcut BatchNorm2d"]
     assert len(_fused_nodes(sm)) == 5  # the graph holds what the report says
+    assert len(next(n for n in _fused_nodes(sm) if len(n.args) == 8).args) == 8  # the shortcut's BatchNorm
     plain = sm.graph.find_nodes(op="call_function", target=torch.ops.sugarize.sugar.default)
     assert [n.name for n in plain] == [node for (_, node), what in sites.items() if not what]  # fc2's relu
     assert "5 fused with their BatchNorm" in sugarize.report_of(sm).summary()
@@ -242,13 +243,26 @@ def test_a_fused_site_keeps_no_copy_of_x_it_saves_what_the_relu_model_saves():
     assert _saved_bytes(fused, x) == relu - 4 * 2 * 8 * 4
 
 
-def test_a_downsampling_shortcut_costs_its_residual_and_nothing_else():
+def test_a_downsampling_shortcut_is_fused_too_and_its_output_is_rebuilt_not_kept():
     block = nn.Sequential(Block(2, 3, 8, downsample=True), nn.Conv2d(8, 2, 1))  # the next layer keeps y
     x = torch.randn(4, 3, 16, 16)
     fused = sugarize.sugarize(block)
+    unfused = sugarize.sugarize(block, fuse_bn=False)  # before any forward changes the running statistics
+    what = [s.fused for s in sugarize.report_of(fused).sites]
+    assert what == ["BatchNorm2d", "BatchNorm2d + add + shortcut BatchNorm2d"]
+    # the shortcut's BatchNorm output, which no layer of the ReLU model keeps, is rebuilt from the
+    # shortcut's input (which its BatchNorm keeps anyway): nothing beyond the ReLU model's, less
+    # the three BatchNorms' running statistics
+    assert _saved_bytes(fused, x) == _saved_bytes(block, x) - 3 * 2 * 8 * 4
     one_x = 4 * 8 * 16 * 16 * 4
-    # the shortcut's BatchNorm output, which no layer of the ReLU model keeps, is what rebuilds x
-    assert _saved_bytes(fused, x) == _saved_bytes(block, x) + one_x - 2 * 2 * 8 * 4
+    assert _saved_bytes(unfused, x) == _saved_bytes(block, x) + 2 * one_x
+    y1, g1, b1 = _step(fused, x.requires_grad_())
+    y2, g2, b2 = _step(unfused, x)
+    assert same_bits(y1, y2)
+    for name in g2:
+        assert _rel(g1[name], g2[name]) <= 1e-5, name
+    for name in b2:
+        assert same_bits(b1[name], b2[name]), name
 
 
 def test_sites_not_fed_by_an_unshared_batchnorm_or_not_exact_stay_unfused():
@@ -311,7 +325,7 @@ def test_an_unstripped_fused_model_exports_to_plain_relu():
     ep = torch.export.export(fused, (torch.randn(2, 3, 6, 6),))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count("sugarize.sugar.default") == 6  # every site the SUGAR op, unfused for the tracer
-    assert sum("batch_norm" in t for t in targets) == 6
+    assert sum("batch_norm" in t for t in targets) == 6  # the shortcut's BatchNorm among them
 
 
 def test_audit_reads_every_fused_sites_pre_activation():
