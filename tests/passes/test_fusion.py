@@ -81,6 +81,19 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+def _same_as_unfused(fused, unfused, x, tol=1e-5):
+    """One forward and backward of each: outputs bit for bit, gradients within ``tol``, buffers
+    (running statistics, num_batches_tracked) bit for bit."""
+    y1, g1, b1 = _step(fused, x)
+    y2, g2, b2 = _step(unfused, x)
+    assert same_bits(y1, y2)
+    for name in g2:
+        assert _rel(g1[name], g2[name]) <= tol, name
+    for name in b2:
+        assert same_bits(b1[name], b2[name]), name
+    return b1
+
+
 def _fused_nodes(gm):
     return gm.graph.find_nodes(op="call_function", target=bn_sugar)
 
@@ -187,14 +200,7 @@ def test_eval_mode_batchnorm_fine_tunes_with_running_statistics_and_leaves_them_
     fused, unfused = _pair(model)
     fused.b1.bn2.train()  # one BatchNorm in train mode inside an eval model: read at each call
     unfused.b1.bn2.train()
-    x = _input(2)
-    y1, g1, b1 = _step(fused, x)
-    y2, g2, b2 = _step(unfused, x)
-    assert same_bits(y1, y2)
-    for name in g2:
-        assert _rel(g1[name], g2[name]) <= 1e-5, name
-    for name in b2:
-        assert same_bits(b1[name], b2[name]), name
+    b1 = _same_as_unfused(fused, unfused, _input(2))
     assert same_bits(b1["b1.bn1.running_mean"], dict(model.named_buffers())["b1.bn1.running_mean"])
 
 
@@ -256,13 +262,7 @@ def test_a_downsampling_shortcut_is_fused_too_and_its_output_is_rebuilt_not_kept
     assert _saved_bytes(fused, x) == _saved_bytes(block, x) - 3 * 2 * 8 * 4
     one_x = 4 * 8 * 16 * 16 * 4
     assert _saved_bytes(unfused, x) == _saved_bytes(block, x) + 2 * one_x
-    y1, g1, b1 = _step(fused, x.requires_grad_())
-    y2, g2, b2 = _step(unfused, x)
-    assert same_bits(y1, y2)
-    for name in g2:
-        assert _rel(g1[name], g2[name]) <= 1e-5, name
-    for name in b2:
-        assert same_bits(b1[name], b2[name]), name
+    _same_as_unfused(fused, unfused, x.requires_grad_())
 
 
 def test_sites_not_fed_by_an_unshared_batchnorm_or_not_exact_stay_unfused():
