@@ -8,8 +8,10 @@ inverse std, and its affine parameters. ``bn_sugar`` does that in eager mode: th
 runs BatchNorm exactly as ``nn.BatchNorm*d.forward`` does (same ATen call, so the output,
 the running statistics and ``num_batches_tracked`` are bit for bit BatchNorm's), the add,
 and ``relu``; the backward rebuilds ``x``, takes ``grad * s'(x)`` and runs BatchNorm's own
-backward on it. It saves ``c``, the statistics and ``r``: what the ReLU model keeps, except
-``r`` where no other layer keeps it (a downsampling shortcut's BatchNorm output).
+backward on it. It saves ``c``, the statistics and ``r``: what the ReLU model keeps. Where
+``r`` is a downsampling shortcut's BatchNorm output (kept by no layer of the ReLU model),
+that BatchNorm is fused too (``relu(bn(c) + bn_s(c_s))``): ``r`` is rebuilt from ``c_s``, which
+the shortcut's BatchNorm keeps anyway.
 
 Everywhere else the function is BatchNorm, the add and the SUGAR op, unfused: under any
 tracer or compiler (``torch.compile`` recomputes x by itself, and its partitioner must see

@@ -1,8 +1,10 @@
-"""The fx path's BatchNorm fusion: ``bn -> SUGAR`` and ``bn -> add(residual) -> SUGAR`` become one
-``bn_sugar`` node (``method/fused.py``), which keeps no copy of x in eager mode; and back.
+"""The fx path's BatchNorm fusion: ``bn -> SUGAR``, ``bn -> add(residual) -> SUGAR`` and
+``bn -> add(bn_s(shortcut input)) -> SUGAR`` become one ``bn_sugar`` node (``method/fused.py``),
+which keeps no copy of x in eager mode; and back.
 
 ``fuse`` runs after the SUGAR rewrite, on exact (``save="full"``) SUGAR nodes whose input is
-a BatchNorm module's output (or that output plus another tensor) read by nothing else.
+a BatchNorm module's output (or that output plus another tensor, itself possibly a second
+BatchNorm's output: a downsampling shortcut's) read by nothing else.
 The BatchNorm stays in the module tree (a ``get_attr`` node reads it), so ``state_dict``
 keys do not change. ``unfuse`` puts the BatchNorm call and the add back, with the nodes'
 names, before the SUGAR node: strip and the audit's instrumented graph see the plain form.
@@ -50,7 +52,8 @@ def _add_operands(node):
 def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Fuses each exact SUGAR node fed by a BatchNorm (directly or through a residual add), in place.
 
-    Returns ``{SUGAR node name: what was fused}`` ("BatchNorm2d" or "BatchNorm2d + add")."""
+    Returns ``{SUGAR node name: what was fused}`` ("BatchNorm2d", "BatchNorm2d + add",
+    "BatchNorm2d + add + shortcut BatchNorm2d")."""
     fused: dict[str, str] = {}
     for node in list(graph.find_nodes(op="call_function", target=OP)):
         x, surrogate, params, negative_only, save = node.args
