@@ -181,13 +181,18 @@ def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
     """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden."""
     from ..training.deadunits import audit
 
-    curve = [_dead_fraction(model, xt)]
+    reports = [audit(model, [xt])]  # before the fine-tune, then after each epoch
+
+    def on_epoch(result):
+        reports.append(audit(model, [xt]))
+
     try:
         finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False,
-                 on_epoch=lambda r: curve.append(_dead_fraction(model, xt)))
+                 on_epoch=on_epoch)
     except DivergenceError:  # the loss diverged: report it, do not hide it
-        return Run(name, seed, float("nan"), float("nan"), model, curve), None
-    report = audit(model, [xt])
+        return Run(name, seed, float("nan"), float("nan"), model, [r.dead_fraction for r in reports]), None
+    report = reports[-1]  # the last epoch's audit: the model as it ends
+    curve = [r.dead_fraction for r in reports]
     return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model, curve), report
 
 

@@ -95,12 +95,11 @@ class ConvertOutcome:
 def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Sequence[str] | None = None,
                  force: bool = False) -> ConvertOutcome:
     """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``)."""
-    from ..files.fsutil import check_not_input, check_writable
+    from ..files.fsutil import check_output
     from ..files.inputs import input_specs
     from ..passes.rewrite import sugarize
 
-    check_not_input(out, model)
-    check_writable(out, force=force)
+    check_output(out, model, force=force)
     loaded = load_model(model)
     inputs = None
     if input_shapes or loaded.example_inputs is not None:
@@ -176,11 +175,10 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     """
     from ..deploy.export import export_onnx
     from ..deploy.parity import verify
-    from ..files.fsutil import atomic_folder, check_not_input, check_writable
+    from ..files.fsutil import atomic_folder, check_output, check_writable
     from ..passes.strip import count_sugar, strip
 
-    check_not_input(out, source, weights, model, data)
-    check_writable(out, force=force)
+    check_output(out, source, weights, model, data, force=force)
     if int8 and not data:
         raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
     if int8:
@@ -296,10 +294,7 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
     from ..training.train import _batches, _loader, load_data
 
     if plot:  # before the audit runs: an existing plot is replaced only with --force, never an input
-        from ..files.fsutil import check_not_input, check_writable
-
-        check_not_input(plot, model, data, weights, model_file)
-        check_writable(plot, force=force)
+        _check_plot(plot, model, data, weights, model_file, force=force)
     src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
     spec = load_data(data)
     make = spec.train_loader if split == "train" else spec.val_loader
@@ -314,25 +309,29 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
     return report
 
 
+def _check_plot(plot: str, *inputs, force: bool) -> None:
+    """A plot output, checked before any work: an output (``check_output``), and matplotlib there."""
+    from ..files.fsutil import check_output
+    from .plots import check_plotting
+
+    check_output(plot, *inputs, force=force)
+    check_plotting()
+
+
 def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: float, optimizer: str = "sgd",
                   seed: int = 0, resume: str | None = None, model: str | None = None, force: bool = False,
                   on_step=None, on_epoch=None, trust_recipe: bool = False, plot: str | None = None):
     """Fine-tunes a SUGAR checkpoint on a data file and writes the weights (``sugarize finetune``)."""
     import json
 
-    from ..files.fsutil import check_not_input, check_writable
+    from ..files.fsutil import check_output
     from ..files.weights import load_weights, save_weights
     from ..files.checkpoint import read_recipe
     from ..training.train import finetune, load_data
 
-    check_not_input(out, checkpoint, data, model)  # --resume may be the output: it continues that file
-    check_writable(out, force=force)
+    check_output(out, checkpoint, data, model, force=force)  # --resume may be the output: it continues that file
     if plot:
-        from .plots import check_plotting
-
-        check_not_input(plot, checkpoint, data, model, resume, out)
-        check_writable(plot, force=force)
-        check_plotting()
+        _check_plot(plot, checkpoint, data, model, resume, out, force=force)
     spec = load_data(data)
     src = open_source(checkpoint, model=model, trust_recipe=trust_recipe)
     if src.sugar is None:
@@ -423,18 +422,14 @@ def sweep_file(model: str, data: str, *, candidates: str | None = None, seeds: i
     unless ``config`` is given.
     """
     from ..files.checkpoint import read_recipe
-    from ..files.fsutil import atomic_path, check_not_input, check_writable
+    from ..files.fsutil import atomic_path, check_output
     from ..training.sweep import parse_candidates, sweep
     from ..training.train import load_data
 
-    for target in (output, plot):
-        if target:
-            check_not_input(target, model, data, model_file)
-            check_writable(target, force=force)
+    if output:
+        check_output(output, model, data, model_file, force=force)
     if plot:
-        from .plots import check_plotting
-
-        check_plotting()
+        _check_plot(plot, model, data, model_file, force=force)
     cands = parse_candidates(candidates) if candidates else None  # a bad spec fails before anything runs
     spec = load_data(data)
     src = open_source(model, model=model_file, trust_recipe=trust_recipe)

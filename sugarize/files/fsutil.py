@@ -57,6 +57,13 @@ def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -
                                   "--force or not; give another -o")
 
 
+def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None, force: bool) -> Path:
+    """The checks every output gets before any work: not one of the command's ``inputs``
+    (``check_not_input``, even with ``force``), and writable (``check_writable``)."""
+    check_not_input(out, *inputs)
+    return check_writable(out, force=force)
+
+
 TEMP_MARK = ".sugarize-"  # temporary files: .<target name>.sugarize-<pid>-<random>.tmp
 
 
