@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import __version__
@@ -39,10 +40,10 @@ class _OneLineErrors(TyperGroup):
         except click.UsageError as exc:
             where = f"`{exc.ctx.command_path} --help`" if exc.ctx is not None else "`sugarize --help`"
             msg = " ".join(exc.format_message().split())
-            err.print(f"[bold red]error:[/] {msg} (see {where})", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(msg)} (see {escape(where)})", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            err.print(f"[bold red]error:[/] {' '.join(exc.format_message().split())}", highlight=False,
+            err.print(f"[bold red]error:[/] {escape(' '.join(exc.format_message().split()))}", highlight=False,
                       soft_wrap=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
@@ -114,9 +115,9 @@ def _show_warnings(caught, failed: bool) -> None:
         label = "note" if issubclass(w.category, SugarizeNote) else "warning"
         if _state["debug"]:
             where = "" if _ours(w) else f" ({w.category.__name__}, {w.filename}:{w.lineno})"
-            err.print(f"[yellow]{label}:[/] {text}{where}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]{label}:[/] {escape(text + where)}", highlight=False, soft_wrap=True)
         elif _ours(w) and not failed:
-            err.print(f"[yellow]{label}:[/] {text.removeprefix('sugarize: ')}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]{label}:[/] {escape(text.removeprefix('sugarize: '))}", highlight=False, soft_wrap=True)
 
 
 def command(fn: Callable) -> Callable:
@@ -161,7 +162,7 @@ def _run_command(fn: Callable, args, kwargs):
         msg = " ".join(str(exc).split())
         label = {1: "check failed", 3: "internal error"}.get(exc.exit_code, "error")
         hint = " (a bug of sugarize: rerun with --debug and report it)" if exc.exit_code == 3 else ""
-        err.print(f"[bold red]{label}:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]{label}:[/] {escape(msg)}{hint}", highlight=False, soft_wrap=True)
         if _state["debug"]:  # after the error's line: it stays the first
             _traceback()
         raise typer.Exit(exc.exit_code) from None
@@ -171,8 +172,8 @@ def _run_command(fn: Callable, args, kwargs):
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug in sugarize: still one line unless --debug
-        msg = " ".join(str(exc).split())[:300]
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug and report it)",
+        msg = " ".join(str(exc).split())
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(msg)} (rerun with --debug and report it)",
                   highlight=False, soft_wrap=True)
         if _state["debug"]:
             _traceback()
@@ -347,7 +348,12 @@ def convert_cmd(
 @command
 def export_cmd(
     source: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint (.safetensors)."),
-    output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write: .onnx, .ort or .pte (see --format)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f",
+                                         help="onnx (default), ort (ONNX Runtime Mobile: OUTPUT.ort and "
+                                         "OUTPUT.required_operators.config) or pte (ExecuTorch; the executorch extra). "
+                                         "Default: from OUTPUT's suffix, else onnx."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="pte only: xnnpack (default) or portable."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
@@ -366,32 +372,42 @@ def export_cmd(
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = _seed_option(),
     allow_nonfinite: bool = ALLOW_NONFINITE,
-    int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx: static int8 (QDQ) quantisation."),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx (static QDQ) or OUTPUT.int8.pte "
+                              "(PT2E, XNNPACK quantizer), checked against the quantised original."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
     calibration_batches: int = typer.Option(32, "--calibration-batches", min=1),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Strip SUGAR, export to ONNX, run onnx.checker, then check parity with onnxruntime."""
-    from .workflows import export_file
+    """Strip SUGAR, export (ONNX, ORT format or ExecuTorch), then check parity and structure against the original."""
+    from .workflows import export_file, format_of_output
 
     with err.status("exporting and checking parity..."):
-        res = export_file(source, str(output), weights=str(weights) if weights else None, model=model, opset=opset,
+        res = export_file(source, str(output), format=format_of_output(output, format), backend=backend,
+                          weights=str(weights) if weights else None, model=model, opset=opset,
                           dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
                           batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
                           calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite,
                           trust_recipe=trust_recipe, dynamic_sequence=dynamic_sequence, external_data=external_data)
+    e = res.export
     if as_json:
-        _emit_json({"onnx": str(res.export.path), "written": res.written, "opset": res.export.opset, "op_types": res.export.op_types,
-                    "external_data": str(res.export.external_data) if res.export.external_data else None,
-                    "stripped_sites": res.export.stripped_sites, "notes": res.notes + res.export.notes, "parity": res.parity.to_dict(),
+        _emit_json({"format": e.format, "path": str(e.path), **({"onnx": str(e.path)} if e.format == "onnx" else {}),
+                    "companions": [str(c) for c in e.companions], "backend": e.backend,
+                    "written": res.written, "opset": e.opset, "op_types": e.op_types,
+                    "external_data": str(e.external_data) if e.external_data else None,
+                    "stripped_sites": e.stripped_sites, "notes": res.notes + e.notes, "parity": res.parity.to_dict(),
                     "int8": res.int8.to_dict() if res.int8 else None})
     else:
-        for note in res.notes + res.export.notes:
-            out.print(f"[yellow]note:[/] {note}")
+        for note in res.notes + e.notes:
+            out.print(f"[yellow]note:[/] {escape(note)}")
         did = "wrote" if res.written else "checked, NOT written (a check failed; any previous file is untouched):"
-        out.print(f"{did} {res.export.path} (opset {res.export.opset}, {len(res.export.op_types)} nodes, "
-                  f"{res.export.op_types.count('Relu')} Relu, {res.export.stripped_sites} SUGAR sites stripped)")
+        also = f" and {', '.join(c.name for c in e.companions)}" if e.companions and res.written else ""
+        what = f"{e.format}, {e.backend}" if e.backend else f"{e.format}, opset {e.opset}"
+        if e.format == "onnx":
+            what = f"opset {e.opset}, {len(e.op_types)} nodes, {e.op_types.count('Relu')} Relu"
+        else:
+            what += f", {len(e.op_types)} nodes"
+        out.print(escape(f"{did} {e.path}{also} ({what}, {e.stripped_sites} SUGAR sites stripped)"))
         out.print(_parity_table(res.parity))
         out.print(res.parity.summary())
         if res.int8:
@@ -406,7 +422,7 @@ def export_cmd(
 @app.command("verify")
 @command
 def verify_cmd(
-    onnx_file: Path = typer.Argument(..., help="The ONNX file to check."),
+    onnx_file: Path = typer.Argument(..., help="The file to check: .onnx, .ort or .pte (told by its bytes)."),
     against: str = typer.Option(..., "--against", help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = MODEL_FILE,
@@ -416,11 +432,12 @@ def verify_cmd(
     rtol: float = _tol_option("--rtol"),
     batches: int = typer.Option(3, "--batches", min=1),
     seed: int = _seed_option(),
-    runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, or openvino (the openvino extra)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="ONNX files: onnxruntime (default) or openvino "
+                                          "(the openvino extra); .ort: onnxruntime; .pte: executorch."),
     allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Parity and structural identity: the ONNX file vs the model in PyTorch and the original's export."""
+    """Parity and structural identity: an .onnx, .ort or .pte file vs the model in PyTorch and the original's export."""
     from .workflows import verify_file
 
     report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,

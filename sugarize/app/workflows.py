@@ -167,22 +167,33 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
                 seed: int = 0, int8: bool = False, data: str | None = None,
                 calibration_batches: int = 32, allow_nonfinite: bool = False,
                 trust_recipe: bool = False, dynamic_sequence: bool = False,
-                external_data: bool | None = None) -> ExportOutcome:
-    """Strips, exports to ONNX, checks it and runs the parity check (``sugarize export``).
+                external_data: bool | None = None, format: str = "onnx", backend: str | None = None) -> ExportOutcome:
+    """Strips, exports to a deploy target, checks the file and runs the parity check (``sugarize export``).
 
-    With ``int8`` it also writes ``<out>.int8.onnx`` (QDQ, calibrated on ``data``'s
-    train_loader) and compares it with the quantised original and on ``data``'s val_loader.
+    ``format`` names the target (``deploy.targets.TARGETS``: ``onnx``, ``ort``, ``pte``). The
+    original model is exported the same way, and the artifact must be structurally identical to
+    it; nothing is written unless every check passes. With ``int8`` it also writes
+    ``<out>.int8.onnx`` (ONNX: QDQ, calibrated on ``data``'s train_loader) or ``<out>.int8.pte``
+    (ExecuTorch: PT2E with the XNNPACK quantizer), compared with the quantised original and on
+    ``data``'s val_loader.
     """
-    from ..deploy.export import export_onnx
     from ..deploy.parity import verify
-    from ..files.fsutil import atomic_folder, check_output, check_writable
+    from ..deploy.targets import ExportOptions, get_target
+    from ..files.fsutil import atomic_folder, check_outputs
     from ..passes.strip import count_sugar, strip
 
-    check_output(out, source, weights, model, data, force=force)
+    target = get_target(format)
+    options = target.check_options(ExportOptions(opset=opset, dynamic_batch=dynamic_batch,
+                                                 dynamic_sequence=dynamic_sequence, external_data=external_data,
+                                                 backend=backend))
+    if int8 and target.name not in ("onnx", "pte"):
+        raise InputError(f"--int8 applies to --format onnx and pte, not {target.name}")
     if int8 and not data:
         raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
-    if int8:
-        check_writable(Path(out).with_name(Path(out).stem + ".int8.onnx"), force=force)
+    companions = target.companions(Path(out), options)
+    q_path = _int8_path(out, target) if int8 else None
+    check_outputs([out, *companions, q_path], source, weights, model, data, force=force)
+    target.check_available()
     src = open_source(source, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
@@ -195,28 +206,71 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     # Every check runs on a temporary file beside the output; it becomes the output only if
     # they all pass, so a failed check (or a kill) leaves a previous output as it was.
     with tempfile.TemporaryDirectory() as refdir:
-        ref = export_onnx(reference, Path(refdir) / "original.onnx", inputs, opset=opset,
-                          dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, external_data=external_data)
+        ref = target.export(reference, Path(refdir) / f"original{target.suffix}", inputs, options)
         try:
-            with atomic_folder(out, force=force, companions=(".data",)) as folder:
+            with atomic_folder(out, force=force, companion_files=tuple(c.name for c in companions)) as folder:
                 tmp = folder / Path(out).name
-                result = export_onnx(plain, tmp, inputs, opset=opset, dynamic_batch=dynamic_batch,
-                                     dynamic_sequence=dynamic_sequence, external_data=external_data, force=True)
+                result = target.export(plain, tmp, inputs, options)
                 result = replace(result, path=Path(out), stripped_sites=sites,
-                                 external_data=Path(out + ".data") if result.external_data else None)
+                                 external_data=Path(out + ".data") if result.external_data else None,
+                                 companions=[Path(out).with_name(c.name) for c in result.companions])
                 parity = verify(tmp, reference, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
-                                rtol=rtol, batches=batches, seed=seed,
+                                rtol=rtol, batches=batches, seed=seed, target=target,
                                 batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite,
                                 sequence_lengths=_lengths(inputs) if dynamic_sequence else None)
                 if not parity.passed:
                     raise _ChecksFailed()
                 q = None
-                if int8:
-                    q = _int8(tmp, Path(out).with_name(Path(out).stem + ".int8.onnx"), Path(ref.path), data,
-                              calibration_batches, force)
+                if int8 and target.name == "onnx":
+                    q = _int8(tmp, q_path, Path(ref.path), data, calibration_batches, force)
+                elif int8:
+                    q = _int8_pte(plain, reference, inputs, q_path, data, calibration_batches, force)
         except _ChecksFailed:
             return ExportOutcome(result, parity, src.notes, None, written=False)
     return ExportOutcome(result, parity, src.notes, q)
+
+
+def _int8_pte(plain: nn.Module, reference: nn.Module, inputs: tuple, q_path: Path, data: str,
+              calibration_batches: int, force: bool):
+    """Quantises the stripped model and the original to int8 ExecuTorch programs (PT2E, XNNPACK);
+    compares their structures and their accuracy on the val_loader."""
+    from ..deploy.artifact import compare_structures
+    from ..deploy.pte_target import PteRunner, describe_pte, quantize_nodes, quantize_pte
+    from ..deploy.quantize import Int8Report, runner_accuracy
+    from ..modes import eval_mode
+    from ..training.train import load_data
+
+    spec = load_data(data)
+    static = int(inputs[0].shape[0])
+    calib = [(x,) for x, _ in _rechunk(spec.batches("train"), static, calibration_batches)]
+    with eval_mode(plain, reference), tempfile.TemporaryDirectory() as work:
+        quantize_pte(plain, q_path, inputs, calib, force=force)
+        q_ref = quantize_pte(reference, Path(work) / "original.int8.pte", inputs, calib)
+        structure = compare_structures(describe_pte(q_path), describe_pte(q_ref))
+    float_acc = int8_acc = None
+    if spec.val_loader is not None:
+        from ..deploy.pte_target import export_pte
+
+        with tempfile.TemporaryDirectory() as work:
+            f_path = export_pte(plain, Path(work) / "float.pte", inputs).path
+            float_acc = runner_accuracy(PteRunner(f_path), _rechunk(spec.batches("val"), static))
+        int8_acc = runner_accuracy(PteRunner(q_path), _rechunk(spec.batches("val"), static))
+    return Int8Report(str(q_path), len(calib), float_acc, int8_acc, quantize_nodes(q_path), structure,
+                      scheme="PT2E, XNNPACK quantizer")
+
+
+def format_of_output(out, format: str | None) -> str:
+    """``--format`` if given, else the target whose suffix ``out`` has, else onnx."""
+    from ..deploy.targets import TARGETS, get_target
+
+    if format is not None:
+        return get_target(format).name
+    suffix = Path(str(out)).suffix.lower()
+    return next((t.name for t in TARGETS.values() if t.suffix == suffix), "onnx")
+
+
+def _int8_path(out: str, target) -> Path:
+    return Path(out).with_name(Path(out).stem + ".int8" + target.suffix)
 
 
 def _lengths(inputs: tuple) -> tuple[int, ...]:
@@ -225,17 +279,6 @@ def _lengths(inputs: tuple) -> tuple[int, ...]:
 
     n = next((t.shape[1] for t in inputs if is_token_input(t)), None)
     return tuple(sorted({max(1, n // 2), n})) if n else ()
-
-
-def _dynamic_dims(proto) -> tuple[bool, bool]:
-    """(batch, sequence): whether a file's inputs have a dynamic dimension 0, and 1 of token inputs."""
-    batch = sequence = False
-    for i in proto.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        batch = batch or bool(dims and dims[0].dim_param)
-        integer = i.type.tensor_type.elem_type in (6, 7)  # INT32, INT64
-        sequence = sequence or bool(integer and len(dims) >= 2 and dims[1].dim_param)
-    return batch, sequence
 
 
 def _reference(src: Source) -> nn.Module:
@@ -258,31 +301,35 @@ class _ChecksFailed(Exception):
     """A check failed on the temporary export: it is not renamed to the output."""
 
 
-def verify_file(onnx_path: str, against: str, *, weights: str | None = None, model: str | None = None,
+def verify_file(path: str, against: str, *, weights: str | None = None, model: str | None = None,
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
-                batches: int = 3, seed: int = 0, runtime: str = "onnxruntime", allow_nonfinite: bool = False,
+                batches: int = 3, seed: int = 0, runtime: str | None = None, allow_nonfinite: bool = False,
                 trust_recipe: bool = False):
-    """Parity of an ONNX file against a model file or checkpoint (``sugarize verify``)."""
-    from ..deploy.export import check_opset, export_onnx, file_opset
+    """Parity and structure of an artifact (``.onnx``, ``.ort``, ``.pte``, told by its bytes)
+    against a model file or checkpoint (``sugarize verify``): the original is exported the way
+    the file was (opset, dynamic dimensions, backend) and compared with it."""
+    from ..deploy.parity import verify
+    from ..deploy.targets import target_of_file
     from ..passes.strip import strip
-    from ..deploy.parity import _load_onnx, verify
 
-    proto = _load_onnx(onnx_path)
-    opset = file_opset(proto)
-    check_opset(opset, f"{Path(onnx_path).name} declares opset {opset}, which")
+    target = target_of_file(path)
+    target.check_available()
+    if runtime is not None and runtime not in target.runtimes:
+        raise InputError(f"--runtime {runtime} does not run {target.title} files; use "
+                         f"{' or '.join(target.runtimes)}")
+    target.check_file(path)
+    options = target.export_options_of(path)
     src = open_source(against, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
-    dynamic, sequence = _dynamic_dims(proto)
     reference = _reference(src)
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        ref = export_onnx(reference, Path(tmp) / "original.onnx", inputs, opset=opset,
-                          dynamic_batch=dynamic, dynamic_sequence=sequence)
-        return verify(onnx_path, reference, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
-                      rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if dynamic else None,
-                      runtime=runtime, allow_nonfinite=allow_nonfinite,
-                      sequence_lengths=_lengths(inputs) if sequence else None)
+        ref = target.export(reference, Path(tmp) / f"original{target.suffix}", inputs, options)
+        return verify(path, reference, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
+                      rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if options.dynamic_batch else None,
+                      runtime=runtime, allow_nonfinite=allow_nonfinite, target=target,
+                      sequence_lengths=_lengths(inputs) if options.dynamic_sequence else None)
 
 
 def audit_file(model: str, data: str, *, weights: str | None = None, split: str = "train",

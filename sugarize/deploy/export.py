@@ -7,7 +7,6 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,26 +17,13 @@ from ..errors import ExportError, InternalError
 from ..modes import eval_mode, without_kv_cache
 from ..files.fsutil import atomic_folder
 from ..passes.strip import count_sugar, has_sugar, strip
+from .artifact import ExportResult
 
 __all__ = ["export_onnx", "ExportResult", "onnx_op_types", "default_opset", "max_opset", "check_opset", "file_opset",
            "MIN_OPSET"]
 
 # The lowest opset sugarize exports and verifies (parity and structure tested from here up).
 MIN_OPSET = 13
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    opset: int
-    op_types: list[str]
-    inputs: list[str]
-    outputs: list[str]
-    stripped_sites: int
-    dynamic_batch: bool
-    notes: list[str] = field(default_factory=list)
-    dynamic_sequence: bool = False
-    external_data: Path | None = None  # the weights file beside the .onnx, when they are kept outside it
 
 
 def default_opset() -> int:
@@ -132,7 +118,7 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _interrupted(exc: BaseException) -> bool:
+def interrupted(exc: BaseException) -> bool:
     """Whether a KeyboardInterrupt is in ``exc``'s chain of causes."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -298,7 +284,7 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
                     )
                     program.save(str(tmp), external_data=external)
         except Exception as exc:
-            if _interrupted(exc):  # Ctrl-C inside torch.export, which wraps it: an interrupt, not a bad model
+            if interrupted(exc):  # Ctrl-C inside torch.export, which wraps it: an interrupt, not a bad model
                 raise KeyboardInterrupt from exc
             raise ExportError(_export_failure(exc)) from exc
         try:
@@ -320,6 +306,7 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
         notes=notes,
         dynamic_sequence=dynamic_sequence,
         external_data=Path(str(path) + ".data") if external else None,
+        companions=[Path(str(path) + ".data")] if external else [],
     )
 
 

@@ -1,4 +1,7 @@
-"""Parity: onnxruntime against the stripped and the original model in PyTorch, per output."""
+"""Parity: a deploy target's runtime against the stripped and the original model in PyTorch, per output.
+
+Written once over every target (``deploy/targets.py``): the target runs its artifact and
+describes it; the comparison, the tolerances and the non-finite rules are the same for all."""
 
 from __future__ import annotations
 
@@ -14,9 +17,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError, first_line
 from ..modes import eval_mode, without_kv_cache
-from .runtimes import _OPT_LEVELS, _Runner
 
-__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs"]
+__all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "graph_check"]
 
 
 @dataclass
@@ -50,7 +52,7 @@ class GraphCheck:
 
 @dataclass
 class ParityReport:
-    onnx_path: str
+    path: str
     runtime: str
     providers: list[str]
     optimization: str
@@ -62,6 +64,11 @@ class ParityReport:
     graph: GraphCheck | None
     notes: list[str] = field(default_factory=list)
     structure: Any = None  # a StructureReport when a reference export was compared
+    format: str = "onnx"
+
+    @property
+    def onnx_path(self) -> str:  # the name before the other targets came
+        return self.path
 
     @property
     def passed(self) -> bool:
@@ -102,20 +109,9 @@ class ParityReport:
 
 
 def _load_onnx(path):
-    import onnx
+    from .onnx_target import load_onnx
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"ONNX file {path} not found")
-    try:
-        # by path: the checker reads external data (model.onnx.data, what torch.onnx.export writes
-        # by default) beside the file, and takes models over protobuf's 2 GiB
-        onnx.checker.check_model(str(path), full_check=True)
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        msg = first_line(exc)
-        raise InputError(f"{path} is not a valid ONNX model ({msg}); export it again") from exc
-    return proto
+    return load_onnx(path)
 
 
 def compare_graphs(proto, reference_proto) -> GraphCheck:
@@ -123,12 +119,23 @@ def compare_graphs(proto, reference_proto) -> GraphCheck:
     ops = [n.op_type for n in proto.graph.node]
     ref = [n.op_type for n in reference_proto.graph.node]
     nonstd = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    from .structure import first_node_difference
+    from .artifact import first_node_difference
 
     def sigs(p):
         return [(n.op_type, n.domain or "ai.onnx", ()) for n in p.graph.node]
 
     first = first_node_difference(sigs(proto), sigs(reference_proto), "op type of node") or ""
+    return GraphCheck(ops == ref, not nonstd, ops, ref, nonstd, first)
+
+
+def graph_check(structure, reference, target) -> GraphCheck:
+    """Op types in order, and whether every node is one the target's stock runtime ships."""
+    from .artifact import first_node_difference
+
+    ops, ref = [n[0] for n in structure.nodes], [n[0] for n in reference.nodes]
+    nonstd = sorted({f"{n[1]}::{n[0]}" for n in structure.nodes if not target.standard(n)})
+    first = first_node_difference([(n[0], n[1], ()) for n in structure.nodes],
+                                  [(n[0], n[1], ()) for n in reference.nodes], "op type of node") or ""
     return GraphCheck(ops == ref, not nonstd, ops, ref, nonstd, first)
 
 
@@ -186,26 +193,31 @@ def verify(
     seed: int = 0,
     optimization: str = "all",
     batch_sizes: Sequence[int] | None = None,
-    runtime: str = "onnxruntime",
+    runtime: str | None = None,
     structure: bool = True,
     allow_nonfinite: bool = False,
     sequence_lengths: Sequence[int] | None = None,
+    target: Any = None,
 ) -> ParityReport:
-    """Runs the ONNX model in onnxruntime (CPU) and compares every output with PyTorch.
+    """Runs an artifact in its target's runtime and compares every output with PyTorch.
 
-    Each of ``batches`` seeded input batches (shaped like ``example_args``) goes through
-    onnxruntime, the ``stripped`` model (if given) and the ``original`` model in eval mode;
-    each output is judged elementwise by ``|ort - torch| <= atol + rtol * |torch|``, with
-    shape and dtype. With ``reference_onnx`` (the export of the original ReLU model) the op
-    types, in order, must be equal and every node must be in the standard domain, and (with
-    ``structure``) the two graphs must be structurally identical, before and after
-    onnxruntime's full optimisation (see ``sugarize.deploy.structure``).
+    The artifact is an ONNX file (onnxruntime, CPU, or OpenVINO), an ORT-format file
+    (onnxruntime) or an ExecuTorch program (``executorch.runtime``): ``target`` (a
+    ``deploy.targets`` entry or its name) or, by default, the kind of the file. Each of
+    ``batches`` seeded input batches (shaped like ``example_args``) goes through the runtime,
+    the ``stripped`` model (if given) and the ``original`` model in eval mode; each output is
+    judged elementwise by ``|runtime - torch| <= atol + rtol * |torch|``, with shape and dtype.
+    With ``reference_onnx`` (the original ReLU model's artifact, made the same way) the op
+    types, in order, must be equal and every node one the stock runtime ships, and (with
+    ``structure``) the two artifacts must be structurally identical (``artifact.compare_structures``:
+    for ONNX before and after onnxruntime's full optimisation; for ExecuTorch instruction by
+    instruction and delegate node by node; for the ORT format with the operator set).
 
     ``batch_sizes`` and ``sequence_lengths`` (for a file exported with a dynamic batch or
     sequence) reshape the inputs: every batch size with every length, the length on dimension 1
     of each token input (an integer tensor of two or more dimensions).
 
-    ``runtime="openvino"`` runs the file in OpenVINO's CPU plugin at explicit float32 (the
+    ``runtime="openvino"`` runs an ONNX file in OpenVINO's CPU plugin at explicit float32 (the
     verdict), and reports the plugin's default inference precision in ``notes``.
 
     Non-finite values: NaN or inf in an output on one side only is a mismatch; NaN or the
@@ -215,17 +227,25 @@ def verify(
         A ``ParityReport``; ``report.passed`` tells the verdict.
 
     Raises:
-        InputError: the ONNX file is missing or invalid, or inputs do not fit it.
+        InputError: the file is missing or invalid, or inputs do not fit it.
     """
-    proto = _load_onnx(onnx_path)
-    graph = compare_graphs(proto, _load_onnx(reference_onnx)) if reference_onnx is not None else None
-    shape_report = None
-    if reference_onnx is not None and structure:
-        from .structure import compare_structure
+    from .targets import get_target, target_of_file
 
-        shape_report = compare_structure(onnx_path, reference_onnx)
-    runner = _Runner(onnx_path, runtime, optimization, precision="f32" if runtime == "openvino" else None)
-    default_runner = _Runner(onnx_path, runtime, optimization) if runtime == "openvino" else None
+    target = get_target(target) if isinstance(target, str) else (target or target_of_file(onnx_path))
+    target.check_available()
+    target.check_file(onnx_path)
+    graph = shape_report = None
+    if reference_onnx is not None:
+        target.check_file(reference_onnx)
+        mine = target.describe(onnx_path, full=structure)
+        theirs = target.describe(reference_onnx, full=structure)
+        graph = graph_check(mine, theirs, target)
+        if structure:
+            from .artifact import compare_structures
+
+            shape_report = compare_structures(mine, theirs)
+    runner = target.runner(onnx_path, runtime=runtime, optimization=optimization)
+    default_runner = target.informative_runner(onnx_path, runtime)
     in_names, out_names = runner.inputs, runner.outputs
     example_args = tuple(example_args)
     if len(in_names) != len(example_args):
@@ -236,16 +256,15 @@ def verify(
     references = [("original", original)] + ([("stripped", stripped)] if stripped is not None else [])
     with eval_mode(original, stripped), without_kv_cache(original, stripped):  # both given back after
         results, runs, default_worst = _run_batches(runner, default_runner, references, example_args, batches, seed,
-                                                    batch_sizes, out_names, runtime, atol, rtol, allow_nonfinite,
-                                                    sequence_lengths)
+                                                    batch_sizes, out_names, runtime or target.runtimes[0], atol,
+                                                    rtol, allow_nonfinite, sequence_lengths)
     merged = _merge(results)
     notes = []
     if default_runner is not None:
         notes.append(f"{default_runner.version}: max abs {default_worst:.2e} vs the original "
                      "(informative; the verdict is judged at f32)")
-    return ParityReport(str(onnx_path), runner.version, runner.providers,
-                        _OPT_LEVELS[optimization] if runtime == "onnxruntime" else "openvino default",
-                        atol, rtol, runs, seed, merged, graph, notes, shape_report)
+    return ParityReport(str(onnx_path), runner.version, runner.providers, runner.optimization,
+                        atol, rtol, runs, seed, merged, graph, notes, shape_report, target.name)
 
 
 def _shaped(example_args: tuple, size: int | None, length: int | None) -> tuple:
@@ -288,8 +307,8 @@ def _run_batches(runner, default_runner, references, example_args, batches, seed
                     flat, _ = tree_flatten(module(*inputs))
                 flat = [t for t in flat if isinstance(t, torch.Tensor)]
                 if len(flat) != len(ort_outs):
-                    raise InputError(f"the ONNX model has {len(ort_outs)} outputs, the {ref_name} model {len(flat)}; "
-                                     "is it the export of this model?")
+                    raise InputError(f"the exported model has {len(ort_outs)} outputs, the {ref_name} model "
+                                     f"{len(flat)}; is it the export of this model?")
                 for name, o, t in zip(out_names, ort_outs, flat):
                     results.append(_compare(name, ref_name, o, t, atol, rtol, allow_nonfinite))
                 if default_outs is not None and ref_name == "original":

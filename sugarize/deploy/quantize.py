@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import DataFileError, ExportError, first_line
 from ..files.fsutil import atomic_path
 
-__all__ = ["quantize_int8", "onnx_accuracy", "Int8Report"]
+__all__ = ["quantize_int8", "onnx_accuracy", "runner_accuracy", "Int8Report", "qdq_count"]
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Int8Report:
     int8_accuracy: float | None
     qdq_nodes: int
     structure: Any = None  # StructureReport of the quantised file vs the quantised original
+    scheme: str = "QDQ"  # "QDQ" (onnxruntime) or "PT2E, XNNPACK quantizer" (ExecuTorch)
 
     @property
     def passed(self) -> bool:
@@ -47,10 +48,10 @@ class Int8Report:
                    f"{100 * self.int8_accuracy:.2f}% ({100 * (self.int8_accuracy - self.float_accuracy):+.2f} points)")
         same = ""
         if self.structure is not None:
-            same = ("; QDQ structure identical to the quantised original" if self.structure.passed
-                    else f"; QDQ structure DIFFERS from the quantised original: {self.structure.first_difference}")
-        return (f"int8 (QDQ, {self.calibration_batches} calibration batches): {self.path}, "
-                f"{self.qdq_nodes} Q/DQ nodes{acc}{same}")
+            same = ("; int8 structure identical to the quantised original" if self.structure.passed
+                    else f"; int8 structure DIFFERS from the quantised original: {self.structure.first_difference}")
+        return (f"int8 ({self.scheme}, {self.calibration_batches} calibration batches): {self.path}, "
+                f"{self.qdq_nodes} quantize/dequantize nodes{acc}{same}")
 
 
 class _Reader:
@@ -100,13 +101,17 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
 
 def onnx_accuracy(onnx_path, loader: Iterable) -> float | None:
     """Top-1 accuracy of a classifier ONNX file over ``(x, y)`` batches; None if not a classifier."""
-    from .runtimes import ort_session
+    from .runtimes import OrtRunner
 
-    sess = ort_session(onnx_path)
-    name = sess.get_inputs()[0].name
+    return runner_accuracy(OrtRunner(onnx_path), loader)
+
+
+def runner_accuracy(runner, loader: Iterable) -> float | None:
+    """Top-1 accuracy of a classifier artifact (any target's runner) over ``(x, y)`` batches;
+    None if not a classifier."""
     correct = total = 0
     for x, y in loader:
-        out = sess.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
+        out = runner.run([np.asarray(x, dtype=np.float32)])[0]
         y = np.asarray(y)
         if out.ndim != 2 or y.ndim != 1:
             return None

@@ -7,17 +7,21 @@ import torch
 
 from ..errors import ExportError, InputError, first_line
 
-__all__ = ["ort_session", "ort_latency", "ort_latencies"]
+__all__ = ["ort_session", "ort_latency", "ort_latencies", "onnx_runner", "OrtRunner", "OpenVinoRunner"]
 
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def ort_session(path, *, optimization: str = "all", optimized_path: str | None = None, threads: int | None = None):
-    """An onnxruntime CPU session with an explicit optimisation level."""
+def ort_session(path, *, optimization: str = "all", optimized_path: str | None = None, threads: int | None = None,
+                model_format: str | None = None):
+    """An onnxruntime CPU session with an explicit optimisation level; ``model_format="ORT"``
+    reads the file as the ORT format whatever its name."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if model_format:
+        opts.add_session_config_entry("session.load_model_format", model_format)
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
     opts.log_severity_level = 3
     if threads:
@@ -30,43 +34,56 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
         raise ExportError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
 
 
-class _Runner:
-    """One inference engine over an ONNX file: input/output names and ``run(list of arrays)``."""
+class OrtRunner:
+    """An ONNX or ORT-format file in onnxruntime's CPU provider at an explicit optimisation level."""
 
-    def __init__(self, path, runtime: str, optimization: str, precision: str | None = None):
-        self.runtime = runtime
-        if runtime == "onnxruntime":
-            import onnxruntime as ort
+    def __init__(self, path, optimization: str = "all", model_format: str | None = None):
+        import onnxruntime as ort
 
-            self.session = ort_session(path, optimization=optimization)
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.outputs = [o.name for o in self.session.get_outputs()]
-            self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
-        elif runtime == "openvino":
-            try:
-                import openvino as ov
-            except ImportError:
-                raise InputError("--runtime openvino needs the openvino extra: pip install 'sugarize[openvino]'") from None
-            core = ov.Core()
-            config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
-            try:
-                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-            except Exception as exc:
-                raise ExportError(f"OpenVINO cannot compile {path}: {first_line(exc)}") from exc
-            self.inputs = [i.get_any_name() for i in self.compiled.inputs]
-            self.outputs = [o.get_any_name() for o in self.compiled.outputs]
-            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-            hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-            self.version = f"openvino {ov.__version__.split('-')[0]} (CPU, inference precision {hint})"
-            self.providers = ["CPU"]
-        else:
-            raise InputError(f"runtime {runtime!r} is not one of onnxruntime, openvino")
+        self.session = ort_session(path, optimization=optimization, model_format=model_format)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
+        self.optimization = _OPT_LEVELS[optimization]
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        if self.runtime == "onnxruntime":
-            return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
+        return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
+
+
+class OpenVinoRunner:
+    """An ONNX file in OpenVINO's CPU plugin; ``precision`` None keeps the plugin's default."""
+
+    def __init__(self, path, precision: str | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise InputError("--runtime openvino needs the openvino extra: pip install 'sugarize[openvino]'") from None
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:
+            raise ExportError(f"OpenVINO cannot compile {path}: {first_line(exc)}") from exc
+        self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+        self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.version = f"openvino {ov.__version__.split('-')[0]} (CPU, inference precision {hint})"
+        self.providers = ["CPU"]
+        self.optimization = "openvino default"
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         res = self.compiled(arrays)
         return [np.asarray(res[o]) for o in self.compiled.outputs]
+
+
+def onnx_runner(path, runtime: str = "onnxruntime", optimization: str = "all", precision: str | None = None):
+    """A runner for an ONNX file: ``onnxruntime`` (CPU provider) or ``openvino`` (CPU plugin)."""
+    if runtime == "onnxruntime":
+        return OrtRunner(path, optimization)
+    if runtime == "openvino":
+        return OpenVinoRunner(path, precision)
+    raise InputError(f"runtime {runtime!r} is not one of onnxruntime, openvino")
 
 
 def ort_latency(path, x: torch.Tensor, *, repeats: int = 200, warmup: int = 20, threads: int = 1) -> float:

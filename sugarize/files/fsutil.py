@@ -10,7 +10,8 @@ from typing import Iterator
 
 from ..errors import OutputPathError
 
-__all__ = ["atomic_path", "atomic_folder", "check_writable", "check_not_input", "remove_stale_temps"]
+__all__ = ["atomic_path", "atomic_folder", "check_writable", "check_not_input", "check_output", "check_outputs",
+           "remove_stale_temps"]
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -62,6 +63,26 @@ def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None, forc
     (``check_not_input``, even with ``force``), and writable (``check_writable``)."""
     check_not_input(out, *inputs)
     return check_writable(out, force=force)
+
+
+def check_outputs(outs, *inputs: str | os.PathLike | None, force: bool) -> list[Path]:
+    """``check_output`` for every file a command writes (its main output, companions, plots):
+    pairwise distinct (one would replace another), none an input, each writable.
+
+    Raises:
+        OutputPathError: naming the two outputs that are one file, or the output at fault.
+    """
+    paths = [Path(str(o)) for o in outs if o is not None]
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = Path(os.path.abspath(p.parent)).resolve() / p.name
+        if key in seen:
+            raise OutputPathError(f"{seen[key]} and {p} are the same file, and this command writes both; give "
+                                  "them different names")
+        seen[key] = p
+    for p in paths:
+        check_output(p, *inputs, force=force)
+    return paths
 
 
 TEMP_MARK = ".sugarize-"  # temporary files: .<target name>.sugarize-<pid>-<random>.tmp
@@ -153,9 +174,11 @@ def _place(tmp: Path, path: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str, ...] = (),
+                  companion_files: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yields a private temporary folder beside ``path``: write ``folder / path.name`` there, and any
-    companion file named ``path.name + suffix`` (an ONNX file's ``.data``). When the block
+    companion file named ``path.name + suffix`` (an ONNX file's ``.data``) or named in
+    ``companion_files`` (an ORT file's ``model.required_operators.config``). When the block
     succeeds, the companions that were written, then the file, take their places by the rules of
     ``atomic_path``; a companion placed before a failure is removed again, so the pair is both
     files or neither. The folder is removed on every exit path (one left by a kill -9, by the
@@ -164,6 +187,7 @@ def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str
 
     path = check_writable(path, force=force)
     companion_paths = [path.with_name(path.name + suffix) for suffix in companions]
+    companion_paths += [path.with_name(name) for name in companion_files]
     for c in companion_paths:
         check_writable(c, force=force)
     tmp = Path(_temp_beside(path, tempfile.mkdtemp))

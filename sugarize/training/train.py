@@ -31,6 +31,15 @@ class DataSpec:
     loss_fn: Callable
     path: Path | None = None
 
+    def batches(self, split: str = "train"):
+        """The ``(x, y)`` batches of ``train_loader()`` or ``val_loader()``, checked as they come
+        (the file's folder importable while its loader runs)."""
+        make = self.train_loader if split == "train" else self.val_loader
+        if make is None:
+            raise DataFileError(f"{self.path.name if self.path else 'the data file'} has no val_loader(); "
+                                "use --split train")
+        return _batches(_loader(make, f"{split}_loader", self.path), f"{split}_loader()")
+
 
 def load_data(path) -> DataSpec:
     """Loads a data file (``train_loader()``, optional ``val_loader()`` and ``loss_fn``).
