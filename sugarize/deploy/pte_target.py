@@ -42,9 +42,12 @@ def check_executorch() -> None:
     """Raises InputError with the install line when executorch is missing."""
     import importlib.util
 
-    with _quiet():  # finding the submodule imports the package, which imports torchao
-        found = importlib.util.find_spec("executorch") is not None and \
-            importlib.util.find_spec("executorch.runtime") is not None
+    try:
+        with _quiet():  # finding the submodule imports the package, which imports torchao
+            found = importlib.util.find_spec("executorch") is not None and \
+                importlib.util.find_spec("executorch.runtime") is not None
+    except ImportError:  # a broken or partial install
+        found = False
     if not found:
         raise InputError(f"--format pte needs ExecuTorch: {INSTALL}")
 

@@ -48,8 +48,9 @@ class Int8Report:
                    f"{100 * self.int8_accuracy:.2f}% ({100 * (self.int8_accuracy - self.float_accuracy):+.2f} points)")
         same = ""
         if self.structure is not None:
-            same = ("; int8 structure identical to the quantised original" if self.structure.passed
-                    else f"; int8 structure DIFFERS from the quantised original: {self.structure.first_difference}")
+            what = "QDQ structure" if self.scheme == "QDQ" else "int8 program structure"
+            same = (f"; {what} identical to the quantised original" if self.structure.passed
+                    else f"; {what} DIFFERS from the quantised original: {self.structure.first_difference}")
         return (f"int8 ({self.scheme}, {self.calibration_batches} calibration batches): {self.path}, "
                 f"{self.qdq_nodes} quantize/dequantize nodes{acc}{same}")
 

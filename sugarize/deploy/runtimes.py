@@ -37,10 +37,10 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
 class OrtRunner:
     """An ONNX or ORT-format file in onnxruntime's CPU provider at an explicit optimisation level."""
 
-    def __init__(self, path, optimization: str = "all", model_format: str | None = None):
+    def __init__(self, path, optimization: str = "all", model_format: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
-        self.session = ort_session(path, optimization=optimization, model_format=model_format)
+        self.session = ort_session(path, optimization=optimization, model_format=model_format, threads=threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
