@@ -103,12 +103,24 @@ def describe_node(sig: Node | None) -> str:
     return f"{d}{op}({shown})" if shown else f"{d}{op}"
 
 
+def _only_differing(x: Node, y: Node) -> tuple[Node, Node]:
+    """Two nodes of one op with only the attributes in which they differ (a missing one as
+    ``<none>``): the line names what changed, not forty equal fields."""
+    ax, ay = dict(x[2]), dict(y[2])
+    keys = sorted(k for k in set(ax) | set(ay) if ax.get(k, "<none>") != ay.get(k, "<none>"))
+    return ((x[0], x[1], tuple((k, ax.get(k, "<none>")) for k in keys)),
+            (y[0], y[1], tuple((k, ay.get(k, "<none>")) for k in keys)))
+
+
 def first_node_difference(a: Sequence[Node], b: Sequence[Node], what: str) -> str | None:
-    """Where two lists of node signatures first differ, described; None if they are equal."""
+    """Where two lists of node signatures first differ, described; None if they are equal.
+    Nodes of the same op show only the attributes that differ."""
     for i in range(max(len(a), len(b))):
         x = a[i] if i < len(a) else None
         y = b[i] if i < len(b) else None
         if x != y:
+            if x is not None and y is not None and x[:2] == y[:2] and len(x[2]) + len(y[2]) > 6:
+                x, y = _only_differing(x, y)
             return f"{what} node {i}: {describe_node(x)} (reference: {describe_node(y)})"
     return None
 
