@@ -11,8 +11,18 @@ Imports are lazy: ``import sugarize`` does not import torch, onnx or onnxruntime
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import os as _os
+import sys as _sys
+
+# ``python -m sugarize`` puts the current folder first on sys.path before this package runs: a
+# typing.py or ast.py there would stand in for the standard library's. While the package is
+# being located for -m, argv[0] is "-m": the folder comes off the path before any import
+# (``__main__`` says why; os and sys are loaded before any user file can be found).
+if _sys.argv[:1] == ["-m"] and _sys.path and _sys.path[0] in ("", _os.getcwd()):
+    _sys.path.pop(0)
+
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 

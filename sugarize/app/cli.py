@@ -171,7 +171,18 @@ def _run_command(fn: Callable, args, kwargs):
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
-    except Exception as exc:  # a bug in sugarize: still one line unless --debug
+    except BaseException as exc:  # the user's code (anything it raises, SystemExit too), else a bug of ours
+        from ..files.usercode import blame
+
+        failure = blame(exc)
+        if failure is None and not isinstance(exc, Exception):
+            raise
+        if failure is not None:
+            err.print(f"[bold red]error:[/] {escape(' '.join(failure.message().split()))}", highlight=False,
+                      soft_wrap=True)
+            if _state["debug"]:
+                _traceback()
+            raise typer.Exit(2) from None
         msg = " ".join(str(exc).split())
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(msg)} (rerun with --debug and report it)",
                   highlight=False, soft_wrap=True)
@@ -213,7 +224,8 @@ def _sites_table(report) -> Table:
     colors = {"converted": "green", "sugar": "green", "convertible": "cyan", "skipped": "yellow", "stripped": "blue"}
     for i, s in enumerate(report.sites):
         c = colors.get(s.status, "white")
-        table.add_row(str(i), s.path or "<model>", s.spelling, f"[{c}]{s.status}[/]", s.surrogate, s.reason)
+        table.add_row(str(i), escape(s.path or "<model>"), escape(s.spelling), f"[{c}]{s.status}[/]",
+                      escape(s.surrogate or ""), escape(s.reason or ""))
     return table
 
 
@@ -222,7 +234,7 @@ def _parity_table(report) -> Table:
                    "output", "vs", "shape", "dtype", "max abs", "max rel", "mismatched", "ok")
     for o in report.outputs:
         ok = "[green]yes[/]" if o.passed else "[red]NO[/]"
-        table.add_row(o.name, o.reference, "x".join(map(str, o.shape)), o.dtype, f"{o.max_abs:.2e}",
+        table.add_row(escape(o.name), o.reference, "x".join(map(str, o.shape)), o.dtype, f"{o.max_abs:.2e}",
                       f"{o.max_rel:.2e}", str(o.mismatched), ok)
     return table
 
@@ -250,6 +262,8 @@ def _plot_path(value: Optional[Path]) -> Optional[Path]:
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 SEED_MAX = 2**63 - 1  # what torch.manual_seed and every generator take
+# Sane upper bounds for counts (2**64 epochs is a typo, not a plan): far above any real run.
+MAX_EPOCHS, MAX_STEPS, MAX_BATCHES = 100_000, 10**9, 100_000
 
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:
@@ -334,14 +348,15 @@ def convert_cmd(
             raise ParameterError(f"--config {config.name} holds the conversion options; drop {', '.join(given)} "
                                  "or edit the file")
         cfg = read_config_file(str(config))
-    res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force)
+    res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force,
+                       config_file=str(config) if config is not None else None)
     if as_json:
         return _emit_json({"checkpoint": str(res.path), "config": cfg.to_dict(), "report": res.report.to_dict()})
     out.print(_sites_table(res.report))
     out.print(res.report.summary())
     if any(s.forward_changed for s in res.report.converted):
         out.print("[yellow]note:[/] relufied sites compute ReLU instead of their activation: fine-tune before use")
-    out.print(f"wrote {res.path} (surrogate {cfg.surrogate} {dict(cfg.params)})")
+    out.print(escape(f"wrote {res.path} (surrogate {cfg.surrogate} {dict(cfg.params)})"))
 
 
 @app.command("export")
@@ -369,13 +384,13 @@ def export_cmd(
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = _tol_option("--atol"),
     rtol: float = _tol_option("--rtol"),
-    batches: int = typer.Option(3, "--batches", min=1),
+    batches: int = typer.Option(3, "--batches", min=1, max=MAX_BATCHES, help=f"Seeded parity batches, 1 to {MAX_BATCHES}."),
     seed: int = _seed_option(),
     allow_nonfinite: bool = ALLOW_NONFINITE,
     int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx (static QDQ) or OUTPUT.int8.pte "
                               "(PT2E, XNNPACK quantizer), checked against the quantised original."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
-    calibration_batches: int = typer.Option(32, "--calibration-batches", min=1),
+    calibration_batches: int = typer.Option(32, "--calibration-batches", min=1, max=MAX_BATCHES),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -409,9 +424,9 @@ def export_cmd(
             what += f", {len(e.op_types)} nodes"
         out.print(escape(f"{did} {e.path}{also} ({what}, {e.stripped_sites} SUGAR sites stripped)"))
         out.print(_parity_table(res.parity))
-        out.print(res.parity.summary())
+        out.print(escape(res.parity.summary()))
         if res.int8:
-            out.print(res.int8.summary())
+            out.print(escape(res.int8.summary()))
     if not res.parity.passed:
         raise ParityError(f"parity or structure check failed: {res.export.path} was not written "
                           "(any previous file is untouched)")
@@ -430,7 +445,7 @@ def verify_cmd(
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = _tol_option("--atol"),
     rtol: float = _tol_option("--rtol"),
-    batches: int = typer.Option(3, "--batches", min=1),
+    batches: int = typer.Option(3, "--batches", min=1, max=MAX_BATCHES, help=f"Seeded parity batches, 1 to {MAX_BATCHES}."),
     seed: int = _seed_option(),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="ONNX files: onnxruntime (default) or openvino "
                                           "(the openvino extra); .ort: onnxruntime; .pte: executorch."),
@@ -450,8 +465,8 @@ def verify_cmd(
         if report.graph is not None and not report.graph.standard_domain_only:
             out.print(f"[red]non-standard ops:[/] {', '.join(report.graph.nonstandard)}")
         for note in report.notes:
-            out.print(f"note: {note}")
-        out.print(report.summary())
+            out.print(escape(f"note: {note}"))
+        out.print(escape(report.summary()))
     if not report.passed:
         raise ParityError(f"{onnx_file.name} failed the parity or structure check (table above)")
 
@@ -497,7 +512,7 @@ def surrogates_cmd(
     out.print("The default (--save-precision full) is exact. Compressed modes: worst absolute gradient error per "
               "unit upstream gradient, and (in brackets) on x <= 0 as a share of the largest |s'(x)| there.")
     if plot is not None:
-        out.print(f"wrote {plot}")
+        out.print(escape(f"wrote {plot}"))
 
 
 @app.command("audit")
@@ -532,7 +547,7 @@ def audit_cmd(
                   f"{100 * report.sparsity:.1f}")
     out.print(table)
     if plot:
-        out.print(f"wrote {plot}")
+        out.print(escape(f"wrote {plot}"))
 
 
 @app.command("finetune")
@@ -541,7 +556,7 @@ def finetune_cmd(
     checkpoint: Path = typer.Argument(..., help="A SUGAR checkpoint from `sugarize convert`."),
     data: Path = DATA_FILE,
     output: Path = typer.Option(..., "--output", "-o", help="Weights to write (.safetensors)."),
-    epochs: int = typer.Option(1, "--epochs", min=1),
+    epochs: int = typer.Option(1, "--epochs", min=1, max=MAX_EPOCHS),
     lr: float = typer.Option(1e-3, "--lr"),
     optimizer: str = OPTIMIZER,
     seed: int = _seed_option(),
@@ -579,9 +594,9 @@ def finetune_cmd(
     if as_json:
         return _emit_json({"weights": str(output), "history": [asdict(h) for h in history],
                            "plot": str(plot) if plot else None})
-    out.print(f"wrote {output}")
+    out.print(escape(f"wrote {output}"))
     if plot:
-        out.print(f"wrote {plot}")
+        out.print(escape(f"wrote {plot}"))
 
 
 @app.command("sweep")
@@ -595,8 +610,9 @@ def sweep_cmd(
              "all, registry, grid, negative. Default: all (the registry, B-SiLU and NeLU alpha grids, "
              "negative-only). ReLU, the baseline, always runs."),
     seeds: int = typer.Option(3, "--seeds", min=1, max=100, help="Fine-tunes per candidate (3 or more for a verdict)."),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="Epochs per fine-tune."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per fine-tune (instead of --epochs)."),
+    epochs: int = typer.Option(1, "--epochs", min=1, max=MAX_EPOCHS, help="Epochs per fine-tune."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=MAX_STEPS,
+                                        help="Optimizer steps per fine-tune (instead of --epochs)."),
     lr: float = typer.Option(1e-3, "--lr"),
     optimizer: str = OPTIMIZER,
     relufy: Optional[str] = typer.Option(None, "--relufy", help="Also sweep these as ReLU + SUGAR: gelu,silu "
@@ -660,14 +676,14 @@ def sweep_cmd(
               f"({result.dead_units_start} of {result.units})")
     out.print(table)
     for note in result.notes:
-        out.print(f"note: {note}")
+        out.print(escape(f"note: {note}"))
     out.print(result.advice)
     if wrote:
-        out.print(f"wrote {output}: convert with\n  sugarize convert {model} --config {output} -o model.sugar.safetensors")
+        out.print(escape(f"wrote {output}: convert with\n  sugarize convert {model} --config {output} -o model.sugar.safetensors"))
     else:
         out.print("no config written")
     if plot:
-        out.print(f"wrote {plot}")
+        out.print(escape(f"wrote {plot}"))
     out.print(f"done in {time.perf_counter() - started:.0f} s")
 
 
@@ -675,11 +691,12 @@ def sweep_cmd(
 @command
 def demo_cmd(
     out_dir: Path = typer.Option(Path("sugarize-demo"), "--out", help="Folder for the plot and ONNX files."),
-    seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per variant."),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Fine-tuning epochs per variant (case 1)."),
+    seeds: int = typer.Option(5, "--seeds", min=1, max=100, help="Seeds per variant."),
+    epochs: int = typer.Option(15, "--epochs", min=1, max=MAX_EPOCHS, help="Fine-tuning epochs per variant (case 1)."),
     dead_case: bool = typer.Option(True, "--dead-case/--no-dead-case", help="Also run case 2, a mostly dead model."),
     quick: bool = typer.Option(False, "--quick", help="One seed, a few epochs: the whole pipeline in seconds "
                                                       "(its figures are not the demo's)."),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier demo in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ):
     """ReLU vs SUGAR (B-SiLU, NeLU) vs LeakyReLU and GELU on the bundled digits, then the export proof."""
@@ -690,7 +707,7 @@ def demo_cmd(
     cfg = dataclasses.replace(DemoConfig(), seeds=tuple(range(seeds)), epochs=epochs, dead_case=dead_case)
     if quick:
         cfg = dataclasses.replace(cfg, seeds=(0,), pretrain_epochs=2, epochs=2, dead_epochs=2)
-    _demo_folder(out_dir)
+    _demo_folder(out_dir, force=force)
     with err.status("training...") as status:
         result = run_demo(cfg, out_dir=out_dir, progress=lambda s: status.update(s))
     plot = None
@@ -729,7 +746,7 @@ def demo_cmd(
                   "dead under ReLU; SUGAR's surrogate derivative reaches below zero and can bring it back. "
                   "In a model that trained normally, the effect is small.")
     if ex:
-        out.print(f"best SUGAR model: {ex['variant']} (seed {ex['seed']}) -> strip -> {ex['path']}")
+        out.print(escape(f"best SUGAR model: {ex['variant']} (seed {ex['seed']}) -> strip -> {ex['path']}"))
         out.print(f"ONNX op types: {' '.join(ex['op_types'])}")
         same = "identical to" if ex["op_types"] == ex["relu_op_types"] else "DIFFERENT from"
         out.print(f"  {same} the ReLU model's export")
@@ -737,15 +754,18 @@ def demo_cmd(
         out.print(f"onnxruntime latency (batch 32, 1 thread, median): stripped SUGAR {ex['latency_stripped_ms']:.3f} ms, "
                   f"ReLU model {ex['latency_relu_ms']:.3f} ms")
     if plot:
-        out.print(f"wrote {plot}")
+        out.print(escape(f"wrote {plot}"))
     out.print(f"done in {result.seconds:.0f} s")
 
 
-def _demo_folder(out_dir: Path) -> None:
-    """The demo's --out folder, made if needed, checked writable before any training."""
+def _demo_folder(out_dir: Path, *, force: bool) -> None:
+    """The demo's --out folder, made if needed, checked writable before any training; files of an
+    earlier demo there are replaced only with --force."""
     import os
 
     from ..errors import OutputPathError
+    from ..files.fsutil import check_outputs
+    from .demo import DEMO_FILES
 
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"--out {out_dir} is a file; the demo writes a folder of files: give a folder")
@@ -756,6 +776,7 @@ def _demo_folder(out_dir: Path) -> None:
                               "give --out a folder you can write") from None
     if not os.access(out_dir, os.W_OK):
         raise OutputPathError(f"folder {out_dir} is not writable; give --out a folder you can write")
+    check_outputs([out_dir / name for name in DEMO_FILES], force=force)
 
 
 def _demo_table(rows, seeds: int) -> Table:

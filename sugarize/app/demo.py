@@ -34,7 +34,10 @@ from ..errors import DivergenceError
 from ..options import DEFAULT_SAVE
 from ..training.train import DataSpec, evaluate, finetune, seed_everything
 
-__all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS"]
+__all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS", "DEMO_FILES"]
+
+# What the demo writes in its --out folder.
+DEMO_FILES = ("demo.png", "sugar_stripped.onnx", "relu_original.onnx")
 
 
 class DeepMLP(nn.Module):

@@ -93,13 +93,14 @@ class ConvertOutcome:
 
 
 def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Sequence[str] | None = None,
-                 force: bool = False) -> ConvertOutcome:
-    """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``)."""
+                 force: bool = False, config_file: str | None = None) -> ConvertOutcome:
+    """Converts a model file and writes a SUGAR checkpoint (``sugarize convert``); ``config_file``
+    (the JSON ``config`` was read from) is an input, never the output."""
     from ..files.fsutil import check_output
     from ..files.inputs import input_specs
     from ..passes.rewrite import sugarize
 
-    check_output(out, model, force=force)
+    check_output(out, model, config_file, force=force)
     loaded = load_model(model)
     inputs = None
     if input_shapes or loaded.example_inputs is not None:
@@ -469,12 +470,11 @@ def sweep_file(model: str, data: str, *, candidates: str | None = None, seeds: i
     unless ``config`` is given.
     """
     from ..files.checkpoint import read_recipe
-    from ..files.fsutil import atomic_path, check_output
+    from ..files.fsutil import atomic_path, check_outputs
     from ..training.sweep import parse_candidates, sweep
     from ..training.train import load_data
 
-    if output:
-        check_output(output, model, data, model_file, force=force)
+    check_outputs([output, plot], model, data, model_file, force=force)  # pairwise distinct, none an input
     if plot:
         _check_plot(plot, model, data, model_file, force=force)
     cands = parse_candidates(candidates) if candidates else None  # a bad spec fails before anything runs

@@ -132,7 +132,7 @@ def export_ort(model, path: str | os.PathLike, example_args: Sequence[Any], *, o
     path = Path(path)
     config = required_operators_path(path)
     with atomic_folder(path, force=force, companion_files=(config.name,)) as folder:
-        work = folder / "onnx"
+        work = folder / ".onnx-export"  # a name no output takes: it stays in the temporary folder
         work.mkdir()
         onnx_res = export_onnx(model, work / (path.stem + ".onnx"), example_args, opset=opset,
                                dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, external_data=False)

@@ -47,6 +47,9 @@ def save_checkpoint(sm: nn.Module, path, *, loaded: LoadedModel, inputs: tuple |
             "relpath": os.path.relpath(loaded.path, path.resolve().parent),
             "name": loaded.name,
             "sha256": loaded.sha256,
+            # every file of the model's folder its code imported (relative path -> sha256): checked
+            # before anything runs, and each runs from the bytes that were hashed
+            "closure": dict(sorted(loaded.closure.items())),
         },
         "inputs": input_specs(inputs) if inputs else None,
         "config": info["config"],
@@ -68,6 +71,9 @@ def read_recipe(path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
+    from .fsutil import regular_file
+
+    regular_file(path, "checkpoint", CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -139,6 +145,15 @@ def validate_recipe(recipe: Any, path) -> None:
         raise bad("model.name", f"must be a Python identifier, not {model['name']!r}")
     if len(model["sha256"]) != 64 or not set(model["sha256"]) <= _HEX:
         raise bad("model.sha256", "must be 64 lowercase hex digits")
+    closure = model.get("closure", {})
+    if not isinstance(closure, dict):
+        raise bad("model.closure", f"must be an object, not {type(closure).__name__}")
+    for rel, digest in closure.items():
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or not rel.endswith(".py"):
+            raise bad("model.closure", f"names {rel!r}: each key is a .py file's path inside the model's folder")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise bad("model.closure", f"{rel!r} must map to 64 lowercase hex digits")
     inputs = recipe.get("inputs")
     if "inputs" not in recipe:
         raise bad("inputs", "is missing (null when none were recorded)")
@@ -217,6 +232,11 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
 
     path = Path(path)
     rec = recipe["model"]
+    if model is not None and trust_recipe:
+        from ..errors import InputError
+
+        raise InputError("--model and --trust-recipe were both given: --model runs the file you name, "
+                         "--trust-recipe the file the recipe names; give one")
     if model is None and not trust_recipe:
         raise CheckpointError(
             f"{path.name} was made from {rec['path']}:{rec['name']}; opening it runs that file, and sugarize runs "
@@ -231,9 +251,8 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
                 f"the model file of {path.name} ({rec['path']}) is gone; pass --model path/to/model.py"
             )
         name = rec["name"]
-    else:
+    else:  # without :NAME, the default discovery picks the function (load_model checks it is the recipe's)
         file, name = _split_spec(str(model))
-        name = name or rec["name"]
         if not file.is_file():
             raise CheckpointError(f"model file {file} not found; give the file {path.name} was made from")
     digest = _sha256(file)
@@ -243,7 +262,10 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
             f"recipe's {rec['sha256'][:12]}... (it changed since `sugarize convert`); nothing was run: convert "
             f"it again (sugarize convert {file} -o NEW.safetensors) or give the original file"
         )
-    return f"{file}:{name}"
+    from .modelfile import check_closure
+
+    check_closure(file.resolve().parent, rec.get("closure", {}), file.name)
+    return f"{file}:{name}" if name else str(file)
 
 
 def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = False) -> LoadedCheckpoint:
@@ -259,7 +281,8 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
     recipe = read_recipe(path)
     # the hash is checked again on the very bytes that run (a file swapped after the first check is refused)
     spec = model_file_of(path, recipe, model=model, trust_recipe=trust_recipe)
-    loaded = load_model(spec, expect_sha256=recipe["model"]["sha256"])
+    loaded = load_model(spec, expect_sha256=recipe["model"]["sha256"], expect_closure=recipe["model"].get("closure", {}),
+                        expect_name=recipe["model"]["name"])
     state = load_weights(path)
     load_state_into(loaded.model, state, f"checkpoint {path.name}")
     sm = convert(loaded.model, config=SugarConfig.from_dict(recipe["config"]))
@@ -272,7 +295,7 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
 
         from ..errors import SugarizeNote
 
-        how = "--trust-recipe" if model is None else "its sha256 matched"
+        how = "--trust-recipe" if model is None else "the default discovery picked it"
         # a note every command shows (the CLI prints sugarize's warnings), not only those that print notes
         warnings.warn(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); pass --model "
                       f"{loaded.path.name}:NAME to call another", SugarizeNote, stacklevel=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +12,33 @@ from typing import Iterator
 from ..errors import OutputPathError
 
 __all__ = ["atomic_path", "atomic_folder", "check_writable", "check_not_input", "check_output", "check_outputs",
-           "remove_stale_temps"]
+           "remove_stale_temps", "regular_file"]
+
+
+def regular_file(path: str | os.PathLike, what: str, error=None) -> Path:
+    """``path`` if it is a regular file (symlinks followed); else ``error`` (an InputError kind)
+    saying so: a FIFO, a device or a folder would block a read forever or read garbage.
+
+    Raises:
+        InputError (or ``error``): missing, or not a regular file.
+    """
+    import stat
+
+    from ..errors import InputError
+
+    error = error or InputError
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device or socket"
+        raise error(f"{what} {path} is {kind}, not a regular file; give the file itself")
+    return path
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -23,6 +50,9 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     path = Path(path)
     if path.is_dir():  # before "exists": --force would not help
         raise OutputPathError(f"{path} is a folder; give a file name (such as {path / 'model.onnx'})")
+    if path.is_symlink() and not path.exists() and not force:
+        raise OutputPathError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; remove the "
+                              "link, give another -o, or pass --force to replace the link")
     if path.exists() and not force:
         raise OutputPathError(f"{path} already exists; pass --force to replace it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -85,7 +115,12 @@ def check_outputs(outs, *inputs: str | os.PathLike | None, force: bool) -> list[
     return paths
 
 
-TEMP_MARK = ".sugarize-"  # temporary files: .<target name>.sugarize-<pid>-<random>.tmp
+TEMP_MARK = ".sugarize-"  # temporary folders: .<target name>.sugarize-<pid>-<random>.tmp
+# Inside each temporary folder of ours, written before the folder gets its name: the cleanup of
+# stale temporaries removes only folders that hold this file with this text, never a user's file
+# or folder that merely matches the name pattern.
+TEMP_OWNER = "SUGARIZE-TEMPORARY"
+TEMP_OWNER_TEXT = b"sugarize: a temporary folder of one write, removed when it ends or by the next write here\n"
 
 
 def _alive(pid: int) -> bool:
@@ -98,19 +133,69 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ours(tmp: Path) -> bool:
+    """A folder sugarize made: named by the pattern, a real folder, holding ``TEMP_OWNER`` with its text."""
+    owner = tmp / TEMP_OWNER
+    try:
+        return (tmp.is_dir() and not tmp.is_symlink() and owner.is_file() and not owner.is_symlink()
+                and owner.stat().st_size == len(TEMP_OWNER_TEXT) and owner.read_bytes() == TEMP_OWNER_TEXT)
+    except OSError:
+        return False
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Removes temporary files of ours left in ``folder`` by a process that no longer runs
-    (a kill -9, a power cut); returns what was removed."""
+    """Removes temporary folders of ours left in ``folder`` by a process that no longer runs
+    (a kill -9, a power cut); returns what was removed. Only folders sugarize made (``_ours``):
+    a file or folder of the user's that matches the name pattern is left alone."""
     import shutil
 
     removed = []
     for tmp in Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
         pid = tmp.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
-                removed.append(tmp)
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and _ours(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
     return removed
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_FULL_TEXTS = {"No space left on device": "the disk is full", "Disk quota exceeded": "the disk quota is used up",
+               "Read-only file system": "the file system is read-only"}
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """Why the disk refused a write (full, over quota, read-only), if that is what ``exc`` (or an
+    exception it chains) says; safetensors and onnx report it in their own exception types."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return _FULL_TEXTS.get(os.strerror(e.errno), os.strerror(e.errno))
+        text = str(e)
+        for key, why in _FULL_TEXTS.items():
+            if key in text:
+                return why
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors(path: Path) -> Iterator[None]:
+    """A write the disk refused is the environment's: ``OutputPathError`` naming the folder."""
+    try:
+        yield
+    except OutputPathError:
+        raise
+    except Exception as exc:
+        why = _storage_failure(exc)
+        if why is None:
+            raise
+        folder = path.parent if str(path.parent) else Path(".")
+        while TEMP_MARK in folder.name and folder.parent != folder:  # a write nested in one of our temp folders
+            folder = folder.parent
+        raise OutputPathError(f"cannot write {path.name}: {why} in folder {folder} (nothing was written); free "
+                              "space there or choose another -o") from None
 
 
 def _umask() -> int:
@@ -131,26 +216,39 @@ def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     - With ``force`` an existing file is replaced atomically, and only by a complete file.
     - The result gets the mode a plain ``open()`` would give (0o666 less the umask).
     """
+    import shutil
+
     path = check_writable(path, force=force)
-    fd, tmp = _temp_beside(path, tempfile.mkstemp)
-    os.close(fd)
-    tmp = Path(tmp)
+    folder = _temp_beside(path)
+    tmp = folder / path.name
     try:
-        yield tmp
-        _place(tmp, path, force)
+        with _storage_errors(path):
+            tmp.touch()
+            yield tmp
+            _place(tmp, path, force)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _temp_beside(path: Path, make):
-    """``make(prefix=, suffix=, dir=)`` (mkstemp or mkdtemp) of one of our temporary names beside
-    ``path``, stale ones of dead processes removed first; a folder that takes no files is the user's."""
+def _temp_beside(path: Path) -> Path:
+    """A private temporary folder of ours beside ``path`` (``.<name>.sugarize-<pid>-<random>.tmp``,
+    holding ``TEMP_OWNER``), stale ones of dead processes removed first; a folder that takes no
+    files is the user's. The folder is made under another name and renamed once it holds its
+    owner file, so a kill at any moment leaves nothing the cleanup could mistake."""
     folder = path.parent if str(path.parent) else Path(".")
+    stem = path.name[:64]  # the name's head: a legal 255-byte target name keeps its temporary legal too
     try:
         remove_stale_temps(folder)
-        return make(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
+        staging = Path(tempfile.mkdtemp(prefix=f".{stem}{TEMP_MARK}{os.getpid()}-", suffix=".new", dir=folder))
+        (staging / TEMP_OWNER).write_bytes(TEMP_OWNER_TEXT)
+        final = staging.with_name(staging.name[:-len(".new")] + ".tmp")
+        os.rename(staging, final)
+        return final
     except OSError as exc:  # /proc, /sys, a read-only mount: the folder takes no new files
+        why = _storage_failure(exc)
+        if why:
+            raise OutputPathError(f"cannot write {path.name}: {why} in folder {folder}; free space there or "
+                                  "choose another -o") from None
         raise OutputPathError(f"cannot write {path}: folder {folder} does not take new files "
                               f"({exc.strerror or type(exc).__name__}); choose another -o") from exc
 
@@ -190,16 +288,17 @@ def atomic_folder(path: str | os.PathLike, *, force: bool, companions: tuple[str
     companion_paths += [path.with_name(name) for name in companion_files]
     for c in companion_paths:
         check_writable(c, force=force)
-    tmp = Path(_temp_beside(path, tempfile.mkdtemp))
+    tmp = _temp_beside(path)
     placed: list[Path] = []
     try:
-        yield tmp
-        for c in companion_paths:
-            written = tmp / c.name
-            if written.exists():
-                _place(written, c, force)
-                placed.append(c)
-        _place(tmp / path.name, path, force)
+        with _storage_errors(path):
+            yield tmp
+            for c in companion_paths:
+                written = tmp / c.name
+                if written.exists():
+                    _place(written, c, force)
+                    placed.append(c)
+            _place(tmp / path.name, path, force)
         placed = []
     finally:
         for c in placed:  # the file itself did not take its place: neither does its companion

@@ -30,6 +30,8 @@ class LoadedModel:
     example_inputs: tuple | None
     sha256: str
     module: Any = field(repr=False, default=None)
+    # the files of the model's folder its code imported: relative path -> sha256 of what ran
+    closure: dict[str, str] = field(default_factory=dict)
 
 
 def _split_spec(spec: str) -> tuple[Path, str | None]:
@@ -47,7 +49,106 @@ TOOL_MODULES = frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir
                           "sugarize"})
 
 
-def _import_file(path: Path, expect_sha256: str | None = None):
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+class ImportClosure:
+    """The modules of a model's folder that its code imports, each run from the bytes that were
+    hashed: a meta-path finder in front of Python's own while the user's code runs (and only
+    then: ``user_folders`` puts it in and takes it out). Each such file is read once, hashed,
+    checked against ``expected`` (a checkpoint's record: a file not in it, or with another hash,
+    is refused before any of it runs) and executed from those bytes, never from a bytecode cache.
+    ``seen`` is what ran: relative path (POSIX) -> sha256."""
+
+    def __init__(self, folder: Path, main: Path, expected: dict[str, str] | None = None):
+        self.folder, self.main, self.expected = folder.resolve(), main.resolve(), expected
+        self.seen: dict[str, str] = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.machinery
+        import importlib.util
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not spec.has_location or not spec.origin:
+            return None
+        origin = Path(spec.origin).resolve()
+        if not _inside(origin, self.folder) or origin == self.main:
+            return None
+        rel = origin.relative_to(self.folder).as_posix()
+        if origin.suffix != ".py":
+            raise ModelFileError(f"{self.main.name} imports {fullname} from {rel}, a compiled module in its folder: "
+                                 "sugarize runs only Python source it has hashed; install that module as a package")
+        return importlib.util.spec_from_file_location(fullname, origin, loader=_HashedSource(self, origin, rel),
+                                                      submodule_search_locations=spec.submodule_search_locations)
+
+    def admit(self, rel: str, digest: str) -> None:
+        from ..errors import CheckpointError
+
+        if self.expected is not None:
+            if rel not in self.expected:
+                raise CheckpointError(f"{self.main.name} imports {rel}, which it did not import when the checkpoint "
+                                      "was made (it is not in the recipe); nothing of it was run: convert the model "
+                                      "again with that file")
+            if self.expected[rel] != digest:
+                raise CheckpointError(f"{rel} changed since the checkpoint was made (its sha256 is {digest[:12]}..., "
+                                      f"the recipe's {self.expected[rel][:12]}...); nothing of it was run: give the "
+                                      "file the checkpoint was made from, or convert again")
+        self.seen[rel] = digest
+
+
+class _HashedSource:
+    """Loads one module of the model's folder from the bytes it hashed (``ImportClosure``)."""
+
+    def __init__(self, closure: ImportClosure, path: Path, rel: str):
+        self.closure, self.path, self.rel = closure, path, rel
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        source = self.path.read_bytes()
+        digest = hashlib.sha256(source).hexdigest()
+        self.closure.admit(self.rel, digest)
+        module.__sugarize_sha256__ = digest
+        exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
+
+
+def check_closure(folder: Path, expected: dict[str, str], what: str) -> None:
+    """Every file a recipe records as imported is there with its hash, before anything runs.
+
+    Raises:
+        CheckpointError: naming the first file that is gone or changed.
+    """
+    from ..errors import CheckpointError
+
+    for rel, digest in sorted(expected.items()):
+        file = folder / rel
+        if not file.is_file():
+            raise CheckpointError(f"{rel}, which {what} imported when the checkpoint was made, is gone from "
+                                  f"{folder}; nothing was run: put it back, or convert again")
+        now = _sha256(file)
+        if now != digest:
+            raise CheckpointError(f"{rel} changed since the checkpoint was made (its sha256 is {now[:12]}..., the "
+                                  f"recipe's {digest[:12]}...); nothing was run: give the file the checkpoint was "
+                                  "made from, or convert again")
+
+
+def _forget_closure(folder: Path) -> None:
+    """Modules an earlier run imported from this folder through ``ImportClosure`` are imported
+    (and hashed, and checked) again, not served from ``sys.modules``."""
+    for mod_name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if file and getattr(mod, "__sugarize_sha256__", None) and not mod_name.startswith("sugarize_user_") \
+                and _inside(Path(file).resolve(), folder):
+            del sys.modules[mod_name]
+
+
+def _import_file(path: Path, expect_sha256: str | None = None, expect_closure: dict[str, str] | None = None):
     """Runs a user's Python file under a private module name: ``(module, sha256 of what ran)``.
 
     The file is read once; those bytes are hashed, checked against ``expect_sha256`` if given
@@ -69,8 +170,18 @@ def _import_file(path: Path, expect_sha256: str | None = None):
     package = None
     if (folder / "__init__.py").exists():  # part of a package: relative imports work
         pkg_root, name, package = folder.parent, f"{folder.name}.{path.stem}", folder.name
+        taken = sys.modules.get(folder.name)
+        if folder.name in TOOL_MODULES or folder.name in sys.builtin_module_names or folder.name in \
+                getattr(sys, "stdlib_module_names", ()) or (taken is not None and not _inside(
+                    Path(getattr(taken, "__file__", None) or "/").resolve(), folder)):
+            raise ModelFileError(f"{path.name} is in a package folder named {folder.name!r}, the name of a module "
+                                 f"sugarize or Python uses; running it as {name} would replace that module: rename "
+                                 "the folder (or remove its __init__.py)")
     else:
         pkg_root, name = folder, f"sugarize_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    from .fsutil import regular_file
+
+    regular_file(path, "Python file", ModelFileError)  # a FIFO would block the read forever
     try:
         source = path.read_bytes()
     except OSError as exc:
@@ -84,15 +195,22 @@ def _import_file(path: Path, expect_sha256: str | None = None):
                               "was made from")
     loaded = sys.modules.get(name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path) and \
-            getattr(loaded, "__sugarize_sha256__", None) == digest:
+            getattr(loaded, "__sugarize_sha256__", None) == digest and \
+            (expect_closure is None or getattr(loaded, "__sugarize_closure__", None) == expect_closure):
         return loaded, digest
     module = types.ModuleType(name)
     module.__file__, module.__package__, module.__sugarize_sha256__ = str(path), package, digest
+    closure = ImportClosure(folder, path, expect_closure)
+    module.__sugarize_closure__ = closure.seen
+    _forget_closure(folder)
     before = set(sys.modules)
     sys.modules[name] = module
     try:
-        with user_folders(path):
+        with user_folders(path, closure):
             exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    except InputError:  # a sibling refused by the closure check, a compiled module in the folder
+        sys.modules.pop(name, None)
+        raise
     except SystemExit as exc:  # the user's file is the user's: exit 2 naming it, never its own code
         sys.modules.pop(name, None)
         raise ModelFileError(f"{path.name} called sys.exit({exc.code!r}) while it was imported; a model file "
@@ -121,17 +239,30 @@ def _import_file(path: Path, expect_sha256: str | None = None):
 
 
 @contextlib.contextmanager
-def user_folders(path: Path):
+def user_folders(path: Path, closure: ImportClosure | None = None):
     """While the user's code runs (its import, its factory, ``example_inputs``): its folder (and its
     package's root) at the *end* of ``sys.path``, so it can import the modules beside it. Taken
-    off again after, so that no module the tool imports later, installed or not, can be found there."""
+    off again after, so that no module the tool imports later, installed or not, can be found there.
+
+    With ``closure`` (a model file's ``ImportClosure``), that finder stands first in
+    ``sys.meta_path`` for the block alone, so every module of the model's folder the code
+    imports is hashed, checked and run from its hashed bytes."""
+    from .usercode import register_folder, restore_process_settings
+
     path = Path(path).resolve()
+    register_folder(path.parent)
     folders = [str(path.parent)] + ([str(path.parent.parent)] if (path.parent / "__init__.py").exists() else [])
     added = [f for f in folders if f not in sys.path]
     sys.path.extend(added)
+    if closure is not None:
+        sys.meta_path.insert(0, closure)
     try:
-        yield
+        with restore_process_settings():
+            yield
     finally:
+        if closure is not None:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(closure)
         for f in added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(f)
@@ -214,7 +345,18 @@ def _materialise(obj: Any, path: Path, name: str) -> nn.Module:
     )
 
 
-def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None) -> LoadedModel:
+def discovered_name(module) -> str | None:
+    """The name the default discovery picks in a model file's module, without calling anything:
+    the first conventional name it defines, else its single ``nn.Module`` instance."""
+    for conv in CONVENTIONAL_NAMES:
+        if hasattr(module, conv):
+            return conv
+    instances = [k for k, v in vars(module).items() if isinstance(v, nn.Module) and not k.startswith("_")]
+    return instances[0] if len(instances) == 1 else None
+
+
+def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
+               expect_closure: dict[str, str] | None = None, expect_name: str | None = None) -> LoadedModel:
     """Loads the model named by ``path/to/model.py[:NAME]``; what runs is the bytes hashed
     (``LoadedModel.sha256``), checked against ``expect_sha256`` when given, before they run.
 
@@ -232,8 +374,18 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None) -> 
     if path.suffix != ".py":
         hint = " (that looks like a checkpoint: use `sugarize export`)" if path.suffix == ".safetensors" else ""
         raise ModelFileError(f"{path} is not a Python file{hint}; give model.py or model.py:NAME")
-    module, digest = _import_file(path, expect_sha256)
-    with user_folders(path):
+    module, digest = _import_file(path, expect_sha256, expect_closure)
+    if name is None and expect_name is not None:
+        found = discovered_name(module)
+        if found != expect_name:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint was made from {path.name}:{expect_name}, and {path.name} without a "
+                                  f"name means {path.name}:{found or '<nothing>'}; nothing was called: name the "
+                                  f"function to call, --model {path}:{expect_name}")
+    closure = ImportClosure(path.parent, path, expect_closure)
+    closure.seen = module.__sugarize_closure__  # what the factory and example_inputs() import joins the record
+    with user_folders(path, closure):
         model, name = _resolve(module, path, name)
         example = None
         if callable(getattr(module, "example_inputs", None)):
@@ -246,4 +398,4 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None) -> 
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{path.name}:{name} is on the meta device (its weights hold no data): build it on the "
                              "CPU, or give it real weights (model.to_empty(device='cpu') and load_state_dict) first")
-    return LoadedModel(model, path.resolve(), name, example, digest, module)
+    return LoadedModel(model, path.resolve(), name, example, digest, module, dict(module.__sugarize_closure__))

@@ -48,6 +48,9 @@ def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tens
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights file {path} not found")
+    from .fsutil import regular_file
+
+    regular_file(path, "weights file", CheckpointError)
     if _looks_like_safetensors(path):
         from safetensors.torch import load_file
 
