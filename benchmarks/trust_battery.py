@@ -1,4 +1,4 @@
-"""Careless and hostile inputs through the CLI, before and after the trust work (issue #22).
+"""Careless and hostile inputs through the CLI, before and after the trust work (issues #22, #32).
 
     python benchmarks/trust_battery.py [--before CHECKOUT] [--out benchmarks/results]
 
@@ -86,6 +86,70 @@ def _int_weights(d: Path):
     save_file(state, str(d / "int.safetensors"))
 
 
+_ENV: dict = {}  # the checkout's environment, for setups that run sugarize themselves
+
+
+def _cli(d: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "sugarize", *args], env=_ENV, capture_output=True, check=True, cwd=d)
+
+
+HELPER = "import torch.nn as nn\ndef body():\n    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n"
+FORWARD_MODEL = """import torch, torch.nn as nn, sys
+{head}
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    def forward(self, x):
+{forward}
+        return self.body(x)
+def build_model():
+    return M()
+def example_inputs():
+    return (torch.randn(4, 64),)
+"""
+
+
+def _forward_model(name: str, head: str = "", forward: str = "        pass"):
+    def setup(d: Path):
+        (d / name).write_text(FORWARD_MODEL.format(head=head, forward=forward))
+    return setup
+
+
+def _changed_sibling(d: Path):
+    (d / "helper.py").write_text(HELPER)
+    (d / "hm.py").write_text(MODEL.replace("import torch, torch.nn as nn", "import torch, torch.nn as nn, helper"))
+    _cli(d, "convert", str(d / "hm.py"), "-o", str(d / "hck.safetensors"))
+    (d / "helper.py").write_text("import pathlib\npathlib.Path(__file__).with_name('marker').write_text('changed "
+                                 "helper ran')\n" + HELPER)
+
+
+def _weights_named(name: str):
+    def setup(d: Path):
+        import shutil
+
+        shutil.copy(d / "ck.safetensors", d / "ck-copy.safetensors")
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(str(d / "ck.safetensors")), str(d / name))
+    return setup
+
+
+def _user_temp(d: Path):
+    dead = 2**22 + 12345
+    (d / f".notes.sugarize-{dead}-abc.tmp").write_text("my notes")
+
+
+def _fifo(d: Path):
+    os.mkfifo(d / "pipe.py")
+
+
+def _pkg_sugarize(d: Path):
+    (d / "sugarize").mkdir()
+    (d / "sugarize" / "__init__.py").write_text("")
+    (d / "sugarize" / "errors.py").write_text(MODEL)
+
+
 def _opset99(d: Path):
     import onnx
 
@@ -160,6 +224,62 @@ CASES = [
     ("integer weights into a float model", "5 messages", _int_weights,
      ["export", "{d}/ck.safetensors", "--model", "{d}/m.py:build_model", "--weights", "{d}/int.safetensors",
       "-o", "{d}/w.onnx"], {}),
+    # the third pass (#32)
+    ("sibling helper.py changed after convert, export --model", "6 code not hashed", _changed_sibling,
+     ["export", "{d}/hck.safetensors", "--model", "{d}/hm.py", "-o", "{d}/x.onnx"],
+     {"not_created": "marker", "not_created ": "x.onnx"}),
+    ("--model together with --trust-recipe", "6 code not hashed", None,
+     ["export", "{d}/ck.safetensors", "--model", "{d}/m.py", "--trust-recipe", "-o", "{d}/x.onnx"],
+     {"not_created": "x.onnx"}),
+    ("convert --config cfg.json -o cfg.json --force", "7 outputs eat inputs",
+     lambda d: (d / "cfg.json").write_text('{"surrogate": "bsilu"}'),
+     ["convert", "{d}/m.py", "--config", "{d}/cfg.json", "-o", "{d}/cfg.json", "--force"], {"intact": "cfg.json"}),
+    ("export --int8 whose OUT.int8.onnx is the --weights file", "7 outputs eat inputs", _weights_named("q.int8.onnx"),
+     ["export", "{d}/m.py", "--weights", "{d}/q.int8.onnx", "-o", "{d}/q.onnx", "--int8", "--data", "{d}/data.py",
+      "--force"], {"intact": "q.int8.onnx"}),
+    ("export --external-data whose OUT.onnx.data is the --weights file", "7 outputs eat inputs",
+     _weights_named("e.onnx.data"),
+     ["export", "{d}/m.py", "--weights", "{d}/e.onnx.data", "-o", "{d}/e.onnx", "--external-data", "--force"],
+     {"intact": "e.onnx.data"}),
+    ("sweep -o x.png --plot x.png", "7 outputs eat inputs", None,
+     ["sweep", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/x.png", "--plot", "{d}/x.png", "--steps", "1"],
+     {"not_created": "x.png"}),
+    ("demo --out DIR holding a demo.png, no --force", "7 outputs eat inputs",
+     lambda d: (d / "demo.png").write_text("mine"), ["demo", "--quick", "--out", "{d}"], {"intact": "demo.png"}),
+    ("a user's file matching the temp-name pattern", "7 outputs eat inputs", _user_temp,
+     ["convert", "{d}/m.py", "-o", "{d}/c.safetensors"], {"intact": ".notes.sugarize-4206649-abc.tmp"}),
+    ("BaseException subclass raised in forward (export)", "8 user code's failures",
+     _forward_model("boom.py", "class Boom(BaseException):\n    pass", "        raise Boom('x')"),
+     ["export", "{d}/boom.py", "-o", "{d}/x.onnx"], {"not_created": "x.onnx"}),
+    ("GeneratorExit raised in forward (export)", "8 user code's failures",
+     _forward_model("gen.py", "", "        raise GeneratorExit()"),
+     ["export", "{d}/gen.py", "-o", "{d}/x.onnx"], {"not_created": "x.onnx"}),
+    ("sys.exit(0) in forward (export)", "8 user code's failures",
+     _forward_model("ex0.py", "", "        sys.exit(0)"), ["export", "{d}/ex0.py", "-o", "{d}/x.onnx"],
+     {"not_created": "x.onnx"}),
+    ("module-level __getattr__ that raises", "8 user code's failures",
+     _forward_model("ga.py", "def __getattr__(name):\n    raise RuntimeError('no ' + name)"),
+     ["inspect", "{d}/ga.py"], {}),
+    ("parameters() that raises", "8 user code's failures",
+     _forward_model("pr.py", "", "        pass\n    def parameters(self, recurse=True):\n        raise ValueError('x')"),
+     ["convert", "{d}/pr.py", "-o", "{d}/p.safetensors"], {"not_created": "p.safetensors"}),
+    ("loss_fn returning a constant (finetune)", "8 user code's failures",
+     lambda d: (d / "const.py").write_text(DATA + "def loss_fn(out, y):\n    return torch.tensor(1.0)\n"),
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/const.py", "-o", "{d}/w.safetensors"],
+     {"not_created": "w.safetensors"}),
+    ("model file lowering the recursion limit", "8 user code's failures",
+     _forward_model("rec.py", "sys.setrecursionlimit(80)"), ["export", "{d}/rec.py", "-o", "{d}/x.onnx"], {}),
+    ("model file at sugarize/errors.py (a package named sugarize)", "8 user code's failures", _pkg_sugarize,
+     ["inspect", "{d}/sugarize/errors.py"], {}),
+    ("a FIFO as the model file", "9 environment", _fifo, ["inspect", "{d}/pipe.py"], {}),
+    ("--epochs 2**64", "9 environment", None,
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/w.safetensors",
+      "--epochs", str(2**64)], {"not_created": "w.safetensors"}),
+    ("a model path holding [/]", "10 paths are data", None, ["inspect", "{d}/a[/]b.py"], {}),
+    ("a 252-character output name", "11 smaller", None,
+     ["convert", "{d}/m.py", "-o", "{d}/" + "n" * 240 + ".safetensors"], {}),
+    ("a dangling symlink as the output", "11 smaller", lambda d: (d / "link.safetensors").symlink_to(d / "gone" / "x"),
+     ["convert", "{d}/m.py", "-o", "{d}/link.safetensors"], {}),
 ]
 
 
@@ -177,18 +297,23 @@ def run_case(case, checkout: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _prepare(d, checkout)
+        env = {**os.environ, "PYTHONPATH": str(checkout), "COLUMNS": "2000"}
+        _ENV.clear()
+        _ENV.update(env)
         if setup:
             setup(d)
         before = {f: (d / f).read_bytes() for f in checks.values() if (d / f).is_file()}
-        env = {**os.environ, "PYTHONPATH": str(checkout), "COLUMNS": "2000"}
-        res = subprocess.run([sys.executable, "-m", "sugarize", *[a.format(d=d) for a in args]], env=env,
-                             capture_output=True, text=True, cwd=d, timeout=600)
+        try:
+            res = subprocess.run([sys.executable, "-m", "sugarize", *[a.format(d=d) for a in args]], env=env,
+                                 capture_output=True, text=True, cwd=d, timeout=120)
+        except subprocess.TimeoutExpired:  # a FIFO read blocks forever: killed after 120 s
+            res = subprocess.CompletedProcess(args, "timeout", "", "(no answer in 120 s: killed)")
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         first = lines[0] if lines else (res.stdout.strip().splitlines() or [""])[0]
         first = first.replace(str(d), "<dir>")
         kept = []
         for kind, f in checks.items():
-            p = d / f
+            kind, p = kind.strip(), d / f
             if kind == "not_created":
                 kept.append(f"{f} absent" if not p.exists() else f"{f} WRITTEN")
             elif kind == "intact":

@@ -147,3 +147,55 @@ def test_import_sugarize_stays_light():
     code = "import sys, sugarize; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'typer') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def private_imports(root: Path) -> list[str]:
+    """Every place a module takes another sugarize module's underscore name: ``from .x import _y``,
+    or ``x._y`` on a sugarize module it imported (``from . import x``, ``import sugarize.x``)."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        name = module_name(path, root)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        aliases: dict[str, str] = {}  # local name -> sugarize module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] != root.name:
+                    continue
+                for alias in node.names:
+                    candidate = f"{target}.{alias.name}"
+                    if _exists(candidate, root):
+                        aliases[alias.asname or alias.name] = candidate
+                    elif alias.name.startswith("_") and not alias.name.startswith("__") and target != name:
+                        bad.append(f"{name} imports {alias.name} from {target}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == root.name and alias.asname:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != name:
+                bad.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
+    return sorted(set(bad))
+
+
+def test_no_module_takes_another_modules_private_names():
+    """A leading underscore means "this module's own": another module that needs it gets a
+    public name (issue #30)."""
+    assert private_imports(PACKAGE) == []
+
+
+def test_the_private_import_check_catches_one(tmp_path):
+    pkg = tmp_path / "sugarize"
+    (pkg / "a").mkdir(parents=True)
+    for f in ("__init__.py", "a/__init__.py"):
+        (pkg / f).write_text("")
+    (pkg / "a" / "x.py").write_text("def _secret():\n    pass\n")
+    (pkg / "a" / "y.py").write_text("from .x import _secret\nfrom . import x\nx._secret()\n")
+    assert private_imports(pkg) == ["sugarize.a.y imports _secret from sugarize.a.x",
+                                    "sugarize.a.y uses sugarize.a.x._secret"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import InputError, first_line
+from ..errors import InputError, SugarizeError, first_line
 from ..modes import eval_mode, without_kv_cache
 
 __all__ = ["verify", "ParityReport", "OutputParity", "GraphCheck", "compare_graphs", "graph_check"]
@@ -296,6 +296,8 @@ def _run_batches(runner, default_runner, references, example_args, batches, seed
             try:
                 ort_outs = runner.run([t.numpy() for t in inputs])
                 default_outs = default_runner.run([t.numpy() for t in inputs]) if default_runner else None
+            except SugarizeError:
+                raise
             except Exception as exc:
                 raise InputError(
                     f"{runtime} rejected inputs of shape {[tuple(t.shape) for t in inputs]}: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -9,6 +11,10 @@ from ..errors import ExportError, InputError, first_line
 
 __all__ = ["ort_session", "ort_latency", "ort_latencies", "onnx_runner", "OrtRunner", "OpenVinoRunner"]
 
+
+# One parity run of a file longer than this is stopped: no model sugarize exports takes minutes
+# for one seeded batch on a CPU, and a hostile file's Loop would otherwise run until killed.
+RUN_TIMEOUT_S = 300.0
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -37,7 +43,8 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
 class OrtRunner:
     """An ONNX or ORT-format file in onnxruntime's CPU provider at an explicit optimisation level."""
 
-    def __init__(self, path, optimization: str = "all", model_format: str | None = None, threads: int | None = None):
+    def __init__(self, path, optimization: str = "all", model_format: str | None = None, threads: int | None = None,
+                 timeout_s: float | None = None):
         import onnxruntime as ort
 
         self.session = ort_session(path, optimization=optimization, model_format=model_format, threads=threads)
@@ -45,9 +52,31 @@ class OrtRunner:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.version, self.providers = f"onnxruntime {ort.__version__}", ["CPUExecutionProvider"]
         self.optimization = _OPT_LEVELS[optimization]
+        self.timeout_s = RUN_TIMEOUT_S if timeout_s is None else timeout_s
+        self.path = path
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
+        """One run, stopped after ``timeout_s`` (onnxruntime's ``RunOptions.terminate``, set from a
+        timer): a file from elsewhere may hold a ``Loop`` with a trip count of 2**62."""
+        import threading
+
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the terminate shows as our one line, not onnxruntime's log
+        timer = threading.Timer(self.timeout_s, lambda: setattr(options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self.session.run(self.outputs, dict(zip(self.inputs, arrays)), options)
+        except Exception as exc:
+            if options.terminate:
+                raise ExportError(f"onnxruntime did not finish one run of {Path(str(self.path)).name} in "
+                                  f"{self.timeout_s:g} s and was stopped (a Loop with a huge trip count?); check "
+                                  "the file's control flow") from None
+            raise
+        finally:
+            timer.cancel()
 
 
 class OpenVinoRunner:

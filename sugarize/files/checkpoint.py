@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, SugarizeError, first_line
 from .inputs import input_specs, make_inputs
 from .modelfile import LoadedModel, load_model
-from .weights import _looks_like_safetensors, load_state_into, load_weights, save_weights
+from .weights import looks_like_safetensors, load_state_into, load_weights, save_weights
 
 __all__ = ["save_checkpoint", "load_checkpoint", "open_checkpoint", "read_recipe", "validate_recipe", "model_file_of",
            "is_checkpoint", "LoadedCheckpoint"]
@@ -29,7 +29,7 @@ FORMAT = "sugarize-checkpoint/1"
 
 def is_checkpoint(path) -> bool:
     path = Path(path)
-    return path.suffix == ".safetensors" or (path.is_file() and path.suffix != ".py" and _looks_like_safetensors(path))
+    return path.suffix == ".safetensors" or (path.is_file() and path.suffix != ".py" and looks_like_safetensors(path))
 
 
 def save_checkpoint(sm: nn.Module, path, *, loaded: LoadedModel, inputs: tuple | None, force: bool = False) -> Path:
@@ -228,7 +228,7 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
     Raises:
         CheckpointError: no file was named, the file is missing, or its hash differs.
     """
-    from .modelfile import _sha256, _split_spec
+    from .modelfile import file_sha256, split_spec
 
     path = Path(path)
     rec = recipe["model"]
@@ -252,10 +252,10 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
             )
         name = rec["name"]
     else:  # without :NAME, the default discovery picks the function (load_model checks it is the recipe's)
-        file, name = _split_spec(str(model))
+        file, name = split_spec(str(model))
         if not file.is_file():
             raise CheckpointError(f"model file {file} not found; give the file {path.name} was made from")
-    digest = _sha256(file)
+    digest = file_sha256(file)
     if digest != rec["sha256"]:
         raise CheckpointError(
             f"{file.name} is not the file {path.name} was made from: its sha256 is {digest[:12]}..., the "
@@ -303,9 +303,9 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
 
 
 def _split_name(model: str) -> str | None:
-    from .modelfile import _split_spec
+    from .modelfile import split_spec
 
-    return _split_spec(str(model))[1]
+    return split_spec(str(model))[1]
 
 
 def load_checkpoint(path, *, model: str | None = None, trust_recipe: bool = False):

@@ -240,9 +240,15 @@ def _temp_beside(path: Path) -> Path:
     try:
         remove_stale_temps(folder)
         staging = Path(tempfile.mkdtemp(prefix=f".{stem}{TEMP_MARK}{os.getpid()}-", suffix=".new", dir=folder))
-        (staging / TEMP_OWNER).write_bytes(TEMP_OWNER_TEXT)
-        final = staging.with_name(staging.name[:-len(".new")] + ".tmp")
-        os.rename(staging, final)
+        try:
+            (staging / TEMP_OWNER).write_bytes(TEMP_OWNER_TEXT)
+            final = staging.with_name(staging.name[:-len(".new")] + ".tmp")
+            os.rename(staging, final)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return final
     except OSError as exc:  # /proc, /sys, a read-only mount: the folder takes no new files
         why = _storage_failure(exc)

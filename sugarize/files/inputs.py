@@ -14,7 +14,7 @@ from ..modes import eval_mode
 __all__ = ["parse_input_spec", "make_inputs", "input_specs", "random_tensor", "run_model"]
 
 
-def _as_tuple(value: Any, what: str) -> tuple:
+def as_tuple(value: Any, what: str) -> tuple:
     if isinstance(value, torch.Tensor):
         return (value,)
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):

@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import InputError, ModelFileError, first_line
-from .inputs import _as_tuple
+from .inputs import as_tuple
 
 __all__ = ["LoadedModel", "load_model", "CONVENTIONAL_NAMES"]
 
@@ -34,7 +34,7 @@ class LoadedModel:
     closure: dict[str, str] = field(default_factory=dict)
 
 
-def _split_spec(spec: str) -> tuple[Path, str | None]:
+def split_spec(spec: str) -> tuple[Path, str | None]:
     text = str(spec)
     if ":" in text and not text.endswith(".py"):
         path, _, name = text.rpartition(":")
@@ -115,6 +115,7 @@ class _HashedSource:
         digest = hashlib.sha256(source).hexdigest()
         self.closure.admit(self.rel, digest)
         module.__sugarize_sha256__ = digest
+        module.__sugarize_closure_module__ = True
         exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
 
 
@@ -131,24 +132,27 @@ def check_closure(folder: Path, expected: dict[str, str], what: str) -> None:
         if not file.is_file():
             raise CheckpointError(f"{rel}, which {what} imported when the checkpoint was made, is gone from "
                                   f"{folder}; nothing was run: put it back, or convert again")
-        now = _sha256(file)
+        now = file_sha256(file)
         if now != digest:
             raise CheckpointError(f"{rel} changed since the checkpoint was made (its sha256 is {now[:12]}..., the "
                                   f"recipe's {digest[:12]}...); nothing was run: give the file the checkpoint was "
                                   "made from, or convert again")
 
 
-def _forget_closure(folder: Path) -> None:
-    """Modules an earlier run imported from this folder through ``ImportClosure`` are imported
-    (and hashed, and checked) again, not served from ``sys.modules``."""
+def _forget_closure() -> None:
+    """Modules an earlier run imported through an ``ImportClosure`` (of this folder or another
+    model's: a ``helper`` of another folder must not stand in for this one's) are imported, hashed
+    and checked again, not served from ``sys.modules``."""
     for mod_name, mod in list(sys.modules.items()):
-        file = getattr(mod, "__file__", None)
-        if file and getattr(mod, "__sugarize_sha256__", None) and not mod_name.startswith("sugarize_user_") \
-                and _inside(Path(file).resolve(), folder):
+        try:  # the module's own dict: a user module's __getattr__ may raise anything
+            ours = object.__getattribute__(mod, "__dict__").get("__sugarize_closure_module__", False)
+        except Exception:
+            ours = False
+        if ours is True:
             del sys.modules[mod_name]
 
 
-def _import_file(path: Path, expect_sha256: str | None = None, expect_closure: dict[str, str] | None = None):
+def import_file(path: Path, expect_sha256: str | None = None, expect_closure: dict[str, str] | None = None):
     """Runs a user's Python file under a private module name: ``(module, sha256 of what ran)``.
 
     The file is read once; those bytes are hashed, checked against ``expect_sha256`` if given
@@ -202,7 +206,7 @@ def _import_file(path: Path, expect_sha256: str | None = None, expect_closure: d
     module.__file__, module.__package__, module.__sugarize_sha256__ = str(path), package, digest
     closure = ImportClosure(folder, path, expect_closure)
     module.__sugarize_closure__ = closure.seen
-    _forget_closure(folder)
+    _forget_closure()
     before = set(sys.modules)
     sys.modules[name] = module
     try:
@@ -284,7 +288,7 @@ def _where(exc: BaseException, path: Path) -> str:
     return f"{path.name} line {frames[-1].lineno}" if frames else path.name
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -368,13 +372,13 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
     Raises:
         ModelFileError: with what to try next, for every way this can fail.
     """
-    path, name = _split_spec(str(spec))
+    path, name = split_spec(str(spec))
     if not path.exists():
         raise ModelFileError(f"model file {path} not found; give a path like model.py or model.py:build_model")
     if path.suffix != ".py":
         hint = " (that looks like a checkpoint: use `sugarize export`)" if path.suffix == ".safetensors" else ""
         raise ModelFileError(f"{path} is not a Python file{hint}; give model.py or model.py:NAME")
-    module, digest = _import_file(path, expect_sha256, expect_closure)
+    module, digest = import_file(path, expect_sha256, expect_closure)
     if name is None and expect_name is not None:
         found = discovered_name(module)
         if found != expect_name:
@@ -394,7 +398,7 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
             except (Exception, SystemExit) as exc:
                 raise InputError(f"{path.name}:example_inputs() raised {type(exc).__name__}: {first_line(exc)}") from exc
     if example is not None:
-        example = _as_tuple(example, f"{path.name}:example_inputs()")
+        example = as_tuple(example, f"{path.name}:example_inputs()")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{path.name}:{name} is on the meta device (its weights hold no data): build it on the "
                              "CPU, or give it real weights (model.to_empty(device='cpu') and load_state_dict) first")

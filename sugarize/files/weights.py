@@ -51,7 +51,7 @@ def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tens
     from .fsutil import regular_file
 
     regular_file(path, "weights file", CheckpointError)
-    if _looks_like_safetensors(path):
+    if looks_like_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -76,7 +76,7 @@ def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tens
     return obj
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def looks_like_safetensors(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return True
     with open(path, "rb") as f:

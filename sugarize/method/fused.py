@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .kernels import fused_bn_grad, traced
 from .op import OP
-from .saved import _decode_mul, _derivative, _encode
+from .saved import decode_mul, surrogate_derivative, encode_saved
 
 __all__ = ["bn_sugar", "fusable_module"]
 
@@ -177,12 +177,12 @@ class _BNSugar(torch.autograd.Function):
                 x = _rebuild(saved[0], alpha, beta, dtype)
                 if residual is not None:
                     x = x.add_(residual)
-                d = _derivative(x, surrogate, params, negative_only)
+                d = surrogate_derivative(x, surrogate, params, negative_only)
                 del x
                 if d.dtype == grad.dtype and d.shape == grad.shape:
                     g = d.mul_(grad)  # grad * s'(x), in s'(x)'s own buffer: one allocation less
                 else:
-                    g = _decode_mul(grad, _encode(d, dtype, "full", None), "full", None)
+                    g = decode_mul(grad, encode_saved(d, dtype, "full", None), "full", None)
                 del d
             del residual
             gc, gw, gb = _bn_backward(saved, meta, g, needs[0:3])

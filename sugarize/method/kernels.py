@@ -52,9 +52,9 @@ def set_enabled(on: bool) -> None:
 def compile_for(surrogate: str, params: Sequence[float], negative_only: bool, save: str,
                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> bool:
     """Compiles (now) the encode and decode kernels of one op configuration; False if they cannot be."""
-    from .saved import _grid
+    from .saved import saved_grid
 
-    grid = _grid(surrogate, params, negative_only, save)
+    grid = saved_grid(surrogate, params, negative_only, save)
     x = torch.zeros(MIN_NUMEL, dtype=dtype, device=device)
     # as the op calls them, so that these compiled kernels are the very ones its calls then hit
     # (Dynamo guards on grad mode and dispatch keys): the encoder below autograd, inside the
@@ -95,20 +95,20 @@ def _compile(fn: Callable, key: tuple) -> Callable:
 def _encoder(surrogate: str, params: tuple[float, ...], negative_only: bool, save: str,
              grid: tuple[float, int] | None, dtype: torch.dtype) -> Callable:
     # (dtype is part of the cache key only: one compiled kernel per input dtype)
-    from .saved import _plain_saved  # the eager formula, compiled into one kernel
+    from .saved import plain_saved  # the eager formula, compiled into one kernel
 
     def encode(x):
-        return _plain_saved(x, surrogate, params, negative_only, save, grid)
+        return plain_saved(x, surrogate, params, negative_only, save, grid)
 
     return _compile(encode, (surrogate, params, negative_only, save, grid, dtype))
 
 
 @functools.lru_cache(maxsize=64)
 def _decoder(save: str, grid: tuple[float, int] | None) -> Callable:
-    from .saved import _decode_mul
+    from .saved import decode_mul
 
     def decode(grad, saved):
-        return _decode_mul(grad, saved, save, grid)
+        return decode_mul(grad, saved, save, grid)
 
     return _compile(decode, (save, grid))
 
@@ -154,13 +154,13 @@ def fused_decode(grad: torch.Tensor, saved: torch.Tensor, save: str,
 @functools.lru_cache(maxsize=64)
 def _bn_grad(surrogate: str, params: tuple[float, ...], negative_only: bool, residual: bool,
              dtype: torch.dtype) -> Callable:
-    from .saved import _grad_math
+    from .saved import grad_math
 
     def bn_grad(grad, c, alpha, beta, *r):
         x = (c * alpha + beta).to(dtype)  # BatchNorm's output (fused.py), in its dtype
         if r:
             x = x + r[0]
-        return _grad_math(grad, x, surrogate, params, negative_only)
+        return grad_math(grad, x, surrogate, params, negative_only)
 
     return _compile(bn_grad, ("bn_grad", surrogate, params, negative_only, residual, dtype))
 

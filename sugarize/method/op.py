@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import compiled
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .kernels import fused_decode, fused_encode, traced
-from .saved import _decode_mul, _derivative, _encode, _grad_math, _grid, _plain_saved, _saved_dtype, check_options
+from .saved import decode_mul, surrogate_derivative, encode_saved, grad_math, saved_grid, plain_saved, saved_dtype, check_options
 from .surrogates import resolve_params
 
 __all__ = ["sugar", "surrogate_grad", "OP", "FORWARD_OP", "GRAD_OP"]
@@ -38,14 +38,14 @@ def _eager_saved(x, surrogate, params, negative_only, save, grid):
     """The saved form of ``s'(x)`` in plain eager execution: the fused kernel where it applies."""
     saved = fused_encode(x, surrogate, params, negative_only, save, grid)
     if saved is None:
-        saved = _encode(_derivative(x, surrogate, params, negative_only), x.dtype, save, grid)
+        saved = encode_saved(surrogate_derivative(x, surrogate, params, negative_only), x.dtype, save, grid)
     return saved
 
 
 def _forward_math(x, surrogate, params, negative_only, save):
     """``(relu(x), saved form of s'(x))`` with the plain formula: what a compiler fuses."""
-    return torch.relu(x), _plain_saved(x, surrogate, params, negative_only, save,
-                                       _grid(surrogate, params, negative_only, save))
+    return torch.relu(x), plain_saved(x, surrogate, params, negative_only, save,
+                                       saved_grid(surrogate, params, negative_only, save))
 
 
 @torch.library.custom_op("sugarize::sugar_forward", mutates_args=())
@@ -57,12 +57,12 @@ def _sugar_forward_op(
     It has no backward formula: only the SUGAR op's decomposition and ``setup_context``
     call it, below autograd."""
     return torch.relu(x), _eager_saved(x, surrogate, params, negative_only, save,
-                                       _grid(surrogate, params, negative_only, save))
+                                       saved_grid(surrogate, params, negative_only, save))
 
 
 @_sugar_forward_op.register_fake
 def _(x, surrogate, params, negative_only, save):
-    return torch.empty_like(x), torch.empty_like(x, dtype=_saved_dtype(x.dtype, save))
+    return torch.empty_like(x), torch.empty_like(x, dtype=saved_dtype(x.dtype, save))
 
 
 @torch.library.custom_op("sugarize::sugar_grad", mutates_args=())
@@ -74,7 +74,7 @@ def _sugar_grad_op(
     The SUGAR op's backward calls it when traced with ``save="full"``. Inductor lowers it to
     one elementwise expression (compiled.py), so the recomputed ``x`` and ``s'(x)`` stay in
     registers instead of being written to memory between kernels."""
-    return _grad_math(grad, x, surrogate, params, negative_only)
+    return grad_math(grad, x, surrogate, params, negative_only)
 
 
 @_sugar_grad_op.register_fake
@@ -92,14 +92,14 @@ def _sugar_op(
 @_sugar_op.register_fake
 def _(x, surrogate, params, negative_only, save):
     if torch.compiler.is_compiling():  # Dynamo's first look at the op: Inductor compiles next
-        compiled.register(OP, FORWARD_OP, _forward_math, GRAD_OP, _grad_math)
+        compiled.register(OP, FORWARD_OP, _forward_math, GRAD_OP, grad_math)
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
     ctx.save = save
-    ctx.grid = _grid(surrogate, params, negative_only, save)
+    ctx.grid = saved_grid(surrogate, params, negative_only, save)
     ctx.formula = None
     if save == "full" and traced(x):
         # exact and traced: keep x itself, and let the backward's formula be seen as one
@@ -118,7 +118,7 @@ def _setup_context(ctx, inputs, output):
         # call is merged with it by CSE, so the saved form is computed in the forward
         saved = FORWARD_OP(x, surrogate, params, negative_only, save)[1]
     elif traced(x):  # another tracer: the plain formula, for it to fuse
-        saved = _plain_saved(x, surrogate, params, negative_only, save, ctx.grid)
+        saved = plain_saved(x, surrogate, params, negative_only, save, ctx.grid)
     else:
         saved = _eager_saved(x, surrogate, params, negative_only, save, ctx.grid)
     ctx.save_for_backward(saved)
@@ -130,7 +130,7 @@ def _backward(ctx, grad):
         return GRAD_OP(grad, saved, *ctx.formula), None, None, None, None
     out = fused_decode(grad, saved, ctx.save, ctx.grid)
     if out is None:
-        out = _decode_mul(grad, saved, ctx.save, ctx.grid)
+        out = decode_mul(grad, saved, ctx.save, ctx.grid)
     return out, None, None, None, None
 
 
@@ -186,4 +186,4 @@ def surrogate_grad(
 ) -> torch.Tensor:
     """The reference gradient of SUGAR w.r.t. its input for an upstream gradient of ones."""
     values = list(resolve_params(surrogate, params).values())
-    return _derivative(x, surrogate, values, negative_only).to(x.dtype)
+    return surrogate_derivative(x, surrogate, values, negative_only).to(x.dtype)

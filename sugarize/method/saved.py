@@ -30,7 +30,7 @@ __all__ = ["save_error", "check_options", "MAX_NEGATIVE_SIDE_ERROR"]
 MAX_NEGATIVE_SIDE_ERROR = 0.10
 
 
-def _derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool,
+def surrogate_derivative(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool,
                 fast: bool = True):
     """s'(x) evaluated in float32 or better, with ReLU's exact 1 for x > 0 if asked.
 
@@ -54,7 +54,7 @@ def _uint8_grid(surrogate: str, params: tuple[float, ...], negative_only: bool) 
 
     with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
         x = torch.linspace(-64.0, 64.0, 200_001, dtype=torch.float64)
-        d = _derivative(x, surrogate, params, negative_only)
+        d = surrogate_derivative(x, surrogate, params, negative_only)
         lo, hi = min(float(d.min()), 0.0), max(float(d.max()), 1.0)
     k = math.floor(255.0 / (hi - lo) * (1 - 1e-9))
     if k < 1:
@@ -88,17 +88,17 @@ def save_error(surrogate: str, save: str, *, negative_only: bool = False, **para
     """
     values = check_options(surrogate, params, negative_only, save)
     x = torch.linspace(-64.0, 64.0, 400_001, dtype=torch.float64).float()  # what a float32 model gives
-    exact = _derivative(x.double(), surrogate, values, negative_only)
-    grid = _grid(surrogate, values, negative_only, save)
-    saved = _encode(_derivative(x, surrogate, values, negative_only), x.dtype, save, grid)
-    got = _decode_mul(torch.ones_like(x), saved, save, grid).double()
+    exact = surrogate_derivative(x.double(), surrogate, values, negative_only)
+    grid = saved_grid(surrogate, values, negative_only, save)
+    saved = encode_saved(surrogate_derivative(x, surrogate, values, negative_only), x.dtype, save, grid)
+    got = decode_mul(torch.ones_like(x), saved, save, grid).double()
     err = (got - exact).abs()
     neg = x <= 0
     scale = exact[neg].abs().max().item()
     return {"abs": err.max().item(), "rel_negative": err[neg].max().item() / scale if scale else 0.0}
 
 
-def _encode(d: torch.Tensor, dtype: torch.dtype, save: str, grid: tuple[float, int] | None):
+def encode_saved(d: torch.Tensor, dtype: torch.dtype, save: str, grid: tuple[float, int] | None):
     """The saved form of ``d`` (which this function may overwrite)."""
     if save == "full":
         return d.to(dtype)
@@ -109,7 +109,7 @@ def _encode(d: torch.Tensor, dtype: torch.dtype, save: str, grid: tuple[float, i
     return d.mul_(k).add_(zp + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
 
 
-def _decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> torch.Tensor:
+def decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> torch.Tensor:
     if save == "uint8":
         k, zp = grid
         # grad * (code - zp) / k, in the gradient's dtype
@@ -117,22 +117,22 @@ def _decode_mul(grad: torch.Tensor, saved: torch.Tensor, save: str, grid) -> tor
     return grad * saved.to(grad.dtype) if save == "bfloat16" else grad * saved
 
 
-def _saved_dtype(dtype: torch.dtype, save: str) -> torch.dtype:
+def saved_dtype(dtype: torch.dtype, save: str) -> torch.dtype:
     return {"full": dtype, "bfloat16": torch.bfloat16, "uint8": torch.uint8}[save]
 
 
-def _grid(surrogate: str, params, negative_only: bool, save: str) -> tuple[float, int] | None:
+def saved_grid(surrogate: str, params, negative_only: bool, save: str) -> tuple[float, int] | None:
     return _uint8_grid(surrogate, tuple(params), negative_only) if save == "uint8" else None
 
 
-def _plain_saved(x, surrogate, params, negative_only, save, grid):
+def plain_saved(x, surrogate, params, negative_only, save, grid):
     """The saved form of ``s'(x)`` by the plain formula: what a tracer or compiler fuses."""
-    return _encode(_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
+    return encode_saved(surrogate_derivative(x, surrogate, params, negative_only, fast=False), x.dtype, save, grid)
 
 
-def _grad_math(grad, x, surrogate, params, negative_only):
+def grad_math(grad, x, surrogate, params, negative_only):
     """``grad * s'(x)``, s' by the plain formula in float32 or better, in the gradient's dtype."""
-    return grad * _derivative(x, surrogate, params, negative_only, fast=False).to(grad.dtype)
+    return grad * surrogate_derivative(x, surrogate, params, negative_only, fast=False).to(grad.dtype)
 
 
 def check_options(surrogate: str, params, negative_only: bool, save: str) -> list[float]:

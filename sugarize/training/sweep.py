@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..errors import DivergenceError, ParameterError
 from ..passes.config import SugarConfig
-from .train import DataSpec, _batches, _loader, evaluate, finetune
+from .train import DataSpec, checked_batches, call_loader, evaluate, finetune
 
 __all__ = ["Candidate", "default_candidates", "parse_candidates", "sweep", "SweepResult", "RunResult",
            "CandidateSummary", "BSILU_ALPHAS", "NELU_ALPHAS"]
@@ -224,7 +224,7 @@ def _revived(start: list[list[int]], end: list[list[int]]) -> int | None:
 
 def _steps_per_epoch(data: DataSpec) -> int | None:
     try:
-        return len(_loader(data.train_loader, "train_loader", data.path))
+        return len(call_loader(data.train_loader, "train_loader", data.path))
     except TypeError:
         return None
 
@@ -301,17 +301,17 @@ def sweep(
     notes = []
     # the baseline: the model itself, or with its relufied sites as plain ReLU
     start = strip(sugarize(model, config=base, capture=capture)) if base.relufy else copy.deepcopy(model)
-    train = lambda: _loader(data.train_loader, "train_loader", data.path)  # noqa: E731
-    start_audit = audit(start, _batches(train(), "train_loader()"))
+    train = lambda: call_loader(data.train_loader, "train_loader", data.path)  # noqa: E731
+    start_audit = audit(start, checked_batches(train(), "train_loader()"))
     start_fires = _fires(start_audit)
     val_data = data.val_loader
     if val_data is None:
         notes.append("the data file has no val_loader(): the metric is measured on the training batches")
         val_data = data.train_loader
-    classification = _is_classification(start, _loader(val_data, "val_loader", data.path))
+    classification = _is_classification(start, call_loader(val_data, "val_loader", data.path))
     metric = "val accuracy" if classification else "val loss"
-    start_loss, start_acc = evaluate(start, _loader(val_data, "val_loader", data.path), data.loss_fn)
-    val_size = _count(_loader(val_data, "val_loader", data.path))
+    start_loss, start_acc = evaluate(start, call_loader(val_data, "val_loader", data.path), data.loss_fn)
+    val_size = _count(call_loader(val_data, "val_loader", data.path))
     resolution = 1.0 / val_size if classification and val_size else 0.0
     per_epoch = _steps_per_epoch(data)
     budget = steps if steps is not None else (epochs * per_epoch if per_epoch is not None else None)
@@ -342,8 +342,8 @@ def sweep(
                 run = RunResult(cand.name, seed, float("nan"), float("nan"), None, float("nan"), 0,
                                 done[0] - before, time.perf_counter() - t0, diverged=True)
             else:
-                loss, acc = evaluate(m, _loader(val_data, "val_loader", data.path), data.loss_fn)
-                end = audit(m, _batches(train(), "train_loader()"))
+                loss, acc = evaluate(m, call_loader(val_data, "val_loader", data.path), data.loss_fn)
+                end = audit(m, checked_batches(train(), "train_loader()"))
                 revived = _revived(start_fires, _fires(end))
                 run = RunResult(cand.name, seed, acc if classification else loss, loss,
                                 acc if classification else None, end.dead_fraction,
@@ -410,7 +410,7 @@ def _is_classification(model: nn.Module, loader) -> bool:
 
     from ..modes import eval_mode
 
-    for x, y in _batches(loader, "val_loader()"):
+    for x, y in checked_batches(loader, "val_loader()"):
         if y.dim() != 1 or y.is_floating_point():
             return False
         with torch.no_grad(), eval_mode(model):
@@ -420,4 +420,4 @@ def _is_classification(model: nn.Module, loader) -> bool:
 
 
 def _count(loader) -> int:
-    return sum(len(y) for _, y in _batches(loader, "val_loader()"))
+    return sum(len(y) for _, y in checked_batches(loader, "val_loader()"))

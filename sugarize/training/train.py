@@ -38,7 +38,7 @@ class DataSpec:
         if make is None:
             raise DataFileError(f"{self.path.name if self.path else 'the data file'} has no val_loader(); "
                                 "use --split train")
-        return _batches(_loader(make, f"{split}_loader", self.path), f"{split}_loader()")
+        return checked_batches(call_loader(make, f"{split}call_loader", self.path), f"{split}call_loader()")
 
 
 def load_data(path) -> DataSpec:
@@ -48,7 +48,7 @@ def load_data(path) -> DataSpec:
         DataFileError: the file is missing, fails to import, or lacks ``train_loader``.
     """
     from ..errors import ModelFileError
-    from ..files.modelfile import _import_file
+    from ..files.modelfile import import_file
 
     path = Path(path)
     if not path.exists():
@@ -56,7 +56,7 @@ def load_data(path) -> DataSpec:
     if path.suffix != ".py":
         raise DataFileError(f"data file {path} is not a Python file; give a .py file with train_loader()")
     try:
-        module, _ = _import_file(path)
+        module, _ = import_file(path)
     except ModelFileError as exc:
         raise DataFileError(str(exc)) from exc
     train = getattr(module, "train_loader", None)
@@ -67,7 +67,7 @@ def load_data(path) -> DataSpec:
     return DataSpec(train, val if callable(val) else None, loss, path)
 
 
-def _loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
+def call_loader(make: Callable[[], Iterable], what: str, path) -> Iterable:
     import contextlib
 
     from ..files.modelfile import user_folders
@@ -98,7 +98,7 @@ def _iterate(loader: Iterable, what: str):
         yield item
 
 
-def _batches(loader: Iterable, what: str):
+def checked_batches(loader: Iterable, what: str):
     """``(x, y)`` pairs of tensors from a data file's loader, checked; an empty loader is an error."""
     empty = True
     it = _iterate(loader, what)
@@ -171,7 +171,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     """(mean loss, accuracy) of ``model`` in eval mode over ``loader``."""
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad(), eval_mode(model):
-        for x, y in _batches(loader, "val_loader()"):
+        for x, y in checked_batches(loader, "val_loader()"):
             out, loss = _forward_loss(model, loss_fn, x, y, "val_loader()")
             loss_sum += float(loss) * len(y)
             if isinstance(out, torch.Tensor) and out.dim() == 2 and y.dim() == 1:
@@ -238,12 +238,15 @@ def finetune(
         seed_everything(seed + epoch)
         model.train()
         loss_sum, n = 0.0, 0
-        loader = _loader(data.train_loader, "train_loader", data.path)
-        for step, (x, y) in enumerate(_batches(loader, "train_loader()")):
+        loader = call_loader(data.train_loader, "train_loader", data.path)
+        for step, (x, y) in enumerate(checked_batches(loader, "train_loader()")):
             opt.zero_grad(set_to_none=True)
             _, loss = _forward_loss(model, data.loss_fn, x, y, "train_loader()")
             if not torch.isfinite(loss):
                 raise DivergenceError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
+            if not loss.requires_grad:  # a constant: backward would fail inside torch
+                raise DataFileError("the data file's loss_fn returned a value that does not depend on the model's "
+                                    "output (it has no gradient); compute the loss from loss_fn's first argument")
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach()) * len(y)
@@ -255,12 +258,12 @@ def finetune(
                 break
         result = EpochResult(epoch + 1, loss_sum / max(n, 1))
         if data.val_loader is not None:
-            result.val_loss, result.val_accuracy = evaluate(model, _loader(data.val_loader, "val_loader", data.path),
+            result.val_loss, result.val_accuracy = evaluate(model, call_loader(data.val_loader, "val_loader", data.path),
                                                             data.loss_fn)
         if audit_dead:
             from .deadunits import audit
 
-            result.dead_fraction = audit(model, _loader(data.train_loader, "train_loader", data.path)).dead_fraction
+            result.dead_fraction = audit(model, call_loader(data.train_loader, "train_loader", data.path)).dead_fraction
         history.append(result)
         if on_epoch:
             on_epoch(result)

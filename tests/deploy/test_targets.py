@@ -63,41 +63,51 @@ def leaky_one(model: nn.Module) -> nn.Module:
     return m
 
 
-def _build(root: Path) -> dict:
-    out = {}
-    for name in MODEL_FIXTURES:
-        mod = load_fixture(name)
-        torch.manual_seed(0)
-        model, args = mod.build_model().eval(), mod.example_inputs()
-        stripped = sugarize.strip(sugarize.sugarize(model))
-        for fmt in FORMATS:
-            if fmt == "pte" and not HAS_EXECUTORCH:
-                continue
-            t = get_target(fmt)
-            paths = {}
-            for variant, m in (("original", model), ("stripped", stripped), ("leaky", leaky_one(model))):
-                p = root / f"{name}.{variant}{t.suffix}"
-                t.export(m, p, args, ExportOptions())
-                paths[variant] = str(p)
-            out[(fmt, name)] = paths
-    return out
+def _build_one(root: Path, fmt: str, name: str) -> dict:
+    mod = load_fixture(name)
+    torch.manual_seed(0)
+    model, args = mod.build_model().eval(), mod.example_inputs()
+    stripped = sugarize.strip(sugarize.sugarize(model))
+    t = get_target(fmt)
+    paths = {}
+    for variant, m in (("original", model), ("stripped", stripped), ("leaky", leaky_one(model))):
+        p = root / f"{name}.{variant}{t.suffix}"
+        t.export(m, p, args, ExportOptions())
+        paths[variant] = str(p)
+    return paths
+
+
+class Artifacts:
+    """(format, model) -> {original, stripped, leaky} paths, each made once per test session on
+    first use: shared by the xdist workers through a lock and an index file per key, so the
+    workers make different ones side by side."""
+
+    def __init__(self, root: Path, shared: bool):
+        self.root, self.shared, self.cache = root, shared, {}
+
+    def __getitem__(self, key):
+        if key not in self.cache:
+            fmt, name = key
+            if not self.shared:
+                self.cache[key] = _build_one(self.root, fmt, name)
+            else:
+                from filelock import FileLock
+
+                index = self.root / f"{fmt}-{name}.json"
+                with FileLock(str(index) + ".lock"):
+                    if not index.is_file():
+                        index.write_text(json.dumps(_build_one(self.root, fmt, name)))
+                    self.cache[key] = json.loads(index.read_text())
+        return self.cache[key]
 
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, worker_id):
-    """(format, model) -> {original, stripped, leaky}: paths of the artifacts, made once per session."""
     if worker_id == "master":
-        return _build(tmp_path_factory.mktemp("targets"))
-    from filelock import FileLock
-
+        return Artifacts(tmp_path_factory.mktemp("targets"), shared=False)
     shared = tmp_path_factory.getbasetemp().parent / "sugarize-targets"
-    with FileLock(str(shared) + ".lock"):
-        index = shared / "index.json"
-        if not index.is_file():
-            shared.mkdir(exist_ok=True)
-            built = _build(shared)
-            index.write_text(json.dumps([[k[0], k[1], v] for k, v in built.items()]))
-        return {(f, m): v for f, m, v in json.loads(index.read_text())}
+    shared.mkdir(exist_ok=True)
+    return Artifacts(shared, shared=True)
 
 
 def _model(name):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import sugarize
 from sugarize.app.cli import app
-from sugarize.files.modelfile import _sha256
+from sugarize.files.modelfile import file_sha256
 
 from helpers import FIXTURES, MODELS
 
@@ -181,4 +181,4 @@ def test_the_recipe_inspect_runs_no_code_and_shows_the_recorded_sites(converted)
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["totals"]["sites"] == 8 and "no code was run" in " ".join(data["notes"])
-    assert _sha256(model) == sugarize.files.checkpoint.read_recipe(ck)["model"]["sha256"]
+    assert file_sha256(model) == sugarize.files.checkpoint.read_recipe(ck)["model"]["sha256"]
