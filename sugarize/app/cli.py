@@ -568,7 +568,8 @@ def finetune_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
 ):
-    """Fine-tune a SUGAR checkpoint with a plain, deterministic training loop."""
+    """Fine-tune a SUGAR checkpoint with a plain, seeded training loop (the data order and
+    initial state are seeded; float32 results on a CPU still vary slightly between processes)."""
     from dataclasses import asdict
 
     from rich.progress import Progress

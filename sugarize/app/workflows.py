@@ -53,7 +53,8 @@ def open_source(source: str, *, weights: str | None = None, model: str | None = 
     and only if its hash matches the recipe (``files.checkpoint.model_file_of``)."""
     if is_checkpoint(source):
         ck = open_checkpoint(source, model=model, trust_recipe=trust_recipe)
-        src = Source(ck.original, ck.sugar, ck.inputs, Path(source).name, ck.loaded, list(ck.notes))
+        # ck.notes (which function ran) reached the user as a SugarizeNote warning already
+        src = Source(ck.original, ck.sugar, ck.inputs, Path(source).name, ck.loaded)
     else:
         loaded = load_model(source)
         src = Source(loaded.model, None, loaded.example_inputs, loaded.path.name, loaded)

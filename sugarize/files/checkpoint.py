@@ -296,9 +296,10 @@ def open_checkpoint(path, *, model: str | None = None, trust_recipe: bool = Fals
         from ..errors import SugarizeNote
 
         how = "--trust-recipe" if model is None else "the default discovery picked it"
-        # a note every command shows (the CLI prints sugarize's warnings), not only those that print notes
-        warnings.warn(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); pass --model "
-                      f"{loaded.path.name}:NAME to call another", SugarizeNote, stacklevel=2)
+        notes.append(f"called {loaded.path.name}:{loaded.name}, the name the recipe records ({how}); pass --model "
+                     f"{loaded.path.name}:NAME to call another")
+        # also a warning, which every command shows (the CLI prints sugarize's notes), not only those that print notes
+        warnings.warn(notes[-1], SugarizeNote, stacklevel=2)
     return LoadedCheckpoint(sm, loaded.model, loaded, recipe, inputs, notes)
 
 

@@ -117,12 +117,14 @@ def register_surrogate(
     """Class decorator that adds a surrogate to the registry under ``name``.
 
     Raises:
-        ValueError: if ``name`` is already registered.
+        ParameterError: if ``name`` is already registered (a ``ValueError`` too).
     """
 
     def deco(cls: type[Surrogate]) -> type[Surrogate]:
         if name in _REGISTRY:
-            raise ValueError(f"surrogate {name!r} is already registered")
+            from ..errors import ParameterError
+
+            raise ParameterError(f"surrogate {name!r} is already registered; register yours under another name")
         cls.name = name
         cls.params = tuple(params)
         cls.source = source
@@ -239,8 +241,8 @@ class BSiLU(Surrogate):
 class NeLU(Surrogate):
     """NeLU, defined by its derivative: s'(x) = 1 for x > 0, 2ax/(1+x^2)^2 for x <= 0; a = 0.01.
 
-    s(x) = x for x > 0, a*x^2/(1 + x^2) for x <= 0 (= a - a/(1+x^2), continuous at 0).
-    The negative side is negative, minimum ~ -0.65a at x = -1/sqrt(3).
+    s(x) = x for x > 0, a*x^2/(1 + x^2) for x <= 0 (= a - a/(1+x^2), continuous at 0): s >= 0.
+    Its derivative is negative for x < 0, minimum s' ~ -0.65a at x = -1/sqrt(3).
     """
 
     @staticmethod

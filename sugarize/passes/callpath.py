@@ -238,8 +238,23 @@ def catchers(model: nn.Module) -> list[CallCatcher]:
 
 
 def count(model: nn.Module) -> int:
-    """Call catchers that compute SUGAR (a stripped model's ``relu_only`` ones do not)."""
-    return sum(1 for c in catchers(model) if not c.relu_only)
+    """SUGAR sites of this path, as ``strip_`` reports them: each hooked forward whose code names
+    an activation function its catcher converts (ReLU's spellings, and the relufied kinds'); a
+    stripped model's ``relu_only`` catchers compute no SUGAR and count none. Read from the code,
+    without running it: a forward that names ``F.relu`` on a path it never takes still counts."""
+    n = 0
+    for catcher in catchers(model):
+        if catcher.relu_only:
+            continue
+        kinds = ("relu",) + tuple(catcher.config.relufy)
+        names = frozenset(name for kind in kinds if kind in ACTIVATIONS for name in ACTIVATIONS[kind].names)
+        for root in catcher.roots:
+            try:
+                module = model.get_submodule(root)
+            except AttributeError:  # a catcher of the model this one is part of
+                continue
+            n += bool(call_roots(module, names))
+    return n
 
 
 def detach(model: nn.Module) -> list[CallCatcher]:

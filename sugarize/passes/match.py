@@ -21,7 +21,7 @@ __all__ = ["Match", "match_node", "scripted_sites", "module_path", "is_sugar", "
 class Match:
     """One activation call site found in a graph."""
 
-    kind: str  # "relu", "gelu", "gelu_tanh", "silu", or "relu6"/"other" for look-alikes
+    kind: str  # a row of the activation table (passes/activations.ACTIVATIONS): "relu", "gelu", "silu", "relu6", ...
     spelling: str  # as the user wrote it, e.g. "F.relu(inplace=True)"
     inplace: bool
     input: Node | None

@@ -77,8 +77,9 @@ def strip_(model: nn.Module) -> list[Site]:
 
 
 def count(model: nn.Module) -> int:
-    """SUGAR graph nodes and SUGAR modules in ``model``."""
-    return fxpath.count(model) + modulepath.count(model)
+    """SUGAR sites in ``model`` on every path: graph nodes, SUGAR modules, and forwards whose
+    functional calls a catcher converts."""
+    return sum(path.count(model) for path in PATHS)
 
 
 def holds_sugar(model: nn.Module) -> bool:

@@ -16,9 +16,9 @@ __all__ = ["strip", "strip_", "count_sugar", "has_sugar", "StripPass"]
 
 
 def count_sugar(model: nn.Module) -> int:
-    """SUGAR sites in ``model``: SUGAR nodes in its graphs (every GraphModule inside it) and
-    ``SugarActivation`` modules. Functional calls converted at run time are no sites until they
-    run (``has_sugar`` tells whether a model computes SUGAR at all)."""
+    """SUGAR sites in ``model``: SUGAR nodes in its graphs (every GraphModule inside it),
+    ``SugarActivation`` modules, and each module whose forward's functional activation calls are
+    converted as they run (one site per such forward, as ``strip`` reports it)."""
     return paths.count(model)
 
 

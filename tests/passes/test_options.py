@@ -10,7 +10,7 @@ import torch.nn as nn
 import sugarize
 from sugarize import SugarConfig
 
-from helpers import same_bits
+from helpers import fgi, same_bits
 
 
 class Dynamic(nn.Module):
@@ -53,6 +53,15 @@ def test_capture_is_explicit():
     x = torch.randn(3, 4)
     assert same_bits(sm(x), model(x))
     assert sugarize.report_of(sugarize.sugarize(Dynamic())).capture == "modules"  # auto falls back
+    # read back from the module: the ReLU was swapped, and its backward is SUGAR's, not ReLU's
+    from sugarize.method.module import SugarActivation
+
+    assert [type(m) for m in sm] == [nn.Linear, SugarActivation, nn.Linear] and sugarize.count_sugar(sm) == 1
+    h = (model[0](x)).detach().requires_grad_()
+    sm[1](h).sum().backward()
+    ref = h.detach().clone().requires_grad_()
+    fgi(ref).sum().backward()
+    assert torch.allclose(h.grad, ref.grad, rtol=1e-5, atol=1e-6) and not torch.equal(h.grad, (h > 0).float())
 
 
 @pytest.mark.parametrize("capture", ["fx", "modules"])

@@ -1,0 +1,153 @@
+"""The activation table row by row, with a guard that fails when a row has no case (as optimum's
+test_all_models_tested does for its registry); facts the docs state, made true (#30)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sugarize
+from sugarize.passes.activations import ACTIVATIONS
+
+from helpers import same_bits
+
+# kind -> (module, the same function called functionally, relufy word or None, skipped?)
+TABLE_CASES = {
+    "relu": (nn.ReLU, lambda x: F.relu(x), None, False),
+    "gelu": (nn.GELU, lambda x: F.gelu(x), "gelu", False),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), lambda x: F.gelu(x, approximate="tanh"), "gelu", False),
+    "silu": (nn.SiLU, lambda x: F.silu(x), "silu", False),
+    "relu6": (nn.ReLU6, lambda x: F.relu6(x), None, True),
+    "leaky_relu": (nn.LeakyReLU, lambda x: F.leaky_relu(x), None, True),
+}
+
+
+def test_every_row_of_the_activation_table_has_a_case():
+    assert sorted(TABLE_CASES) == sorted(ACTIVATIONS)
+
+
+class _Uses(nn.Module):
+    """One module site and one functional site of a kind (the call written out in the forward,
+    as a user writes it: the modules path finds calls by the names in a forward's code)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.l1, self.act, self.l2 = nn.Linear(8, 8), TABLE_CASES[kind][0](), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h, k = self.act(self.l1(x)), self.kind
+        if k == "relu":
+            h = F.relu(h)
+        elif k == "gelu":
+            h = F.gelu(h)
+        elif k == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif k == "silu":
+            h = F.silu(h)
+        elif k == "relu6":
+            h = F.relu6(h)
+        else:
+            h = F.leaky_relu(h)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "modules"])
+@pytest.mark.parametrize("kind", sorted(TABLE_CASES))
+def test_each_kind_is_found_on_each_path_and_converted_as_its_row_says(kind, capture):
+    torch.manual_seed(0)
+    model = _Uses(kind)
+    x = torch.randn(4, 8) * 3
+    _, _, relufy, skipped = TABLE_CASES[kind]
+    report = sugarize.inspect(model, example_args=(x,))
+    assert [s.kind for s in report.sites] == [kind, kind]
+    sm = sugarize.sugarize(model, relufy=(relufy,) if relufy else (), capture=capture, example_args=(x,))
+    sites = sugarize.report_of(sm).sites
+    converted = [s for s in sites if s.status == "converted"]
+    if skipped:
+        assert not converted
+        assert all(s.reason == ACTIVATIONS[kind].skip for s in sites if s.status == "skipped")
+        assert same_bits(sm(x), model(x))
+        if capture == "fx":
+            assert sugarize.count_sugar(sm) == 0
+        # no SUGAR computed at run time either: the gradient is the original's (the modules path
+        # hooks this forward, as its code names F.relu on a branch it never takes: count_sugar's
+        # estimate from the code counts it)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        sm(xa).sum().backward()
+        model(xb).sum().backward()
+        assert same_bits(xa.grad, xb.grad)
+        return
+    # the module site is converted on both paths; the functional one on fx (modules: as it runs)
+    assert sugarize.count_sugar(sm) >= 1 and converted
+    plain = sugarize.strip(sm)
+    assert sugarize.count_sugar(plain) == 0
+    if relufy is None:  # SUGAR on a ReLU: the forward is ReLU's, bit for bit, before and after strip
+        assert same_bits(sm(x), model(x)) and same_bits(plain(x), model(x))
+    else:  # relufied: both sites compute ReLU now
+        relu_model = _Uses("relu")
+        relu_model.load_state_dict(model.state_dict())
+        relu_model.act = nn.ReLU()
+        assert same_bits(plain(x), relu_model(x)) and same_bits(sm(x), relu_model(x))
+
+
+def test_count_sugar_counts_a_model_converted_only_through_its_functional_calls():
+    class Calls(nn.Module):  # data-dependent control flow: no trace; F.relu: no module to swap
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.lin(x)) if x.sum() > -1e9 else x
+
+    sm = sugarize.sugarize(Calls())
+    assert sugarize.report_of(sm).capture == "modules"
+    assert sugarize.count_sugar(sm) == 1  # was 0: "0 SUGAR sites stripped" for this model
+    assert sugarize.count_sugar(sugarize.strip(sm)) == 0
+
+
+def test_a_stripped_relufied_catcher_counts_no_sugar():
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.gelu(self.lin(x)) if x.sum() > -1e9 else x
+
+    sm = sugarize.sugarize(Calls(), relufy="gelu")
+    with pytest.warns(sugarize.SugarizeWarning):
+        plain = sugarize.strip(sm)
+    assert sugarize.count_sugar(plain) == 0
+
+
+def test_a_duplicate_surrogate_name_is_an_error_of_the_family():
+    from sugarize.method.surrogates import Surrogate
+
+    with pytest.raises(sugarize.SugarizeError, match="'bsilu' is already registered"):
+        @sugarize.register_surrogate("bsilu")
+        class Again(Surrogate):  # noqa: F811
+            pass
+    with pytest.raises(ValueError):  # still a ValueError for code that caught that
+        @sugarize.register_surrogate("bsilu")
+        class Again2(Surrogate):
+            pass
+
+
+def test_the_checkpoint_notes_say_which_function_ran(tmp_path):
+    model = tmp_path / "m.py"
+    model.write_text("import torch, torch.nn as nn\ndef build_model():\n    return nn.Sequential(nn.Linear(4, 4), "
+                     "nn.ReLU())\ndef example_inputs():\n    return (torch.randn(2, 4),)\n")
+    from sugarize.files.checkpoint import open_checkpoint
+    from sugarize.files.modelfile import load_model
+
+    loaded = load_model(str(model))
+    sm = sugarize.sugarize(loaded.model)
+    ck = sugarize.save_checkpoint(sm, tmp_path / "ck.safetensors", loaded=loaded, inputs=loaded.example_inputs)
+    with pytest.warns(sugarize.SugarizeNote):
+        opened = open_checkpoint(ck, model=str(model))
+    assert opened.notes == ["called m.py:build_model, the name the recipe records (the default discovery picked "
+                            "it); pass --model m.py:NAME to call another"]
+    assert open_checkpoint(ck, model=f"{model}:build_model").notes == []
