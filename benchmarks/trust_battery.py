@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import machine, machine_line, md_table, write  # noqa: E402
+from _common import RESULTS, machine, machine_line, md_table, write  # noqa: E402
 
 MODEL = """import torch, torch.nn as nn
 def build_model():
@@ -145,9 +145,11 @@ def _fifo(d: Path):
 
 
 def _pkg_sugarize(d: Path):
-    (d / "sugarize").mkdir()
-    (d / "sugarize" / "__init__.py").write_text("")
-    (d / "sugarize" / "errors.py").write_text(MODEL)
+    # under pkg/: a sugarize/ package in the current folder would be what `python -m sugarize` runs,
+    # before any code of ours (Python's own rule)
+    (d / "pkg" / "sugarize").mkdir(parents=True)
+    (d / "pkg" / "sugarize" / "__init__.py").write_text("")
+    (d / "pkg" / "sugarize" / "errors.py").write_text(MODEL)
 
 
 def _opset99(d: Path):
@@ -270,7 +272,7 @@ CASES = [
     ("model file lowering the recursion limit", "8 user code's failures",
      _forward_model("rec.py", "sys.setrecursionlimit(80)"), ["export", "{d}/rec.py", "-o", "{d}/x.onnx"], {}),
     ("model file at sugarize/errors.py (a package named sugarize)", "8 user code's failures", _pkg_sugarize,
-     ["inspect", "{d}/sugarize/errors.py"], {}),
+     ["inspect", "{d}/pkg/sugarize/errors.py"], {}),
     ("a FIFO as the model file", "9 environment", _fifo, ["inspect", "{d}/pipe.py"], {}),
     ("--epochs 2**64", "9 environment", None,
      ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/w.safetensors",
@@ -317,7 +319,8 @@ def run_case(case, checkout: Path) -> dict:
             if kind == "not_created":
                 kept.append(f"{f} absent" if not p.exists() else f"{f} WRITTEN")
             elif kind == "intact":
-                kept.append(f"{f} intact" if p.is_file() and p.read_bytes() == before.get(f) else f"{f} REPLACED")
+                kept.append(f"{f} intact" if p.is_file() and p.read_bytes() == before.get(f) else
+                            f"{f} REPLACED" if p.exists() else f"{f} DELETED")
         warned = "warn" in res.stderr.lower() or "change when cast" in res.stderr
         return {"case": name, "class": klass, "exit": res.returncode, "first_line": first[:200],
                 "stderr_lines": len(lines), "traceback": "Traceback" in res.stderr, "checks": ", ".join(kept),
@@ -329,10 +332,20 @@ def main(argv=None) -> int:
     ap.add_argument("--before", type=Path, default=None, help="an older checkout to compare with")
     ap.add_argument("--before-label", default="before")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cases", default=None, help="run only the cases whose name holds this text; the other "
+                    "rows are taken from the committed results")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    after = [run_case(c, ROOT) for c in CASES]
-    before = [run_case(c, args.before) for c in CASES] if args.before else None
+    chosen = [c for c in CASES if args.cases is None or args.cases in c[0]]
+    after = {c[0]: run_case(c, ROOT) for c in chosen}
+    before = {c[0]: run_case(c, args.before) for c in chosen} if args.before else None
+    if args.cases is not None:  # the rest from the last full run
+        old = json.loads(((args.out or RESULTS) / "trust_battery.json").read_text())
+        after = {**{r["case"]: r for r in old["after"]}, **after}
+        if before is not None:
+            before = {**{r["case"]: r for r in old["before"] or []}, **before}
+    after = [after[c[0]] for c in CASES]
+    before = [before[c[0]] for c in CASES] if before else None
     m = machine()
     md = ["# Careless and hostile inputs through the CLI", "",
           f"`python benchmarks/trust_battery.py{' --before ' + args.before_label if args.before else ''}` on "
