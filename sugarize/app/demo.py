@@ -34,7 +34,7 @@ from ..errors import DivergenceError
 from ..options import DEFAULT_SAVE
 from ..training.train import DataSpec, evaluate, finetune, seed_everything
 
-__all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS", "DEMO_FILES"]
+__all__ = ["DemoConfig", "DeepMLP", "run_demo", "VARIANTS", "DEMO_FILES", "body_dead_fraction"]
 
 # What the demo writes in its --out folder.
 DEMO_FILES = ("demo.png", "sugar_stripped.onnx", "relu_original.onnx")
@@ -180,65 +180,133 @@ def _dead_fraction(model, x) -> float:
     return audit(model, [x]).dead_fraction
 
 
+def body_dead_fraction(model: nn.Module, x: torch.Tensor) -> float:
+    """The dead units of a ``DeepMLP`` (any variant: converted, swapped) on ``x``: the fraction of
+    hidden units whose pre-activation (the output of a hidden ``Linear``, ``body.0``, ``body.2``...)
+    is positive on no input. The audit's definition on this architecture, from one forward with
+    hooks: the audit itself traces the model anew each call, 46 ms of the demo's 935 per-epoch
+    curve points (``tests/app/test_demo.py`` holds the two equal on every variant)."""
+    from ..modes import eval_mode
+
+    fired: list[torch.Tensor] = []
+    layers = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("body.")]
+    hooks = [m.register_forward_hook(lambda mod, args, out: fired.append((out > 0).any(0))) for m in layers]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    units = sum(f.numel() for f in fired)
+    return sum(int((~f).sum()) for f in fired) / units if units else 0.0
+
+
 def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
-    """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden."""
+    """(Run, dead-unit report) of one fine-tune; a diverged loss is a NaN row, not hidden. The
+    audit runs at the end (the report, its firing counts); the curve in between, epoch by epoch,
+    is ``body_dead_fraction``'s."""
     from ..training.deadunits import audit
 
-    reports = [audit(model, [xt])]  # before the fine-tune, then after each epoch
+    curve = [body_dead_fraction(model, xt)]  # before the fine-tune, then after each epoch
 
     def on_epoch(result):
-        reports.append(audit(model, [xt]))
+        curve.append(body_dead_fraction(model, xt))
 
     try:
         finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False,
                  on_epoch=on_epoch)
     except DivergenceError:  # the loss diverged: report it, do not hide it
-        return Run(name, seed, float("nan"), float("nan"), model, [r.dead_fraction for r in reports]), None
-    report = reports[-1]  # the last epoch's audit: the model as it ends
-    curve = [r.dead_fraction for r in reports]
+        return Run(name, seed, float("nan"), float("nan"), model, curve), None
+    report = audit(model, [xt])  # the model as it ends
     return Run(name, seed, evaluate(model, val)[1], report.dead_fraction, model, curve), report
 
 
-def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,
-             progress: Callable[[str], None] = lambda s: None) -> DemoResult:
-    """Runs the whole comparison (and the export proof); returns every figure."""
-    start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+def _seed(config: DemoConfig, seed: int, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Everything of one seed: pretraining, case 1's fine-tunes, case 2's; the unit a worker runs."""
     (xt, yt), (xv, yv) = load_digits_split()
     val = loader(xv, yv, batch_size=512)
     data = DataSpec(lambda: loader(xt, yt, config.batch_size, shuffle=True), lambda: val,
                     torch.nn.functional.cross_entropy)
     variants = _variants(config.save)
-    runs, pretrained, firing = [], [], {}
-    for seed in config.seeds:
+    out: dict = {"seed": seed, "runs": [], "firing": {}, "dead_runs": [], "dead_start": None}
+    seed_everything(seed)
+    base = DeepMLP(config.depth, config.width)
+    progress(f"seed {seed}: pretraining ReLU ({config.pretrain_optimizer}, lr {config.pretrain_lr})")
+    finetune(base, data, epochs=config.pretrain_epochs, lr=config.pretrain_lr, optimizer=config.pretrain_optimizer,
+             momentum=config.momentum, seed=1000 + seed, audit_dead=False)
+    out["pretrained"] = (evaluate(base, val)[1], _dead_fraction(base, xt))
+    for name in config.variants:
+        progress(f"seed {seed}: fine-tuning {name}")
+        run, report = _finetune_variant(variants[name](base), name, seed, data, xt, val,
+                                        config.epochs, config.lr, config.momentum)
+        out["runs"].append(run)
+        if report is not None:
+            out["firing"][name] = [c for s in report.sites for c in s.fire_counts]
+    if config.dead_case:
         seed_everything(seed)
         base = DeepMLP(config.depth, config.width)
-        progress(f"seed {seed}: pretraining ReLU ({config.pretrain_optimizer}, lr {config.pretrain_lr})")
-        finetune(base, data, epochs=config.pretrain_epochs, lr=config.pretrain_lr, optimizer=config.pretrain_optimizer,
-                 momentum=config.momentum, seed=1000 + seed, audit_dead=False)
-        pretrained.append((evaluate(base, val)[1], _dead_fraction(base, xt)))
+        with torch.no_grad():
+            for layer in base.body:
+                if isinstance(layer, nn.Linear):
+                    layer.bias.fill_(config.dead_bias)
+        out["dead_start"] = (evaluate(base, val)[1], _dead_fraction(base, xt))
         for name in config.variants:
-            progress(f"seed {seed}: fine-tuning {name}")
-            run, report = _finetune_variant(variants[name](base), name, seed, data, xt, val,
-                                            config.epochs, config.lr, config.momentum)
-            runs.append(run)
-            if report is not None and seed == config.seeds[0]:
-                firing[name] = [c for s in report.sites for c in s.fire_counts]
-    result = DemoResult(config, pretrained, runs, firing)
+            progress(f"mostly dead model, seed {seed}: fine-tuning {name}")
+            run, _ = _finetune_variant(variants[name](base), name, seed, data, xt, val,
+                                       config.dead_epochs, config.dead_lr, config.momentum)
+            out["dead_runs"].append(run)
+    return out
+
+
+def _seed_in_worker(config: DemoConfig, seed: int) -> dict:
+    """``_seed`` in a worker process of its own: one intra-op thread there (the tensors are 64x32;
+    two workers on two cores), set in that process only."""
+    torch.set_num_threads(1)
+    return _seed(config, seed)
+
+
+def run_demo(config: DemoConfig = DemoConfig(), *, out_dir: str | Path | None = None, export: bool = True,
+             progress: Callable[[str], None] = lambda s: None, workers: int | None = None) -> DemoResult:
+    """Runs the whole comparison (and the export proof); returns every figure.
+
+    Seeds are independent: with ``workers`` > 1 (default: 2 where there are 2 cores or more and
+    more than one seed) they run in that many spawned processes side by side, each with one
+    intra-op thread; this process's settings are left as they are. Each seed's figures are what
+    one process computes for it (seeded; float32 on a CPU is not bit-reproducible across processes,
+    so a figure can move in its last digits between runs, and the README says by how much)."""
+    import os
+
+    start = time.perf_counter()
+    (xt, _), _ = load_digits_split()
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1, len(config.seeds))
+    per_seed: dict[int, dict] = {}
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        from ..method import op  # noqa: F401 - registers the SUGAR op the models sent back call
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_seed_in_worker, config, seed): seed for seed in config.seeds}
+            progress(f"training {len(config.seeds)} seeds in {workers} processes...")
+            for done, future in enumerate(as_completed(futures), 1):
+                per_seed[futures[future]] = future.result()
+                progress(f"{done} of {len(config.seeds)} seeds done")
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(2, threads)))
+        try:
+            for seed in config.seeds:
+                per_seed[seed] = _seed(config, seed, progress)
+        finally:  # the caller's setting back
+            torch.set_num_threads(threads)
+    seeds = [per_seed[s] for s in config.seeds]
+    result = DemoResult(config, [p["pretrained"] for p in seeds], [r for p in seeds for r in p["runs"]],
+                        seeds[0]["firing"] if seeds else {})
     if config.dead_case:
-        for seed in config.seeds:
-            seed_everything(seed)
-            base = DeepMLP(config.depth, config.width)
-            with torch.no_grad():
-                for layer in base.body:
-                    if isinstance(layer, nn.Linear):
-                        layer.bias.fill_(config.dead_bias)
-            result.dead_start.append((evaluate(base, val)[1], _dead_fraction(base, xt)))
-            for name in config.variants:
-                progress(f"mostly dead model, seed {seed}: fine-tuning {name}")
-                run, _ = _finetune_variant(variants[name](base), name, seed, data, xt, val,
-                                           config.dead_epochs, config.dead_lr, config.momentum)
-                result.dead_runs.append(run)
+        result.dead_start = [p["dead_start"] for p in seeds]
+        result.dead_runs = [r for p in seeds for r in p["dead_runs"]]
     if export:
         result.export = _export_best(result, xt, out_dir, progress)
     result.seconds = time.perf_counter() - start
