@@ -29,6 +29,7 @@ def sugarize(
     negative_only: bool = False,
     save: str = DEFAULT_SAVE,
     relufy: Iterable[str] | str = (),
+    relufy_surrogate: str | None = None,
     fuse_bn: bool = True,
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
@@ -63,6 +64,8 @@ def sugarize(
         save: what the backward keeps: "full" (default, exact) or the opt-in compressed
             "bfloat16" / "uint8" (their error: ``sugarize.save_error``).
         relufy: also convert these activations ("gelu", "silu") into ReLU + SUGAR.
+        relufy_surrogate: the surrogate of relufied sites (default: the replaced activation's own
+            derivative, e.g. GELU's for a GELU site).
         fuse_bn: on the fx path, fuse each exact site fed by a BatchNorm (``relu(bn(c))``,
             ``relu(bn(c) + r)``) with it: the same values and gradients, and in eager mode its
             backward rebuilds x from BatchNorm's input instead of keeping it (the report's
@@ -90,8 +93,10 @@ def sugarize(
         >>> sm = sugarize(model, "bsilu", exclude=["head.*"])
         >>> print(sugarize.report_of(sm))
     """
+    _check_keywords(params, config.surrogate if config is not None and surrogate == DEFAULT_SURROGATE else surrogate)
     cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
-                   include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy, fuse_bn=fuse_bn)
+                   include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy,
+                   relufy_surrogate=relufy_surrogate, fuse_bn=fuse_bn)
     if capture not in CAPTURES:
         raise ParameterError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
     out, sites, taken, why = paths.convert(model, cfg, capture, copy=copy)
@@ -114,6 +119,23 @@ def sugarize(
         _count_calls(model, out, tuple(example_args or ()), dict(example_kwargs or {}))
     report.sites.extend(scripted_sites(model))
     return out
+
+
+def _check_keywords(params: dict, surrogate: str) -> None:
+    """Extra keywords are the surrogate's parameters; any other is named as an unknown keyword
+    (not reported as a parameter the surrogate lacks)."""
+    import inspect as pyinspect
+
+    from ..method.surrogates import get_surrogate
+
+    known = [p.name for p in get_surrogate(surrogate).params]
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        options = [n for n, p in pyinspect.signature(sugarize).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY]
+        raise ParameterError(f"sugarize() got an unknown keyword {unknown[0]!r}: it is none of its options "
+                             f"({', '.join(options)}) and no parameter of surrogate {surrogate!r} "
+                             f"({', '.join(known) or 'it takes none'})")
 
 
 def _options(config: SugarConfig | None, **keywords) -> SugarConfig:

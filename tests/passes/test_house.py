@@ -151,3 +151,26 @@ def test_the_checkpoint_notes_say_which_function_ran(tmp_path):
     assert opened.notes == ["called m.py:build_model, the name the recipe records (the default discovery picked "
                             "it); pass --model m.py:NAME to call another"]
     assert open_checkpoint(ck, model=f"{model}:build_model").notes == []
+
+
+def test_relufy_surrogate_is_a_keyword_like_every_config_field():
+    """Before: surrogate 'bsilu' has no parameter 'relufy_surrogate' (#31)."""
+    import dataclasses
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2))
+    sm = sugarize.sugarize(model, relufy="silu", relufy_surrogate="nelu")
+    assert sugarize.report_of(sm).sites[0].surrogate == "nelu"
+    assert sm.meta["sugarize"]["config"]["relufy_surrogate"] == "nelu"
+    fields = {f.name for f in dataclasses.fields(sugarize.SugarConfig)}
+    import inspect
+
+    keywords = set(inspect.signature(sugarize.sugarize).parameters)
+    assert fields <= keywords | {"params"}, fields - keywords  # every config field is a keyword (params: **params)
+
+
+def test_an_unknown_keyword_is_named_as_such():
+    with pytest.raises(sugarize.SugarizeError, match="unknown keyword 'relu_surrogate'.*no parameter of surrogate "
+                                                     "'bsilu' \\(alpha\\)"):
+        sugarize.sugarize(nn.Sequential(nn.ReLU()), relu_surrogate="nelu")
+    sm = sugarize.sugarize(nn.Sequential(nn.ReLU()), alpha=1.5)  # a real parameter still works
+    assert sugarize.report_of(sm).sites[0].surrogate == "bsilu"
