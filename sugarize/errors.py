@@ -71,7 +71,14 @@ class OutputPathError(InputError):
 
 
 class CaptureError(SugarizeError):
-    """The model's graph could not be captured."""
+    """The model's graph could not be captured (or a capture path does not apply to it).
+
+    ``reason`` says why in a few words, as data: the dispatcher that tries the next capture path
+    and the notes it writes read this field, never the message text."""
+
+    def __init__(self, message: str = "", *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class ExportError(SugarizeError):

@@ -40,9 +40,8 @@ def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torc
         CaptureError: if ``model`` is not an ``nn.Module`` or cannot be traced.
     """
     if not isinstance(model, nn.Module):
-        raise CaptureError(
-            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance"
-        )
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance",
+                           reason=f"not a torch.nn.Module but a {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):  # already captured: keep its nodes and their metadata
         if copy:
             root = _copy.deepcopy(model)
@@ -53,10 +52,9 @@ def trace_graph(model: nn.Module, *, copy: bool = True) -> tuple[nn.Module, torc
         graph = Tracer().trace(root)
     except Exception as exc:  # tracing runs arbitrary user code
         first = first_line(exc)
-        raise CaptureError(
-            f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}. "
-            "Mark the untraceable code with torch.fx.wrap, or convert a traceable submodule"
-        ) from exc
+        reason = f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: {first}"
+        raise CaptureError(f"{reason}. Mark the untraceable code with torch.fx.wrap, or convert a traceable "
+                           "submodule", reason=reason) from exc
     return root, graph, "symbolic_trace"
 
 

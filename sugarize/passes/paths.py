@@ -1,36 +1,42 @@
-"""The capture paths and the one interface they share.
+"""The capture paths: one interface, one ordered registry.
 
-A capture path is one module with the same five functions:
+A capture path is an object with a ``NAME`` and these methods:
 
 - ``find(model, cfg, status="convertible") -> list[Site]``: the sites it sees, nothing changed;
+- ``inspect(model, cfg, example_args) -> (sites, notes)``: ``find`` with what a user should know;
 - ``convert(model, cfg, *, copy=True) -> (converted, sites)``: never changes ``model``;
   ``copy=False`` shares its parameters and buffers instead of copying them;
 - ``strip_(model) -> list[Site]``: in place, back to standard modules and ops;
-- ``count(model) -> int``: the SUGAR sites (or catchers) it left in ``model``;
+- ``count(model) -> int``: the SUGAR sites it left in ``model``; ``holds(model)``: whether it
+  left anything that computes SUGAR;
 - ``instrument(model, record)``: a context giving a module to run that calls
-  ``record((path, spelling, kind), x, y)`` at each activation, for the audit.
+  ``record((path, spelling, kind, ...), x, y)`` at each activation, for the audit;
+- ``explain(model) -> str | None``: why it does not apply to ``model`` (None: it does).
 
-``fx`` (``fxpath``) rewrites a torch.fx graph; ``modules`` (``modulepath``) swaps activation
-modules; ``calls`` (``callpath``) converts functional calls as they run, only in the forwards
-that make them. ``capture="auto"`` takes fx, and where the model cannot be traced, modules
-followed by calls. ``sugarize``, ``inspect``, ``strip``, the audit and export all go through here.
+A path that does not apply raises ``CaptureError`` from ``find``/``convert``/``instrument`` with
+its ``reason``: ``capture="auto"`` then takes the next path of the registry (``PATHS``, in order),
+and notes read the reason field, never the message. ``fx`` (``fxpath``) rewrites a torch.fx
+graph; ``modules`` swaps activation modules (``modulepath``) and converts functional calls as they
+run (``callpath``), for models that do not trace. ``sugarize``, ``inspect``, ``strip``,
+``count_sugar``, the audit and export all go through here. A new path is one module with one
+such object, and ``register_capture_path(obj, before="fx")``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch.nn as nn
 
-from ..errors import CaptureError
+from ..errors import CaptureError, ParameterError
 from . import callpath, fusion, fxpath, modulepath
 from .match import sugar_options
 from .config import SugarConfig
 from .report import Site
 
-__all__ = ["CapturePath", "PATHS", "CAPTURES", "convert", "strip_", "count", "holds_sugar", "instrument",
-           "op_options", "warmup"]
+__all__ = ["CapturePath", "PATHS", "captures", "register_capture_path", "unregister_capture_path", "get_path",
+           "convert", "inspect", "strip_", "count", "holds_sugar", "instrument", "op_options", "warmup"]
 
 
 class CapturePath(Protocol):  # pragma: no cover - the interface, for readers and type checkers
@@ -38,37 +44,183 @@ class CapturePath(Protocol):  # pragma: no cover - the interface, for readers an
 
     def find(self, model: nn.Module, cfg: SugarConfig, status: str = "convertible") -> list[Site]: ...
 
+    def inspect(self, model: nn.Module, cfg: SugarConfig, example_args) -> tuple[list[Site], list[str]]: ...
+
     def convert(self, model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[nn.Module, list[Site]]: ...
 
     def strip_(self, model: nn.Module) -> list[Site]: ...
 
     def count(self, model: nn.Module) -> int: ...
 
+    def holds(self, model: nn.Module) -> bool: ...
+
     def instrument(self, model: nn.Module, record) -> ContextManager[nn.Module]: ...
 
-
-PATHS: tuple[CapturePath, ...] = (fxpath, modulepath, callpath)  # type: ignore[assignment]
-CAPTURES = ("auto", "fx", "modules")
+    def explain(self, model: nn.Module) -> str | None: ...
 
 
-def convert(model: nn.Module, cfg: SugarConfig, capture: str, *, copy: bool) -> tuple[nn.Module, list[Site], str, str]:
-    """``(converted, sites, capture taken, why fx was not)`` for ``capture`` in ``CAPTURES``.
+class FxCapture:
+    """torch.fx: the model traced into one graph, each site a node (``fxpath``)."""
+
+    NAME = fxpath.NAME
+
+    def find(self, model, cfg, status="convertible"):
+        return fxpath.find(model, cfg, status)
+
+    def inspect(self, model, cfg, example_args):
+        return fxpath.find(model, cfg), []
+
+    def convert(self, model, cfg, *, copy=True):
+        return fxpath.convert(model, cfg, copy=copy)
+
+    def strip_(self, model):
+        return fxpath.strip_(model)
+
+    def count(self, model):
+        return fxpath.count(model)
+
+    def holds(self, model):
+        return fxpath.count(model) > 0
+
+    def instrument(self, model, record):
+        return fxpath.instrument(model, record)
+
+    def explain(self, model):
+        from .capture import trace_graph
+
+        try:
+            trace_graph(model, copy=False)  # traces the model itself and changes nothing
+        except CaptureError as exc:
+            return exc.reason
+        return None
+
+
+class ModuleCapture:
+    """Any ``nn.Module``: activation modules swapped at their paths (``modulepath``) and
+    functional activation calls converted as they run (``callpath``), for models that do not trace."""
+
+    NAME = modulepath.NAME
+
+    def find(self, model, cfg, status="convertible"):
+        return modulepath.find(model, cfg, status)
+
+    def inspect(self, model, cfg, example_args):
+        self._check(model)
+        sites = modulepath.find(model, cfg)
+        notes = []
+        if example_args is None:
+            roots = callpath.call_roots(model)
+            if roots:
+                notes.append(f"the forward of {', '.join(r or '<model>' for r in roots)} makes functional activation "
+                             "calls: they are counted only with example inputs")
+        else:
+            counts = callpath.count_calls(model, tuple(example_args))
+            sites = callpath.with_calls(sites, counts) + callpath.call_sites(counts, cfg, "convertible")
+        return sites, notes
+
+    def convert(self, model, cfg, *, copy=True):
+        self._check(model)
+        out, sites = modulepath.convert(model, cfg, copy=copy)
+        return out, sites + callpath.convert_(out, cfg)  # out is private already: hooked in place
+
+    def strip_(self, model):
+        return modulepath.strip_(model) + callpath.strip_(model)
+
+    def count(self, model):
+        return modulepath.count(model) + callpath.count(model)
+
+    def holds(self, model):
+        return modulepath.count(model) > 0 or any(not c.relu_only for c in callpath.catchers(model))
+
+    @contextlib.contextmanager
+    def instrument(self, model, record):
+        self._check(model)
+        with modulepath.instrument(model, record) as runner, callpath.instrument(model, record):
+            yield runner
+
+    def explain(self, model):
+        return None if isinstance(model, nn.Module) else f"not a torch.nn.Module but a {type(model).__name__}"
+
+    def _check(self, model):
+        why = self.explain(model)
+        if why is not None:
+            raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance",
+                               reason=why)
+
+
+PATHS: list[CapturePath] = [FxCapture(), ModuleCapture()]  # the order capture="auto" tries them in
+
+
+def captures() -> tuple[str, ...]:
+    """What ``capture=`` takes: "auto" and each registered path's name."""
+    return ("auto",) + tuple(p.NAME for p in PATHS)
+
+
+def register_capture_path(path: CapturePath, *, before: str | None = None) -> CapturePath:
+    """Adds a capture path to the registry (at the end, or before the path named ``before``):
+    ``capture="auto"`` tries it in that order, and strip, count, the audit and export see it.
 
     Raises:
-        CaptureError: ``capture="fx"`` and the model cannot be traced.
+        ParameterError: a path of that name is registered already, or ``before`` names none.
     """
-    why = "capture='modules' was asked for"
-    if capture != "modules":
+    names = [p.NAME for p in PATHS]
+    if path.NAME in names or path.NAME == "auto":
+        raise ParameterError(f"a capture path named {path.NAME!r} is registered already ({', '.join(names)})")
+    if before is not None and before not in names:
+        raise ParameterError(f"no capture path named {before!r} to register before ({', '.join(names)})")
+    PATHS.insert(names.index(before) if before is not None else len(PATHS), path)
+    return path
+
+
+def unregister_capture_path(name: str) -> None:
+    """Takes a registered path out again (one a plug-in or a test added)."""
+    PATHS[:] = [p for p in PATHS if p.NAME != name]
+
+
+def get_path(name: str) -> CapturePath:
+    for p in PATHS:
+        if p.NAME == name:
+            return p
+    raise ParameterError(f"capture={name!r} is not one of {', '.join(captures())}")
+
+
+def _candidates(capture: str) -> list[CapturePath]:
+    return list(PATHS) if capture == "auto" else [get_path(capture)]
+
+
+def convert(model: nn.Module, cfg: SugarConfig, capture: str, *,
+            copy: bool) -> tuple[nn.Module, list[Site], str, dict[str, str]]:
+    """``(converted, sites, capture taken, {path: why it did not apply})`` for ``capture`` in
+    ``captures()``: "auto" takes the first registered path that applies.
+
+    Raises:
+        CaptureError: the path asked for (or, with "auto", the last one) does not apply.
+    """
+    candidates = _candidates(capture)
+    reasons: dict[str, str] = {}
+    for i, path in enumerate(candidates):
         try:
-            out, sites = fxpath.convert(model, cfg, copy=copy)
-            return out, sites, fxpath.NAME, ""
+            out, sites = path.convert(model, cfg, copy=copy)
+            return out, sites, path.NAME, reasons
         except CaptureError as exc:
-            if capture == "fx" or not isinstance(model, nn.Module):
+            if i == len(candidates) - 1:
                 raise
-            why = str(exc).split(". Mark")[0]
-    out, sites = modulepath.convert(model, cfg, copy=copy)
-    more = callpath.convert_(out, cfg)  # out is already private: hooked in place, not cloned again
-    return out, sites + more, modulepath.NAME, why
+            reasons[path.NAME] = exc.reason
+    raise CaptureError("no capture path is registered", reason="no capture path")  # pragma: no cover
+
+
+def inspect(model: nn.Module, cfg: SugarConfig, example_args=None) -> tuple[list[Site], list[str], str, dict]:
+    """``(sites, notes, capture taken, {path: why it did not apply})``: what ``convert`` would see."""
+    reasons: dict[str, str] = {}
+    for i, path in enumerate(PATHS):
+        try:
+            sites, notes = path.inspect(model, cfg, example_args)
+            return sites, notes, path.NAME, reasons
+        except CaptureError as exc:
+            if i == len(PATHS) - 1:
+                raise
+            reasons[path.NAME] = exc.reason
+    raise CaptureError("no capture path is registered", reason="no capture path")  # pragma: no cover
 
 
 def strip_(model: nn.Module) -> list[Site]:
@@ -83,21 +235,25 @@ def count(model: nn.Module) -> int:
 
 
 def holds_sugar(model: nn.Module) -> bool:
-    """Whether ``model`` computes SUGAR anywhere: graph nodes, modules, or call catchers."""
-    return any(path.count(model) for path in PATHS)
+    """Whether ``model`` computes SUGAR anywhere: graph nodes, modules, call catchers, any path's."""
+    return any(path.holds(model) for path in PATHS)
 
 
 @contextlib.contextmanager
-def instrument(model: nn.Module, record):
-    """The module to run for the audit: the fx instrumented graph, or, where the model cannot be
-    traced, the model itself with its activation modules and calls recorded."""
-    with contextlib.ExitStack() as stack:
-        try:
-            runner = stack.enter_context(fxpath.instrument(model, record))
-        except CaptureError:
-            runner = stack.enter_context(modulepath.instrument(model, record))
-            stack.enter_context(callpath.instrument(model, record))
-        yield runner
+def instrument(model: nn.Module, record: Callable):
+    """The module to run for the audit, from the first registered path that applies (the fx
+    instrumented graph; where the model cannot be traced, the model itself with its activation
+    modules and calls recorded)."""
+    for i, path in enumerate(PATHS):
+        with contextlib.ExitStack() as stack:
+            try:
+                runner = stack.enter_context(path.instrument(model, record))
+            except CaptureError:
+                if i == len(PATHS) - 1:
+                    raise
+                continue
+            yield runner
+            return
 
 
 def op_options(model: nn.Module) -> set[tuple]:

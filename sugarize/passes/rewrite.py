@@ -17,7 +17,7 @@ from .report import Report
 
 __all__ = ["sugarize", "inspect", "SugarizePass", "CAPTURES"]
 
-CAPTURES = paths.CAPTURES
+CAPTURES = paths.captures()  # the built-in ones; paths.captures() has any registered since
 
 
 def sugarize(
@@ -97,11 +97,12 @@ def sugarize(
     cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
                    include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy,
                    relufy_surrogate=relufy_surrogate, fuse_bn=fuse_bn)
-    if capture not in CAPTURES:
-        raise ParameterError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
-    out, sites, taken, why = paths.convert(model, cfg, capture, copy=copy)
+    if capture not in paths.captures():
+        raise ParameterError(f"capture={capture!r} is not one of {', '.join(paths.captures())}")
+    out, sites, taken, reasons = paths.convert(model, cfg, capture, copy=copy)
     notes = []
     if taken == modulepath.NAME:
+        why = reasons.get(fxpath.NAME) or f"capture={capture!r} was asked for"
         notes.append(f"not traceable by torch.fx ({why}); activation modules are swapped for SugarActivation at "
                      "their paths" if "asked for" not in why else "module capture, as asked: activation modules are "
                      "swapped for SugarActivation at their paths")
@@ -210,24 +211,10 @@ def inspect(
     cfg = config or SugarConfig(
         surrogate=surrogate, include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy
     )
-    try:
-        sites = fxpath.find(model, cfg)
-    except CaptureError as exc:
-        if not isinstance(model, nn.Module):
-            raise
-        why = str(exc).split(". Mark")[0]
-        sites = modulepath.find(model, cfg)
-        notes = [f"not traceable by torch.fx ({why}); activation modules listed by path"]
-        if example_args is None:
-            roots = callpath.call_roots(model)
-            if roots:
-                notes.append(f"the forward of {', '.join(r or '<model>' for r in roots)} makes functional activation "
-                             "calls: they are counted only with example inputs")
-        else:
-            counts = callpath.count_calls(model, tuple(example_args))
-            sites = callpath.with_calls(sites, counts) + callpath.call_sites(counts, cfg, "convertible")
-        return Report(sites=sites + scripted_sites(model), capture=modulepath.NAME, notes=notes)
-    return Report(sites=sites + scripted_sites(model), capture=fxpath.NAME)
+    sites, notes, taken, reasons = paths.inspect(model, cfg, example_args)
+    if taken == modulepath.NAME and fxpath.NAME in reasons:
+        notes.insert(0, f"not traceable by torch.fx ({reasons[fxpath.NAME]}); activation modules listed by path")
+    return Report(sites=sites + scripted_sites(model), capture=taken, notes=notes)
 
 
 class SugarizePass(PassBase):
