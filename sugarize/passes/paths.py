@@ -188,6 +188,20 @@ def _candidates(capture: str) -> list[CapturePath]:
     return list(PATHS) if capture == "auto" else [get_path(capture)]
 
 
+def _first_that_applies(candidates: list[CapturePath], call: Callable) -> tuple:
+    """``(call(path), path, {name: why it did not apply})`` for the first path of ``candidates``
+    whose ``call`` raises no ``CaptureError``; the last one's error propagates."""
+    reasons: dict[str, str] = {}
+    for i, path in enumerate(candidates):
+        try:
+            return call(path), path, reasons
+        except CaptureError as exc:
+            if i == len(candidates) - 1:
+                raise
+            reasons[path.NAME] = exc.reason
+    raise CaptureError("no capture path is registered", reason="no capture path")  # pragma: no cover
+
+
 def convert(model: nn.Module, cfg: SugarConfig, capture: str, *,
             copy: bool) -> tuple[nn.Module, list[Site], str, dict[str, str]]:
     """``(converted, sites, capture taken, {path: why it did not apply})`` for ``capture`` in
@@ -196,31 +210,15 @@ def convert(model: nn.Module, cfg: SugarConfig, capture: str, *,
     Raises:
         CaptureError: the path asked for (or, with "auto", the last one) does not apply.
     """
-    candidates = _candidates(capture)
-    reasons: dict[str, str] = {}
-    for i, path in enumerate(candidates):
-        try:
-            out, sites = path.convert(model, cfg, copy=copy)
-            return out, sites, path.NAME, reasons
-        except CaptureError as exc:
-            if i == len(candidates) - 1:
-                raise
-            reasons[path.NAME] = exc.reason
-    raise CaptureError("no capture path is registered", reason="no capture path")  # pragma: no cover
+    (out, sites), path, reasons = _first_that_applies(_candidates(capture),
+                                                      lambda p: p.convert(model, cfg, copy=copy))
+    return out, sites, path.NAME, reasons
 
 
 def inspect(model: nn.Module, cfg: SugarConfig, example_args=None) -> tuple[list[Site], list[str], str, dict]:
     """``(sites, notes, capture taken, {path: why it did not apply})``: what ``convert`` would see."""
-    reasons: dict[str, str] = {}
-    for i, path in enumerate(PATHS):
-        try:
-            sites, notes = path.inspect(model, cfg, example_args)
-            return sites, notes, path.NAME, reasons
-        except CaptureError as exc:
-            if i == len(PATHS) - 1:
-                raise
-            reasons[path.NAME] = exc.reason
-    raise CaptureError("no capture path is registered", reason="no capture path")  # pragma: no cover
+    (sites, notes), path, reasons = _first_that_applies(list(PATHS), lambda p: p.inspect(model, cfg, example_args))
+    return sites, notes, path.NAME, reasons
 
 
 def strip_(model: nn.Module) -> list[Site]:
