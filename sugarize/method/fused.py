@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .kernels import fused_bn_grad, traced
+from .kernels import enabled, fused_bn_grad, scoped, traced
 from .op import OP
 from .saved import decode_mul, surrogate_derivative, encode_saved
 
@@ -160,6 +160,7 @@ class _BNSugar(torch.autograd.Function):
         out = out.relu_()
         ctx.save_for_backward(*saved, residual, *saved2)
         ctx.options = (meta, meta2, surrogate, list(params), negative_only, out.dtype)
+        ctx.kernels = enabled()  # the running model's setting (kernels.use_kernels), for the backward
         return out
 
     @staticmethod
@@ -172,7 +173,8 @@ class _BNSugar(torch.autograd.Function):
             alpha, beta = _bn_rebuild(saved, meta, dtype)
             if meta2 is not None:  # the shortcut's BatchNorm output: rebuilt too, not kept
                 residual = _rebuild(saved2[0], *_bn_rebuild(saved2, meta2, dtype), dtype)
-            g = fused_bn_grad(grad, saved[0], alpha, beta, residual, surrogate, params, negative_only)
+            with scoped(ctx.kernels):  # the setting of the model whose forward saved this
+                g = fused_bn_grad(grad, saved[0], alpha, beta, residual, surrogate, params, negative_only)
             if g is None:  # the eager formulas (the default): a few passes over memory
                 x = _rebuild(saved[0], alpha, beta, dtype)
                 if residual is not None:

@@ -6,9 +6,11 @@ written with as few passes as each formula allows). A ``torch.compile`` (Inducto
 each in one pass, but compiling it takes seconds on the first large tensor, needs a C++
 compiler, and on this project's CPU it did not pay in steady state
 (``benchmarks/results/first_step.md``); so it is never compiled unless asked:
-``sugarize.warmup(model)`` (or ``set_enabled(True)``, or ``SUGARIZE_FUSED=1`` in the
-environment) turns the kernels on for the process, and ``warmup`` compiles them there and then,
-where the user sees it. Once on, kernels are compiled once per (surrogate, parameters, options,
+``sugarize.warmup(model)`` turns the kernels on for that model (``use_kernels``: its forward
+runs them, and the backward of what that forward computed) and compiles them there and then,
+where the user sees it; another model in the same process keeps its own setting. A process
+default remains, off unless ``set_enabled(True)`` or ``SUGARIZE_FUSED=1`` in the environment
+(read when asked, not at import) says so: it serves models without a setting of their own. Once on, kernels are compiled once per (surrogate, parameters, options,
 dtype) for 1-D inputs with a dynamic length, and used only:
 
 - in plain eager execution (never while the model itself is being compiled, exported or
@@ -23,8 +25,10 @@ their kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 import types
 import warnings
 from typing import Callable, Sequence
@@ -33,20 +37,82 @@ import torch
 
 from ..errors import first_line
 
-__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "traced", "fused_encode", "fused_decode", "fused_bn_grad",
-           "compile_for", "compile_bn_grad_for"]
+__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "use_kernels", "enabled_for", "scoped", "traced", "fused_encode",
+           "fused_decode", "fused_bn_grad", "compile_for", "compile_bn_grad_for"]
 
 MIN_NUMEL = 1 << 16
-_state: dict = {"enabled": os.environ.get("SUGARIZE_FUSED", "0") == "1", "failed": set()}
+_state: dict = {"enabled": False, "failed": set()}
+_local = threading.local()  # the settings of the model forwards running on this thread, innermost last
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
 
 
 def enabled() -> bool:
-    return _state["enabled"]
+    """Whether the fused kernels serve the op here: the setting of the model whose forward is
+    running (``use_kernels``; the op's backward gets its forward's), else the process default."""
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    return _state["enabled"] or os.environ.get("SUGARIZE_FUSED", "0") == "1"
 
 
 def set_enabled(on: bool) -> None:
-    """Turns the fused kernels on or off for this process (the eager formulas otherwise)."""
+    """The process default, for models without a setting of their own (the eager formulas otherwise)."""
     _state["enabled"] = bool(on)
+
+
+@contextlib.contextmanager
+def scoped(on: bool):
+    """Within the block, ``enabled()`` is ``on`` on this thread (the op's backward runs in its
+    forward's setting)."""
+    stack = _stack()
+    stack.append(bool(on))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _enter(on: bool, module, args) -> None:
+    _stack().append(on)
+
+
+def _exit(module, args, output) -> None:
+    stack = _stack()
+    if stack:
+        stack.pop()
+
+
+def _setting_hooks(model: torch.nn.Module):
+    for registry in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(registry.items()):
+            if (isinstance(fn, functools.partial) and fn.func is _enter) or fn is _exit:
+                yield registry, key, fn
+
+
+def use_kernels(model: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+    """In place: ``model``'s forward runs the fused kernels (``on``) or the eager formulas, whatever
+    the process default; two hooks on ``model`` itself carry the setting. A deep copy of a plain
+    module keeps them; torch rebuilds a ``GraphModule`` on ``copy.deepcopy`` without its forward
+    hooks, so call this on such a copy again. Returns ``model``."""
+    for registry, key, _ in list(_setting_hooks(model)):
+        del registry[key]
+        model._forward_hooks_always_called.pop(key, None)
+    model.register_forward_pre_hook(functools.partial(_enter, bool(on)))
+    model.register_forward_hook(_exit, always_call=True)
+    return model
+
+
+def enabled_for(model: torch.nn.Module) -> bool | None:
+    """``model``'s own setting (``use_kernels``), None if it has none (the process default serves it)."""
+    for _, _, fn in _setting_hooks(model):
+        if isinstance(fn, functools.partial):
+            return fn.args[0]
+    return None
 
 
 def compile_for(surrogate: str, params: Sequence[float], negative_only: bool, save: str,
@@ -206,7 +272,7 @@ def compile_bn_grad_for(surrogate: str, params: Sequence[float], negative_only: 
     without a residual, for contiguous and channels-last inputs; False if they cannot be."""
     c = torch.zeros(4, 8, 64, 64, dtype=dtype, device=device)
     vec = torch.ones(8, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), scoped(True):  # compiled here, whatever the running setting
         for layout in (torch.contiguous_format, torch.channels_last):
             t = c.contiguous(memory_format=layout)
             for residual in (None, t):

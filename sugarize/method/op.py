@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import compiled
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
-from .kernels import fused_decode, fused_encode, traced
+from .kernels import enabled, fused_decode, fused_encode, scoped, traced
 from .saved import decode_mul, surrogate_derivative, encode_saved, grad_math, saved_grid, plain_saved, saved_dtype, check_options
 from .surrogates import resolve_params
 
@@ -98,6 +98,7 @@ def _(x, surrogate, params, negative_only, save):
 
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
+    ctx.kernels = enabled()  # the running model's setting: its backward decodes the same way
     ctx.save = save
     ctx.grid = saved_grid(surrogate, params, negative_only, save)
     ctx.formula = None
@@ -128,7 +129,8 @@ def _backward(ctx, grad):
     (saved,) = ctx.saved_tensors
     if ctx.formula is not None:  # traced, exact: saved is x
         return GRAD_OP(grad, saved, *ctx.formula), None, None, None, None
-    out = fused_decode(grad, saved, ctx.save, ctx.grid)
+    with scoped(ctx.kernels):
+        out = fused_decode(grad, saved, ctx.save, ctx.grid)
     if out is None:
         out = decode_mul(grad, saved, ctx.save, ctx.grid)
     return out, None, None, None, None

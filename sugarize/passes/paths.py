@@ -282,7 +282,8 @@ def op_options(model: nn.Module) -> set[tuple]:
 
 def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
     """Opt-in: compiles the SUGAR op's fused eager kernels for every configuration ``model`` runs,
-    now, and turns them on for this process (``sugarize.method.kernels``).
+    now, and turns them on for ``model`` (``kernels.use_kernels``: its forward and the backward of
+    what it computed use them; other models keep their own setting, the process's is untouched).
 
     They are off by default: compiling takes seconds and needs a C++ compiler, and on the CPU
     this project measures on they did not make the steady training step faster
@@ -306,7 +307,7 @@ def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
     from ..method import kernels
 
     start = time.perf_counter()
-    kernels.set_enabled(True)
+    kernels.use_kernels(model)
     done = failed = 0
     for options in sorted(op_options(model), key=repr):
         for dtype in dtypes or (torch.float32,):

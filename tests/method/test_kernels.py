@@ -45,13 +45,16 @@ def test_warmup_compiles_the_kernels_now_and_the_training_step_then_compiles_not
         sm = sugarize.sugarize(_model(), "nelu", alpha=0.3)  # a configuration no other test compiles
         before = _frames()
         result = sugarize.warmup(sm)
-        assert result["kernels"] == 1 and result["failed"] == 0 and kernels.enabled()
+        # on for this model (#30: a model's setting, not the process's)
+        assert result["kernels"] == 1 and result["failed"] == 0 and kernels.enabled_for(sm) is True
+        assert not kernels.enabled()
         assert _frames() > before  # compiled here, where the user asked
         x = torch.randn(128, 64)
         after_warmup = _frames()
         _step(sm, x)
         assert _frames() == after_warmup
-        assert kernels.fused_encode(torch.randn(128, 1024), "nelu", [0.3], False, "full", None) is not None
+        with kernels.scoped(True):
+            assert kernels.fused_encode(torch.randn(128, 1024), "nelu", [0.3], False, "full", None) is not None
     finally:
         kernels.set_enabled(was)
 
@@ -95,6 +98,7 @@ def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_
         for layout in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(8, 3, 32, 32).contiguous(memory_format=layout)
             m1, m2 = (copy.deepcopy(m).to(memory_format=layout) for m in (eager, sm))
+            kernels.use_kernels(m2)  # a GraphModule's deep copy is rebuilt without the hooks holding the setting
             kernels.set_enabled(False)
             _sum_step(m1, x)
             kernels.set_enabled(True)
@@ -118,3 +122,33 @@ def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_
                 assert rel <= 1e-5, (layout, n, rel)
     finally:
         kernels.set_enabled(was)
+
+
+def test_two_models_in_one_process_run_their_own_kernels():
+    """warmup sets the kernels on the model it was given; another model, and the process default,
+    keep theirs (#30): a spy on the kernel runner counts what each training step ran."""
+    warmed = sugarize.sugarize(_model(), "nelu", alpha=0.3)
+    plain = sugarize.sugarize(_model(), "nelu", alpha=0.3)
+    sugarize.warmup(warmed)
+    assert kernels.enabled_for(warmed) is True and kernels.enabled_for(plain) is None and not kernels.enabled()
+    calls = []
+    real = kernels._run
+
+    def spy(key, *args, **kw):
+        calls.append(key[0])
+        return real(key, *args, **kw)
+
+    kernels._run = spy
+    try:
+        x = torch.randn(128, 64)
+        _step(plain, x)
+        assert calls == []  # the unwarmed model: the eager formulas, forward and backward
+        _step(warmed, x)
+        assert calls.count("encode") >= 1 and calls.count("decode") >= 1  # its own kernels, both ways
+        calls.clear()
+        kernels.use_kernels(warmed, False)  # and a model's setting can be turned off again
+        _step(warmed, x)
+        assert calls == [] and kernels.enabled_for(warmed) is False
+    finally:
+        kernels._run = real
+    assert not kernels.enabled()  # the process default never changed
