@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -103,18 +105,8 @@ def test_the_fused_batchnorm_backward_kernel_is_opt_in_one_pass_and_matches_the_
             _sum_step(m1, x)
             kernels.set_enabled(True)
             before = _frames()
-            calls = []
-            real = kernels._run
-
-            def spy(key, *args, **kw):
-                calls.append(key[0])
-                return real(key, *args, **kw)
-
-            kernels._run = spy
-            try:
+            with _spy_runs() as calls:
                 _sum_step(m2, x)
-            finally:
-                kernels._run = real
             assert calls.count("bn_grad") == 3, calls  # every fused site took the one-pass kernel
             assert _frames() == before  # warmup compiled it for both layouts
             for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
@@ -131,15 +123,7 @@ def test_two_models_in_one_process_run_their_own_kernels():
     plain = sugarize.sugarize(_model(), "nelu", alpha=0.3)
     sugarize.warmup(warmed)
     assert kernels.enabled_for(warmed) is True and kernels.enabled_for(plain) is None and not kernels.enabled()
-    calls = []
-    real = kernels._run
-
-    def spy(key, *args, **kw):
-        calls.append(key[0])
-        return real(key, *args, **kw)
-
-    kernels._run = spy
-    try:
+    with _spy_runs() as calls:
         x = torch.randn(128, 64)
         _step(plain, x)
         assert calls == []  # the unwarmed model: the eager formulas, forward and backward
@@ -149,6 +133,21 @@ def test_two_models_in_one_process_run_their_own_kernels():
         kernels.use_kernels(warmed, False)  # and a model's setting can be turned off again
         _step(warmed, x)
         assert calls == [] and kernels.enabled_for(warmed) is False
+    assert not kernels.enabled()  # the process default never changed
+
+
+@contextlib.contextmanager
+def _spy_runs():
+    """The kinds of kernel the op ran ("encode", "decode", "bn_grad") while in the block."""
+    calls = []
+    real = kernels._run
+
+    def spy(key, *args, **kw):
+        calls.append(key[0])
+        return real(key, *args, **kw)
+
+    kernels._run = spy
+    try:
+        yield calls
     finally:
         kernels._run = real
-    assert not kernels.enabled()  # the process default never changed
