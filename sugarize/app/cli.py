@@ -195,8 +195,8 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None):
-    from ..passes.config import SugarConfig
+def _flags(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None) -> dict:
+    """The conversion flags as the library's keywords (``sugarize()``'s, ``SugarConfig``'s fields)."""
     from ..errors import ParameterError
 
     params = {}
@@ -205,9 +205,15 @@ def _config(surrogate, param, negative_only, include, exclude, save, relufy, rel
         if not sep or not key.strip():
             raise ParameterError(f"--param {p!r}: write it as NAME=VALUE, e.g. --param alpha=1.67")
         params[key.strip()] = value.strip()
-    return SugarConfig(surrogate=surrogate, params=params, negative_only=negative_only, save=save,
-                       include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy or (),
-                       relufy_surrogate=relufy_surrogate)
+    return dict(surrogate=surrogate, params=params, negative_only=negative_only, save=save,
+                include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy or (),
+                relufy_surrogate=relufy_surrogate)
+
+
+def _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None):
+    from ..passes.config import SugarConfig
+
+    return SugarConfig(**_flags(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate))
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -335,19 +341,12 @@ def convert_cmd(
     """Convert every ReLU of MODEL to SUGAR and write a checkpoint (weights + JSON recipe)."""
     from .workflows import convert_file, read_config_file
 
-    cfg = _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate)
-    if config is not None:
-        from ..errors import ParameterError
+    from ..passes.config import resolve_options
 
-        given = [flag for flag, value, default in (
-            ("--surrogate", surrogate, DEFAULT_SURROGATE), ("--param", param or None, None),
-            ("--negative-only", negative_only, False), ("--include", include or None, None),
-            ("--exclude", exclude or None, None), ("--save-precision", save, DEFAULT_SAVE),
-            ("--relufy", relufy, None), ("--relufy-surrogate", relufy_surrogate, None)) if value != default]
-        if given:
-            raise ParameterError(f"--config {config.name} holds the conversion options; drop {', '.join(given)} "
-                                 "or edit the file")
-        cfg = read_config_file(str(config))
+    # the library's one rule (sugarize(..., config=)): a flag equal to the file's value is fine
+    cfg = resolve_options(read_config_file(str(config)) if config is not None else None, keywords_are="flags",
+                          config_is=f"--config {config.name}" if config is not None else "",
+                          **_flags(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate))
     res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force,
                        config_file=str(config) if config is not None else None)
     if as_json:

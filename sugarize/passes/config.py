@@ -11,7 +11,7 @@ from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 
 from .activations import ACTIVATIONS, relufy_kinds
 
-__all__ = ["SugarConfig"]
+__all__ = ["SugarConfig", "resolve_options"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,30 @@ def _expand_relufy(kinds) -> list[str]:
             raise ParameterError(f"relufy: unknown activation {kind!r}; choose from {', '.join(words)}")
         out += kinds
     return out
+
+
+def resolve_options(config: SugarConfig | None, *, keywords_are: str = "keywords", config_is: str = "config=",
+                    **keywords) -> SugarConfig:
+    """The conversion's options: the keywords, or ``config`` when given. A keyword equal to its
+    default or to ``config``'s value is fine; one that differs from both is an error: options are
+    never silently dropped. The one rule for the library (``sugarize(..., config=)``) and the CLI
+    (``convert --config`` with flags: ``keywords_are="flags"``, ``config_is="--config FILE"``).
+
+    Raises:
+        ParameterError: naming the option that contradicts the config.
+    """
+    if config is None:
+        return SugarConfig(**keywords)
+    defaults = SugarConfig()
+    for name, value in keywords.items():
+        given = value if name != "relufy" else SugarConfig(relufy=value).relufy
+        if name == "params":
+            if value and SugarConfig(surrogate=config.surrogate, params=value).params != dict(config.params):
+                raise ParameterError(f"surrogate parameters {dict(value)} contradict config.params "
+                                     f"{dict(config.params)}: pass options either as {keywords_are} or in "
+                                     f"{config_is}")
+            continue
+        if given != getattr(defaults, name) and given != getattr(config, name):
+            raise ParameterError(f"{name}={value!r} contradicts config.{name}={getattr(config, name)!r}: pass "
+                                 f"options either as {keywords_are} or in {config_is}, not both")
+    return config

@@ -8,7 +8,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .config import SugarConfig
+from .config import SugarConfig, resolve_options
 from ..errors import CaptureError, InternalError, ParameterError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from . import callpath, fxpath, modulepath, paths
@@ -140,22 +140,8 @@ def _check_keywords(params: dict, surrogate: str) -> None:
 
 
 def _options(config: SugarConfig | None, **keywords) -> SugarConfig:
-    """The conversion's options: the keywords, or ``config`` when given. A keyword that differs
-    from its default and from ``config`` is an error: options are never silently dropped."""
-    if config is None:
-        return SugarConfig(**keywords)
-    defaults = SugarConfig()
-    for name, value in keywords.items():
-        given = value if name != "relufy" else SugarConfig(relufy=value).relufy
-        if name == "params":
-            if value and SugarConfig(surrogate=config.surrogate, params=value).params != dict(config.params):
-                raise ParameterError(f"surrogate parameters {dict(value)} contradict config.params "
-                                     f"{dict(config.params)}: pass options either as keywords or in config=")
-            continue
-        if given != getattr(defaults, name) and given != getattr(config, name):
-            raise ParameterError(f"{name}={value!r} contradicts config.{name}={getattr(config, name)!r}: pass "
-                                 "options either as keywords or in config=, not both")
-    return config
+    """The conversion's options (``config.resolve_options``: the one keyword/config rule)."""
+    return resolve_options(config, **keywords)
 
 
 def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:

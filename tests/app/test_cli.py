@@ -251,3 +251,17 @@ def test_finetune_records_dead_units_per_epoch_and_plots_the_curve(checkpoint, t
     res = run("finetune", checkpoint, "--model", RESNET, "--data", data, "-o", tmp_path / "w2.safetensors",
               "--plot", plot)
     assert res.exit_code == 2 and "--force" in res.output and not (tmp_path / "w2.safetensors").exists()
+
+
+def test_convert_config_and_flags_follow_the_librarys_one_rule(tmp_path):
+    """A flag equal to the config's value is fine (as a keyword is in sugarize(config=)); one that
+    contradicts it is exit 2 naming both (#30: the CLI had its own, stricter rule)."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"surrogate": "nelu", "params": {"alpha": 0.1}}))
+    res = run("convert", SPELL, "--config", cfg, "--surrogate", "nelu", "--param", "alpha=0.1", "-o",
+              tmp_path / "a.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["config"]["params"] == {"alpha": 0.1}
+    res = run("convert", SPELL, "--config", cfg, "--surrogate", "elu", "-o", tmp_path / "b.safetensors")
+    assert res.exit_code == 2 and "surrogate='elu' contradicts config.surrogate='nelu'" in res.output
+    assert "--config cfg.json" in res.output and not (tmp_path / "b.safetensors").exists()
