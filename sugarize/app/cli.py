@@ -210,6 +210,12 @@ def _flags(surrogate, param, negative_only, include, exclude, save, relufy, relu
                 relufy_surrogate=relufy_surrogate)
 
 
+# the conversion flags by the keyword (SugarConfig field) each one sets
+FLAG_OF = {"surrogate": "--surrogate", "params": "--param", "negative_only": "--negative-only",
+           "save": "--save-precision", "include": "--include", "exclude": "--exclude", "relufy": "--relufy",
+           "relufy_surrogate": "--relufy-surrogate"}
+
+
 def _config(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate=None):
     from ..passes.config import SugarConfig
 
@@ -345,7 +351,7 @@ def convert_cmd(
 
     # the library's one rule (sugarize(..., config=)): a flag equal to the file's value is fine
     cfg = resolve_options(read_config_file(str(config)) if config is not None else None, keywords_are="flags",
-                          config_is=f"--config {config.name}" if config is not None else "",
+                          config_is=f"--config {config.name}" if config is not None else "", spelled=FLAG_OF,
                           **_flags(surrogate, param, negative_only, include, exclude, save, relufy, relufy_surrogate))
     res = convert_file(model, str(output), config=cfg, input_shapes=input_shape, force=force,
                        config_file=str(config) if config is not None else None)

@@ -163,11 +163,12 @@ def _expand_relufy(kinds) -> list[str]:
 
 
 def resolve_options(config: SugarConfig | None, *, keywords_are: str = "keywords", config_is: str = "config=",
-                    **keywords) -> SugarConfig:
+                    spelled: Mapping[str, str] | None = None, **keywords) -> SugarConfig:
     """The conversion's options: the keywords, or ``config`` when given. A keyword equal to its
     default or to ``config``'s value is fine; one that differs from both is an error: options are
     never silently dropped. The one rule for the library (``sugarize(..., config=)``) and the CLI
-    (``convert --config`` with flags: ``keywords_are="flags"``, ``config_is="--config FILE"``).
+    (``convert --config`` with flags: ``keywords_are="flags"``, ``config_is="--config FILE"``,
+    ``spelled`` mapping each keyword to its flag, so the message names what the user typed).
 
     Raises:
         ParameterError: naming the option that contradicts the config.
@@ -179,11 +180,13 @@ def resolve_options(config: SugarConfig | None, *, keywords_are: str = "keywords
         given = value if name != "relufy" else SugarConfig(relufy=value).relufy
         if name == "params":
             if value and SugarConfig(surrogate=config.surrogate, params=value).params != dict(config.params):
-                raise ParameterError(f"surrogate parameters {dict(value)} contradict config.params "
+                shown = f"{spelled['params']} " if spelled and "params" in spelled else ""
+                raise ParameterError(f"{shown}surrogate parameters {dict(value)} contradict config.params "
                                      f"{dict(config.params)}: pass options either as {keywords_are} or in "
                                      f"{config_is}")
             continue
         if given != getattr(defaults, name) and given != getattr(config, name):
-            raise ParameterError(f"{name}={value!r} contradicts config.{name}={getattr(config, name)!r}: pass "
+            shown = f"{spelled[name]} {value}" if spelled and name in spelled else f"{name}={value!r}"
+            raise ParameterError(f"{shown} contradicts config.{name}={getattr(config, name)!r}: pass "
                                  f"options either as {keywords_are} or in {config_is}, not both")
     return config

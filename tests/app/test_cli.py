@@ -263,5 +263,5 @@ def test_convert_config_and_flags_follow_the_librarys_one_rule(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["config"]["params"] == {"alpha": 0.1}
     res = run("convert", SPELL, "--config", cfg, "--surrogate", "elu", "-o", tmp_path / "b.safetensors")
-    assert res.exit_code == 2 and "surrogate='elu' contradicts config.surrogate='nelu'" in res.output
+    assert res.exit_code == 2 and "--surrogate elu contradicts config.surrogate='nelu'" in res.output
     assert "--config cfg.json" in res.output and not (tmp_path / "b.safetensors").exists()
