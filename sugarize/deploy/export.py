@@ -101,10 +101,15 @@ def _export_below_native(model: nn.Module, tmp: Path, example_args: tuple, opset
                       output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")
+
+
 @contextlib.contextmanager
-def _quiet():
-    """The dynamo exporter prints progress and registry warnings; keep the user's terminal clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
+def quiet(loggers: tuple[str, ...] = EXPORTER_LOGGERS):
+    """Exporters and lowerers print progress, registry warnings and optional-kernel misses: kept off
+    the user's terminal (stdout, stderr, warnings, and these loggers below ERROR; "" is the root
+    logger), every level given back after."""
+    loggers = [logging.getLogger(n) if n else logging.root for n in loggers]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -268,7 +273,7 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
     with atomic_folder(path, force=force, companions=(".data",)) as folder:
         tmp = folder / Path(path).name
         try:
-            with _quiet(), torch.no_grad():
+            with quiet(), torch.no_grad():
                 if opset < default_opset():
                     _export_below_native(plain, tmp, example_args, opset, dynamic_batch, dynamic_sequence)
                 else:

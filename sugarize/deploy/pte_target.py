@@ -11,14 +11,10 @@ a convolution appears (``output_min=0.0``). Needs the ``executorch`` extra.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,23 +48,14 @@ def check_executorch() -> None:
         raise InputError(f"--format pte needs ExecuTorch: {INSTALL}")
 
 
-@contextlib.contextmanager
+# ExecuTorch and torchao log optional-kernel misses and progress at import and lowering
+_LOGGERS = ("torch.export", "torch._dynamo", "torch.fx", "torch.utils._pytree", "torchao", "executorch", "")
+
+
 def _quiet():
-    """ExecuTorch and torchao log optional-kernel misses and progress at import and lowering:
-    kept off the user's terminal, the loggers' levels given back after."""
-    names = ("torch.export", "torch._dynamo", "torch.fx", "torch.utils._pytree", "torchao", "executorch", "")
-    loggers = [logging.getLogger(n) if n else logging.root for n in names]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    from .export import quiet
+
+    return quiet(_LOGGERS)
 
 
 def _dynamic_shapes(example_args: tuple, batch: bool, sequence: bool):
