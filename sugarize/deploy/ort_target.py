@@ -68,17 +68,19 @@ def _tool_scope():
     off the user's terminal."""
     import logging
 
-    _fbs()
     before = list(sys.path)
+    root_handlers = list(logging.root.handlers)  # its get_logger calls logging.basicConfig
     loggers = [logging.getLogger(n) for n in ("ort_format_model.utils", "ort_format_model")]
     levels = [lg.level for lg in loggers]
     try:
+        _fbs()
         for lg in loggers:
             lg.setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         sys.path[:] = before
+        logging.root.handlers[:] = root_handlers
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 

@@ -309,3 +309,24 @@ def test_verify_fails_on_nan_in_every_target(artifacts, tmp_path):
         t.export(poisoned, p, args, ExportOptions())
         report = sugarize.verify(p, poisoned, args)
         assert not report.passed and sum(o.nonfinite for o in report.outputs) > 0, fmt
+
+
+def test_the_ort_converter_leaves_sys_path_and_the_root_logger_as_they_were(tmp_path):
+    """onnxruntime's converter appends its bindings' folder to sys.path and calls logging.basicConfig
+    when first imported: in a fresh process (nothing imported yet, no handler on the root logger)
+    both come back as they were."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import logging, sys, torch\n"
+            "from sugarize.deploy.ort_target import export_ort\n"
+            "path, handlers = list(sys.path), list(logging.root.handlers)\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())\n"
+            f"export_ort(m, {str(tmp_path / 'm.ort')!r}, (torch.randn(2, 4),))\n"
+            "assert sys.path == path, [p for p in sys.path if p not in path]\n"
+            "assert logging.root.handlers == handlers, logging.root.handlers\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
