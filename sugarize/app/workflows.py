@@ -143,21 +143,20 @@ def _int8(onnx_path: Path, q_path: Path, ref_path: Path, data: str, calibration_
 
     from ..deploy.quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
     from ..deploy.structure import compare_structure
-    from ..training.train import checked_batches, call_loader, load_data
+    from ..training.train import load_data
 
     spec = load_data(data)
     dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
     static = dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
 
-    train = checked_batches(call_loader(spec.train_loader, "train_loader", spec.path), "train_loader()")
-    calib = [(x,) for x, _ in _rechunk(train, static, calibration_batches)]
+    calib = [(x,) for x, _ in _rechunk(spec.batches("train"), static, calibration_batches)]
     quantize_int8(onnx_path, q_path, calib, force=force)
     q_ref = ref_path.with_name("original.int8.onnx")
     quantize_int8(ref_path, q_ref, calib)
     float_acc = int8_acc = None
     if spec.val_loader is not None:
         def val():
-            return _rechunk(checked_batches(call_loader(spec.val_loader, "val_loader", spec.path), "val_loader()"), static)
+            return _rechunk(spec.batches("val"), static)
         float_acc, int8_acc = onnx_accuracy(onnx_path, val()), onnx_accuracy(q_path, val())
     return Int8Report(str(q_path), len(calib), float_acc, int8_acc, qdq_count(q_path),
                       compare_structure(q_path, q_ref))
@@ -338,19 +337,14 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
                plot: str | None = None, force: bool = True, model_file: str | None = None,
                trust_recipe: bool = False):
     """Dead units and sparsity of a model file or checkpoint on a data file (``sugarize audit``)."""
-    from ..errors import DataFileError
     from ..training.deadunits import audit
-    from ..training.train import checked_batches, call_loader, load_data
+    from ..training.train import load_data
 
     if plot:  # before the audit runs: an existing plot is replaced only with --force, never an input
         _check_plot(plot, model, data, weights, model_file, force=force)
     src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
     spec = load_data(data)
-    make = spec.train_loader if split == "train" else spec.val_loader
-    if make is None:
-        raise DataFileError(f"{Path(data).name} has no val_loader(); use --split train")
-    batches = checked_batches(call_loader(make, f"{split}call_loader", spec.path), f"{split}call_loader()")
-    report = audit(src.sugar if src.sugar is not None else src.original, batches)
+    report = audit(src.sugar if src.sugar is not None else src.original, spec.batches(split))
     if plot:
         from .plots import plot_audit
 

@@ -38,7 +38,7 @@ class DataSpec:
         if make is None:
             raise DataFileError(f"{self.path.name if self.path else 'the data file'} has no val_loader(); "
                                 "use --split train")
-        return checked_batches(call_loader(make, f"{split}call_loader", self.path), f"{split}call_loader()")
+        return checked_batches(call_loader(make, f"{split}_loader", self.path), f"{split}_loader()")
 
 
 def load_data(path) -> DataSpec:
