@@ -30,7 +30,7 @@ from .kernels import enabled, fused_bn_grad, scoped, traced
 from .op import OP
 from .saved import decode_mul, surrogate_derivative, encode_saved
 
-__all__ = ["bn_sugar", "fusable_module"]
+__all__ = ["bn_sugar", "fusable_module", "has_hooks"]
 
 
 def fusable_module(module: nn.Module) -> bool:
@@ -43,7 +43,10 @@ def fusable_module(module: nn.Module) -> bool:
             and not any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()))
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Forward hooks on ``module``, or the process's global module hooks
+    (``register_module_forward_hook``): a fused call would skip them. Torch has no public way to
+    ask for the global ones, so its module tables are read (read only)."""
     from torch.nn.modules import module as m
 
     return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
@@ -56,7 +59,7 @@ def _fuse_now(bn: nn.Module, c, residual, save: str, shortcut: nn.Module | None)
         return False
     tensors = (c,) if residual is None else (c, residual)
     modules = (bn,) if shortcut is None else (bn, shortcut)
-    if traced(*tensors) or any(_has_hooks(m) or not fusable_module(m) for m in modules):
+    if traced(*tensors) or any(has_hooks(m) or not fusable_module(m) for m in modules):
         return False
     if residual is not None and (residual.shape != c.shape or residual.dtype != c.dtype
                                  or residual.device != c.device):

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import first_line
 
-__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "use_kernels", "enabled_for", "scoped", "traced", "fused_encode",
+__all__ = ["MIN_NUMEL", "enabled", "set_enabled", "use_kernels", "enabled_for", "scoped", "traced", "fused_encode", "fused_grad",
            "fused_decode", "fused_bn_grad", "compile_for", "compile_bn_grad_for"]
 
 MIN_NUMEL = 1 << 16
@@ -215,6 +215,18 @@ def fused_decode(grad: torch.Tensor, saved: torch.Tensor, save: str,
         return None
     out = _run(("decode", save, grid, grad.dtype), lambda: _decoder(save, grid), grad, saved)
     return None if out is None else out.view(grad.shape)
+
+
+def fused_grad(grad: torch.Tensor, x: torch.Tensor, surrogate: str, params: Sequence[float],
+               negative_only: bool) -> torch.Tensor | None:
+    """``grad * s'(x)`` (exact) with the op's own encode and decode kernels, each run as the op runs
+    it (the encoder below autograd, as in the op's forward: the kernels ``compile_for`` compiled),
+    for a fused op's backward; None where they do not apply."""
+    if not _usable(grad, x):
+        return None
+    with torch._C._AutoDispatchBelowAutograd():
+        saved = fused_encode(x, surrogate, params, negative_only, "full", None)
+    return None if saved is None else fused_decode(grad, saved, "full", None)
 
 
 @functools.lru_cache(maxsize=64)

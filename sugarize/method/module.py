@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .op import OP
-from .saved import check_options
+from .saved import op_options
 
 __all__ = ["SugarActivation"]
 
@@ -32,21 +32,17 @@ class SugarActivation(nn.Module):
                  negative_only: bool = False, save: str = DEFAULT_SAVE, *, inplace: bool = False,
                  kind: str = "relu", spelling: str = "", replaced: nn.Module | None = None):
         super().__init__()
-        from .surrogates import get_surrogate
-
-        names = [p.name for p in get_surrogate(surrogate).params]
-        given = dict(zip(names, params)) if params is not None else {}
-        self.options = (surrogate, check_options(surrogate, given, negative_only, save), bool(negative_only), save)
+        self.options = op_options(surrogate, list(params or ()), negative_only, save)
         self.inplace = bool(inplace)
         self.kind, self.spelling = kind, spelling
         object.__setattr__(self, "replaced", replaced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = OP(x, *self.options)
+        y = OP(x, *self.options.args)
         return x.copy_(y) if self.inplace else y
 
     def extra_repr(self) -> str:
-        surrogate, params, negative_only, save = self.options
+        surrogate, params, negative_only, save = self.options.args
         extra = (", negative_only=True" if negative_only else "") + (f", save={save!r}" if save != DEFAULT_SAVE else "")
         return f"{surrogate}{list(params)}{extra}, replaces {self.spelling or self.kind}" + (
             ", inplace=True" if self.inplace else "")

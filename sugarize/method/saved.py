@@ -19,10 +19,10 @@ from typing import Sequence
 import torch
 
 from ..errors import ParameterError
-from ..options import SAVE_MODES
+from ..options import SAVE_MODES, OpOptions
 from .surrogates import get_surrogate, keep_positive_one, resolve_params
 
-__all__ = ["save_error", "check_options", "MAX_NEGATIVE_SIDE_ERROR"]
+__all__ = ["save_error", "check_options", "op_options", "MAX_NEGATIVE_SIDE_ERROR"]
 
 
 # A compressed mode is refused where its worst error on x <= 0 exceeds this share of the
@@ -144,3 +144,12 @@ def check_options(surrogate: str, params, negative_only: bool, save: str) -> lis
         # (under Dynamo the op's setup_context computes the grid and raises the same error)
         _uint8_grid(surrogate, tuple(values), bool(negative_only))
     return values
+
+
+def op_options(surrogate: str, params, negative_only: bool, save: str) -> OpOptions:
+    """The validated record (``params``: a name -> value mapping, or values in declaration order)."""
+    if not isinstance(params, dict):
+        from .surrogates import get_surrogate as _get
+
+        params = dict(zip([p.name for p in _get(surrogate).params], params))
+    return OpOptions(surrogate, tuple(check_options(surrogate, params, negative_only, save)), negative_only, save)

@@ -113,7 +113,7 @@ class CallCatcher:
     def __init__(self, config: SugarConfig, roots: tuple[str, ...] = (), relu_only: bool = False):
         self.config, self.roots, self.relu_only = config, tuple(roots), relu_only
         self._local = threading.local()
-        self._options: dict[tuple[str, str], tuple | None] = {}
+        self._options: dict[tuple[str, str], OpOptions | None] = {}
 
     def __getstate__(self):
         return {"config": self.config.to_dict(), "roots": list(self.roots), "relu_only": self.relu_only}
@@ -121,18 +121,16 @@ class CallCatcher:
     def __setstate__(self, state):
         self.__init__(SugarConfig.from_dict(state["config"]), tuple(state["roots"]), state["relu_only"])
 
-    def options_for(self, kind: str, path: str) -> tuple | None:
+    def options_for(self, kind: str, path: str) -> OpOptions | None:
         """The SUGAR op's options for a call of ``kind`` in module ``path``; None: left as it is."""
         key = (kind, path)
         if key not in self._options:
             convert = self.config.decide(kind, path)[0] and not (self.relu_only and kind == "relu")
-            surrogate, params = self.config.surrogate_for(kind) if convert else (None, None)
-            self._options[key] = (surrogate, list(params), bool(self.config.negative_only),
-                                  self.config.save) if convert else None
+            self._options[key] = self.config.op_options(kind) if convert else None
         return self._options[key]
 
-    def compute(self, x: torch.Tensor, options: tuple) -> torch.Tensor:
-        return torch.relu(x) if self.relu_only else OP(x, *options)
+    def compute(self, x: torch.Tensor, options: OpOptions) -> torch.Tensor:
+        return torch.relu(x) if self.relu_only else OP(x, *options.args)
 
     def _state(self):
         local = self._local
@@ -311,7 +309,7 @@ class ActivationRecorder(TorchFunctionMode):
             return
         path = self._names.get(id(module), self.path)
         if isinstance(module, SugarActivation):
-            key = (path, f"SUGAR {module.options[0]}", "sugar", "modules")
+            key = (path, f"SUGAR {module.options.surrogate}", "sugar", "modules")
         else:
             hit = module_match(module)
             key = (path, hit[1], hit[0], "modules") if hit is not None else None

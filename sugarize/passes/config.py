@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ParameterError
-from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
+from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE, OpOptions
 
 from .activations import ACTIVATIONS, relufy_kinds
 
@@ -33,6 +33,10 @@ class SugarConfig:
             through a residual add) with it, so that its eager backward rebuilds x from
             BatchNorm's input instead of keeping a copy (the same values; less memory).
             False keeps every site apart.
+        fuse_linear: on the fx path, fuse each exact SUGAR site read only by an ``nn.Linear``
+            (``linear(sugar(x))``), or by a product read only by one (a gated MLP's
+            ``down(sugar(gate(h)) * up(h))``), with it, so that its backward rebuilds ``relu(x)``
+            (and the product) from x instead of keeping them (the same values; less memory).
     """
 
     surrogate: str = DEFAULT_SURROGATE
@@ -44,6 +48,7 @@ class SugarConfig:
     relufy: tuple[str, ...] = ()
     relufy_surrogate: str | None = None
     fuse_bn: bool = True
+    fuse_linear: bool = True
 
     def __post_init__(self) -> None:
         from ..method.saved import check_options
@@ -87,6 +92,11 @@ class SugarConfig:
             return self.surrogate, list(self.params.values())
         name = self.relufy_surrogate or ACTIVATIONS[kind].surrogate
         return name, list(resolve_params(name).values())
+
+    def op_options(self, kind: str) -> OpOptions:
+        """The SUGAR op's options at a site of activation ``kind``."""
+        surrogate, params = self.surrogate_for(kind)
+        return OpOptions(surrogate, tuple(params), self.negative_only, self.save)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,11 +151,12 @@ _FIELD_TYPES = {
     "relufy": lambda v: isinstance(v, str) or _strings(v),
     "relufy_surrogate": lambda v: v is None or isinstance(v, str),
     "fuse_bn": lambda v: isinstance(v, bool),
+    "fuse_linear": lambda v: isinstance(v, bool),
 }
 _FIELD_DOCS = {"surrogate": "a surrogate name", "params": "names to numbers", "negative_only": "true or false",
                "save": "a save mode", "include": "a list of module-path globs", "exclude": "a list of module-path globs",
                "relufy": "a list of activation names", "relufy_surrogate": "a surrogate name or null",
-               "fuse_bn": "true or false"}
+               "fuse_bn": "true or false", "fuse_linear": "true or false"}
 
 
 def _expand_relufy(kinds) -> list[str]:

@@ -1,37 +1,90 @@
-"""The fx path's BatchNorm fusion: ``bn -> SUGAR``, ``bn -> add(residual) -> SUGAR`` and
-``bn -> add(bn_s(shortcut input)) -> SUGAR`` become one ``bn_sugar`` node (``method/fused.py``),
-which keeps no copy of x in eager mode; and back.
+"""The fx path's fusions of an exact SUGAR node with its producer or its consumer; and back.
 
-``fuse`` runs after the SUGAR rewrite, on exact (``save="full"``) SUGAR nodes whose input is
-a BatchNorm module's output (or that output plus another tensor, itself possibly a second
-BatchNorm's output: a downsampling shortcut's) read by nothing else.
-The BatchNorm stays in the module tree (a ``get_attr`` node reads it), so ``state_dict``
-keys do not change. ``unfuse`` puts the BatchNorm call and the add back, with the nodes'
-names, before the SUGAR node: strip and the audit's instrumented graph see the plain form.
+Each rule turns a SUGAR node into one call of a fused function of ``method/`` that keeps less
+for the backward, with the same values and gradients:
+
+- **BatchNorm** (``method/fused.py``): ``bn -> SUGAR``, ``bn -> add(residual) -> SUGAR`` and
+  ``bn -> add(bn_s(shortcut input)) -> SUGAR`` become one ``bn_sugar`` node, which keeps no
+  copy of x in eager mode.
+- **Linear consumer** (``method/fused_linear.py``): ``SUGAR -> Linear`` and
+  ``SUGAR -> mul(u) -> Linear`` (a gated MLP) become one ``linear_sugar`` node, which keeps x
+  (and u) but not ``relu(x)`` or the product, eager and compiled.
+
+``fuse`` runs after the SUGAR rewrite, on exact (``save="full"``) SUGAR nodes. The fused node is
+the SUGAR node itself (its name and report record), moved to where the consumer was for the
+Linear rule. The modules stay in the module tree (a ``get_attr`` node reads them), so
+``state_dict`` keys do not change. ``unfuse`` puts every erased node back, with its name,
+metadata and place in the graph: strip and the audit's instrumented graph see the plain form,
+and an export of the stripped model runs the ops in the original order.
+
+The node layouts are ``opnodes``' (``FusedBN``, ``FusedLinear``); what was fused, and where
+each erased node stood, is a ``FusedRecord`` in the node's ``meta["sugarize"]["fused"]``.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from ..method.fused import bn_sugar, fusable_module
+from ..method.fused import fusable_module
+from ..method.fused_linear import fusable_linear
 from ..method.op import OP
+from ..options import OpOptions
+from .opnodes import FusedBN, FusedLinear, fused_nodes, fused_of, is_fused, options_of, sugar_args
 
-__all__ = ["fuse", "unfuse", "is_fused", "fused_nodes", "FUSED"]
-
-FUSED = bn_sugar
-
-
-def is_fused(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is FUSED
+__all__ = ["fuse", "unfuse", "unfuse_all", "is_fused", "fused_nodes", "FusedRecord", "Fusion", "record_of"]
 
 
-def fused_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    return graph.find_nodes(op="call_function", target=FUSED)
+@dataclass(frozen=True)
+class Erased:
+    """A node a fusion erased, as ``unfuse`` puts it back: its call, name, the name of the node
+    it followed, and its metadata. ``order`` is the fused input's operand index in a two-operand
+    call (an add or a mul)."""
+
+    op: str
+    target: object
+    name: str
+    after: str
+    meta: dict
+    order: int = 0
+
+    @classmethod
+    def of(cls, node: torch.fx.Node, order: int = 0) -> "Erased":
+        return cls(node.op, node.target, node.name, node.prev.name, dict(node.meta), order)
+
+
+@dataclass(frozen=True)
+class FusedRecord:
+    """What a fused node fused (``what``, e.g. "BatchNorm2d + add", "mul + Linear"), and the nodes
+    it erased, each by role ("bn", "add", "shortcut", "mul", "linear"; "sugar" is where the SUGAR
+    node itself stood, for the Linear rule that moves it). Places are named as the graph stood
+    when this fusion was made: undoing fusions in the reverse order (``unfuse_all``) puts every
+    node back where it was."""
+
+    what: str
+    erased: tuple[tuple[str, Erased], ...]
+    step: int = 0  # the order fusions were made in: unfuse_all undoes them last first
+
+    def get(self, role: str) -> Erased | None:
+        return dict(self.erased).get(role)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The outcome of ``fuse`` for a graph: ``{SUGAR node name: what was fused}`` and, for the other
+    exact SUGAR nodes a consumer rule looked at, ``{name: why not fused}``."""
+
+    fused: dict[str, str]
+    unfused: dict[str, str]
+
+
+def record_of(node: torch.fx.Node) -> FusedRecord | None:
+    record = node.meta.get("sugarize", {}).get("fused")
+    return record if isinstance(record, FusedRecord) else None
 
 
 def _bn(node, modules) -> bool:
@@ -39,68 +92,139 @@ def _bn(node, modules) -> bool:
             and fusable_module(modules.get(node.target)) and len(node.args) == 1 and not node.kwargs)
 
 
-def _add_operands(node):
-    """The two tensors a plain two-operand add sums (``a + b``, ``torch.add(a, b)``, ``a.add(b)``)."""
-    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
-            and not node.kwargs:
+def _operands(node, names: tuple) -> tuple | None:
+    """The two tensors a plain two-operand call of ``names`` takes (``a + b``, ``torch.add(a, b)``,
+    ``a.add(b)``)."""
+    functions = {"add": (operator.add, torch.add), "mul": (operator.mul, torch.mul)}[names]
+    if node.op == "call_function" and node.target in functions and len(node.args) == 2 and not node.kwargs:
         return node.args
-    if node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs:
+    if node.op == "call_method" and node.target == names and len(node.args) == 2 and not node.kwargs:
         return node.args
     return None
 
 
-def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> dict[str, str]:
-    """Fuses each exact SUGAR node fed by a BatchNorm (directly or through a residual add), in place.
+def _fuse_bn(graph, node, x, modules, options: OpOptions) -> str | None:
+    add, residual, order = None, None, 0
+    if _bn(x, modules):
+        bn = x
+    else:
+        operands = _operands(x, "add")
+        if operands is None:
+            return None
+        index = next((i for i, a in enumerate(operands) if _bn(a, modules)), None)
+        if index is None or not isinstance(operands[1 - index], torch.fx.Node):
+            return None
+        add, bn, residual, order = x, operands[index], operands[1 - index], index
+    # a downsampling shortcut's BatchNorm on the other side: fused too, so that its output
+    # (kept by no layer of the ReLU model) is rebuilt rather than kept
+    shortcut = residual if add is not None and _bn(residual, modules) else None
+    with graph.inserting_before(node):
+        module = graph.get_attr(bn.target)
+        module2 = graph.get_attr(shortcut.target) if shortcut is not None else None
+    what = (type(modules[bn.target]).__name__ + (" + add" if add is not None else "")
+            + (f" + shortcut {type(modules[shortcut.target]).__name__}" if shortcut is not None else ""))
+    erased = [("bn", Erased.of(bn))]
+    if add is not None:
+        erased.append(("add", Erased.of(add, order)))
+    if shortcut is not None:
+        erased.append(("shortcut", Erased.of(shortcut)))
+    parts = FusedBN(module, bn.args[0], shortcut.args[0] if shortcut is not None else residual, options, module2)
+    node.target, node.args = FusedBN.TARGET, parts.args
+    for gone in (add, shortcut, bn):
+        if gone is not None:
+            graph.erase_node(gone)
+    return _recorded(node, FusedRecord(what, tuple(erased)))
 
-    Returns ``{SUGAR node name: what was fused}`` ("BatchNorm2d", "BatchNorm2d + add",
-    "BatchNorm2d + add + shortcut BatchNorm2d")."""
+
+def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node | None, str]:
+    """``(mul, linear, "")`` where ``node``'s output reaches a plain Linear alone (``mul`` None
+    without a product), else ``(None, None, why not)``."""
+
+    def reader(n) -> str:
+        if n.op == "call_module":
+            return type(modules.get(n.target)).__name__
+        return n.op if n.op == "output" else str(getattr(n.target, "__name__", n.target))
+
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None, f"its output is read by {len(users)} nodes"
+    user = users[0]
+    mul = None
+    operands = _operands(user, "mul")
+    if operands is not None and sum(a is node for a in operands) == 1 \
+            and isinstance(operands[1 - operands.index(node)], torch.fx.Node):
+        if len(user.users) != 1:
+            return None, None, f"its product is read by {len(user.users)} nodes"
+        mul, user = user, next(iter(user.users))
+    if user.op != "call_module" or not isinstance(modules.get(user.target), nn.Module):
+        return None, None, f"read by {reader(user)}, not an nn.Linear"
+    if not fusable_linear(modules[user.target]):
+        return None, None, f"read by {reader(user)}, not a plain nn.Linear"
+    if user.args != ((mul or node),) or user.kwargs:
+        return None, None, "the Linear takes other arguments"
+    return mul, user, ""
+
+
+def _fuse_linear(graph, node, x, modules, options: OpOptions) -> tuple[str | None, str]:
+    mul, linear, why = _linear_consumer(node, modules)
+    if linear is None:
+        return None, why
+    other = None
+    erased = [("sugar", Erased.of(node))]
+    if mul is not None:
+        index = mul.args.index(node)
+        other = mul.args[1 - index]
+        erased.append(("mul", Erased.of(mul, index)))
+    erased.append(("linear", Erased.of(linear)))
+    linear.prepend(node)  # the fused node computes the Linear's output: it stands where the Linear stood
+    with graph.inserting_before(node):
+        module = graph.get_attr(linear.target)
+    node.target, node.args = FusedLinear.TARGET, FusedLinear(x, module, other, options).args
+    linear.replace_all_uses_with(node)
+    graph.erase_node(linear)
+    if mul is not None:
+        graph.erase_node(mul)
+    what = ("mul + " if mul is not None else "") + type(modules[linear.target]).__name__
+    return _recorded(node, FusedRecord(what, tuple(erased))), ""
+
+
+def _recorded(node, record: FusedRecord) -> str:
+    info = dict(node.meta.get("sugarize", {}))
+    steps = [r.step for n in fused_nodes(node.graph) if n is not node and (r := record_of(n)) is not None]
+    info["fused"] = FusedRecord(record.what, record.erased, max(steps, default=0) + 1)
+    node.meta["sugarize"] = info
+    return record.what
+
+
+def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module], *, bn: bool = True, linear: bool = True) -> Fusion:
+    """Fuses, in place, each exact SUGAR node fed by a BatchNorm (``bn``), directly or through a
+    residual add, or read only by a Linear, directly or through a product (``linear``).
+
+    Returns what was fused at each fused node ("BatchNorm2d", "BatchNorm2d + add",
+    "BatchNorm2d + add + shortcut BatchNorm2d", "Linear", "mul + Linear") and why each other
+    exact node was not fused with a consumer."""
     fused: dict[str, str] = {}
+    unfused: dict[str, str] = {}
     for node in list(graph.find_nodes(op="call_function", target=OP)):
-        x, surrogate, params, negative_only, save = node.args
-        if save != "full" or not isinstance(x, torch.fx.Node) or len(x.users) != 1:
+        options = options_of(node)
+        x = node.args[0]
+        if options.save != "full" or not isinstance(x, torch.fx.Node):
             continue
-        add, residual, order = None, None, None
-        if _bn(x, modules):
-            bn = x
-        else:
-            operands = _add_operands(x)
-            if operands is None:
-                continue
-            index = next((i for i, a in enumerate(operands) if _bn(a, modules)), None)
-            if index is None or not isinstance(operands[1 - index], torch.fx.Node):
-                continue
-            add, bn, residual, order = x, operands[index], operands[1 - index], index
-        # a downsampling shortcut's BatchNorm on the other side: fused too, so that its output
-        # (kept by no layer of the ReLU model) is rebuilt rather than kept
-        shortcut = residual if add is not None and _bn(residual, modules) else None
-        c = bn.args[0]
-        with graph.inserting_before(node):
-            module = graph.get_attr(bn.target)
-            module2 = graph.get_attr(shortcut.target) if shortcut is not None else None
-        info = dict(node.meta.get("sugarize", {}))
-        kind = type(modules[bn.target]).__name__
-        # where each node stood: unfuse puts it back there, so the code (and an export) runs
-        # the ops in the original order
-        info["fused"] = {"bn": (bn.target, bn.name, bn.prev.name, dict(bn.meta)),
-                         "add": None if add is None else (add.op, add.target, order, add.name, add.prev.name,
-                                                          dict(add.meta)),
-                         "shortcut": None if shortcut is None else (shortcut.target, shortcut.name,
-                                                                    shortcut.prev.name, dict(shortcut.meta)),
-                         "what": kind + (" + add" if add is not None else "")
-                         + (f" + shortcut {type(modules[shortcut.target]).__name__}" if shortcut is not None else "")}
-        node.meta["sugarize"] = info
-        node.target = FUSED
-        if shortcut is not None:
-            node.args = (module, c, shortcut.args[0], surrogate, params, negative_only, save, module2)
-        else:
-            node.args = (module, c, residual, surrogate, params, negative_only, save)
-        if add is not None:
-            graph.erase_node(add)
-        if shortcut is not None:
-            graph.erase_node(shortcut)
-        graph.erase_node(bn)
-        fused[node.name] = info["fused"]["what"]
-    return fused
+        what = _fuse_bn(graph, node, x, modules, options) if bn and len(x.users) == 1 else None
+        if what is None and linear:
+            what, why = _fuse_linear(graph, node, x, modules, options)
+            if what is None:
+                unfused[node.name] = why
+        if what is not None:
+            fused[node.name] = what
+    return Fusion(fused, unfused)
+
+
+def unfuse_all(graph: torch.fx.Graph) -> None:
+    """In place: every fused node of ``graph`` unfused, the last fusion made first."""
+    nodes = fused_nodes(graph)
+    for node in sorted(nodes, key=lambda n: -(r.step if (r := record_of(n)) is not None else 0)):
+        unfuse(graph, node)
 
 
 def _place(graph, names, after: str, default: torch.fx.Node):
@@ -109,38 +233,60 @@ def _place(graph, names, after: str, default: torch.fx.Node):
     return graph.inserting_after(prev) if prev is not None else graph.inserting_before(default)
 
 
-def _named(node, name: str, names, meta: dict):
-    if name and name not in names:
-        node.name = name  # the original's node name: exported graphs name their values after it
+def _restore(graph, names, gone: Erased, target, args, default: torch.fx.Node) -> torch.fx.Node:
+    with _place(graph, names, gone.after, default):
+        node = graph.create_node(gone.op, target, args, {})
+    if gone.name and gone.name not in names:
+        node.name = gone.name  # the original's node name: exported graphs name their values after it
     names[node.name] = node
-    node.meta.update(meta)
+    node.meta.update(gone.meta)
     return node
 
 
 def unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
-    """In place: the fused ``node`` becomes the BatchNorm call, the add (as written) and a SUGAR node,
-    which is ``node`` itself (same name and metadata, less the fusion's record)."""
-    module, c, residual, surrogate, params, negative_only, save, *rest = node.args
-    module2 = rest[0] if rest else None
+    """In place: the fused ``node`` becomes a SUGAR node again (same name and metadata, less the
+    fusion's record), with the nodes the fusion erased put back where they stood."""
+    parts = fused_of(node)
     info = dict(node.meta.get("sugarize", {}))
-    record = info.pop("fused", None) or {}
-    target, bn_name, bn_after, bn_meta = record.get("bn") or (module.target, "", "", {})
+    record = info.pop("fused", None)
+    record = record if isinstance(record, FusedRecord) else FusedRecord("", ())
     names = {n.name: n for n in graph.nodes}
-    with _place(graph, names, bn_after, node):
-        x = _named(graph.call_module(target, (c,)), bn_name, names, bn_meta)
-    if module2 is not None:  # the shortcut's BatchNorm call, on its input
-        target2, name2, after2, meta2 = record.get("shortcut") or (module2.target, "", "", {})
-        with _place(graph, names, after2, node):
-            residual = _named(graph.call_module(target2, (residual,)), name2, names, meta2)
+    if isinstance(parts, FusedLinear):
+        return _unfuse_linear(graph, node, parts, record, names, info)
+    gone = record.get("bn") or Erased("call_module", parts.bn.target, "", "", {})
+    x = _restore(graph, names, gone, parts.bn.target, (parts.c,), node)
+    residual = parts.residual
+    if parts.shortcut is not None:  # the shortcut's BatchNorm call, on its input
+        gone = record.get("shortcut") or Erased("call_module", parts.shortcut.target, "", "", {})
+        residual = _restore(graph, names, gone, parts.shortcut.target, (residual,), node)
     if residual is not None:
-        op, add_target, order, add_name, add_after, add_meta = record.get("add") or (
-            "call_function", operator.add, 0, "", "", {})
-        args = (x, residual) if order == 0 else (residual, x)
-        with _place(graph, names, add_after, node):
-            x = _named(graph.create_node(op, add_target, args, {}), add_name, names, add_meta)
-    node.target, node.args = OP, (x, surrogate, params, negative_only, save)
+        gone = record.get("add") or Erased("call_function", operator.add, "", "", {})
+        x = _restore(graph, names, gone, gone.target, (x, residual) if gone.order == 0 else (residual, x), node)
+    node.target, node.args = OP, sugar_args(x, parts.options)
     node.meta["sugarize"] = info
-    for attr in (module, module2):
+    for attr in (parts.bn, parts.shortcut):
         if attr is not None and not attr.users:
             graph.erase_node(attr)
+    return node
+
+
+def _unfuse_linear(graph, node, parts: FusedLinear, record: FusedRecord, names, info) -> torch.fx.Node:
+    readers = list(node.users)
+    node.target, node.args = OP, sugar_args(parts.x, parts.options)
+    node.meta["sugarize"] = info
+    sugar = record.get("sugar")
+    if sugar is not None and sugar.after in names:
+        names[sugar.after].append(node)  # back where the SUGAR call stood
+    y = node
+    gone = record.get("mul")
+    if parts.other is not None:
+        gone = gone or Erased("call_function", operator.mul, "", "", {})
+        args = (node, parts.other) if gone.order == 0 else (parts.other, node)
+        y = _restore(graph, names, gone, gone.target, args, readers[0] if readers else graph.output_node())
+    gone = record.get("linear") or Erased("call_module", parts.linear.target, "", "", {})
+    out = _restore(graph, names, gone, parts.linear.target, (y,), readers[0] if readers else graph.output_node())
+    for reader in readers:
+        reader.replace_input_with(node, out)
+    if not parts.linear.users:
+        graph.erase_node(parts.linear)
     return node

@@ -20,10 +20,12 @@ from ..method.op import OP
 from .capture import capture, graph_module, trace_graph
 from .config import SugarConfig
 from . import fusion
-from .match import Match, is_sugar, match_node, may_alias, module_path, sugar_options
+from .islands import is_island
+from .match import Match, match_node, may_alias, module_path
+from .opnodes import fused_nodes, input_of, is_sugar, options_of, sugar_args
 from .report import Report, Site
 
-__all__ = ["NAME", "find", "convert", "strip_", "count", "instrument", "plan_sites", "convert_graph"]
+__all__ = ["NAME", "find", "convert", "strip_", "count", "count_nodes", "instrument", "plan_sites", "convert_graph"]
 
 NAME = "fx"
 
@@ -49,10 +51,10 @@ def _sugar_site(node: torch.fx.Node) -> Site:
         kind=info.get("kind", "relu"),
         node=node.name,
         status="sugar",
-        surrogate=str(sugar_options(node)[0]),
+        surrogate=options_of(node).surrogate,
         forward_changed=info.get("kind", "relu") != "relu",
         capture=NAME,
-        fused=info.get("fused", {}).get("what", "") if isinstance(info.get("fused"), dict) else "",
+        fused=record.what if (record := fusion.record_of(node)) is not None else "",
     )
 
 
@@ -77,10 +79,9 @@ def _spelling_of(node: torch.fx.Node, match: Match):
 
 def _rewrite_site(graph: torch.fx.Graph, node, match: Match, cfg: SugarConfig, modules, order) -> torch.fx.Node:
     x = match.input
-    surrogate, params = cfg.surrogate_for(match.kind)
     info = {"path": module_path(node), "spelling": match.spelling, "kind": match.kind,
             "call": _spelling_of(node, match)}
-    args = (x, surrogate, params, cfg.negative_only, cfg.save)
+    args = sugar_args(x, cfg.op_options(match.kind))
     if match.inplace and may_alias(x, node, modules, order):
         # Another name may see x: mutate it, exactly as the original in-place call did.
         with graph.inserting_before(node):
@@ -124,15 +125,14 @@ def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: Sug
         note = "forward changes: fine-tune needed" if match.kind != "relu" else match.note
         sites.append(
             Site(new.meta["sugarize"]["path"], match.spelling, match.kind, new.name, "converted", note,
-                 surrogate=str(new.args[1]), forward_changed=match.kind != "relu", capture=NAME)
+                 surrogate=options_of(new).surrogate, forward_changed=match.kind != "relu", capture=NAME)
         )
     if rewired:  # in-place sites add nodes or move uses; a site rewritten in place cannot break the graph
         graph.lint()
-    if cfg.fuse_bn:
-        fused = fusion.fuse(graph, modules)
-        if fused:
-            sites = [replace(s, fused=fused[s.node]) if s.status == "converted" and s.node in fused else s
-                     for s in sites]
+    if cfg.fuse_bn or cfg.fuse_linear:
+        done = fusion.fuse(graph, modules, bn=cfg.fuse_bn, linear=cfg.fuse_linear)
+        sites = [replace(s, fused=done.fused.get(s.node, ""), unfused=done.unfused.get(s.node, ""))
+                 if s.status == "converted" else s for s in sites]
     return Report(sites=sites)
 
 
@@ -167,13 +167,14 @@ def convert(model: nn.Module, cfg: SugarConfig, *, copy: bool = True) -> tuple[n
 
 
 def _graph_modules(model: nn.Module) -> list[torch.fx.GraphModule]:
-    return [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    """The GraphModules this path left in ``model`` (the module path's traced islands are that
+    path's to strip: ``islands.py``)."""
+    return [m for m in model.modules() if isinstance(m, torch.fx.GraphModule) and not is_island(m)]
 
 
 def _sugar_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The SUGAR op nodes (indexed lookups, not a scan), fused ones unfused first."""
-    for node in fusion.fused_nodes(gm.graph):
-        fusion.unfuse(gm.graph, node)
+    fusion.unfuse_all(gm.graph)
     return gm.graph.find_nodes(op="call_function", target=OP)
 
 
@@ -188,7 +189,7 @@ def strip_(model: nn.Module) -> list[Site]:
             # The node itself becomes the relu call: nothing created, erased or rewired, so
             # the graph stays well-formed (no lint needed).
             info = node.meta.pop("sugarize", {})
-            x = node.args[0]
+            x = input_of(node)
             call = info.get("call")
             if call is None:
                 node.target, node.args, node.kwargs = torch.relu, (x,), {}
@@ -207,8 +208,12 @@ def strip_(model: nn.Module) -> list[Site]:
 
 def count(model: nn.Module) -> int:
     """SUGAR nodes in the graphs of ``model`` (every GraphModule inside it), fused ones included."""
-    return sum(len(gm.graph.find_nodes(op="call_function", target=OP)) + len(fusion.fused_nodes(gm.graph))
-               for gm in _graph_modules(model))
+    return sum(count_nodes(gm) for gm in _graph_modules(model))
+
+
+def count_nodes(gm: torch.fx.GraphModule) -> int:
+    """SUGAR nodes in one GraphModule's graph, fused ones included."""
+    return len(gm.graph.find_nodes(op="call_function", target=OP)) + len(fused_nodes(gm.graph))
 
 
 @contextlib.contextmanager
@@ -220,14 +225,14 @@ def instrument(model: nn.Module, record):
         CaptureError: the model cannot be traced.
     """
     gm, _ = capture(model, copy=False)  # over a copy of the graph: unfusing it leaves the model's alone
-    for node in fusion.fused_nodes(gm.graph):
-        fusion.unfuse(gm.graph, node)  # the audit reads x, which a fused node never holds
+    fusion.unfuse_all(gm.graph)  # the audit reads x, which a fused node never holds
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if is_sugar(node):
             info = node.meta.get("sugarize", {})
-            key = (info.get("path", module_path(node)), "SUGAR " + str(node.args[1]), info.get("kind", "relu"), node.name)
-            x = node.args[0]
+            key = (info.get("path", module_path(node)), "SUGAR " + options_of(node).surrogate, info.get("kind", "relu"),
+                   node.name)
+            x = input_of(node)
         else:
             match = match_node(node, modules)
             if match is None or match.input is None:

@@ -10,11 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..method.fused import bn_sugar
 from ..method.op import OP
 from .activations import THRESHOLD_NOTE, call_match, module_match
 
-__all__ = ["Match", "match_node", "scripted_sites", "module_path", "is_sugar", "sugar_options", "may_alias"]
+__all__ = ["Match", "match_node", "scripted_sites", "module_path", "may_alias"]
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,6 @@ def scripted_sites(model: nn.Module) -> list:
                  f"inside a TorchScript module (torch.jit.script/trace): {n} ReLU call(s) compiled there cannot be "
                  "rewritten; convert the Python module before scripting it", calls=n)
             for path, n in sites]
-
-
-def is_sugar(node: Node) -> bool:
-    """A SUGAR node: the op, or the op fused with a BatchNorm (``fusion.py``)."""
-    return node.op == "call_function" and (node.target is OP or node.target is bn_sugar)
-
-
-def sugar_options(node: Node) -> tuple:
-    """``(surrogate, params, negative_only, save)`` of a SUGAR node, fused or not."""
-    return tuple(node.args[1:5]) if node.target is OP else tuple(node.args[3:7])
 
 
 def module_path(node: Node) -> str:

@@ -45,7 +45,7 @@ def find(model: nn.Module, cfg: SugarConfig, status: str = "convertible") -> lis
     sites = []
     for path, module, kind, spelling, _ in activation_modules(model):
         if isinstance(module, SugarActivation):
-            sites.append(Site(path, spelling, kind, "", "sugar", surrogate=module.options[0],
+            sites.append(Site(path, spelling, kind, "", "sugar", surrogate=module.options.surrogate,
                               forward_changed=kind != "relu", capture=NAME))
             continue
         convert, reason = cfg.decide(kind, path)
@@ -99,7 +99,7 @@ def strip_(model: nn.Module) -> list[Site]:
             new.train(module.training)
             back[id(module)] = new
         _set(model, path, new)
-        sites.append(Site(path, spelling, kind, "", "stripped", surrogate=module.options[0],
+        sites.append(Site(path, spelling, kind, "", "stripped", surrogate=module.options.surrogate,
                           forward_changed=kind != "relu", capture=NAME))
     relufied = {s.path: s.kind for s in sites if s.kind != "relu"}
     if relufied:

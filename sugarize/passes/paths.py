@@ -30,8 +30,9 @@ from typing import Callable, ContextManager, Protocol
 import torch.nn as nn
 
 from ..errors import CaptureError, ParameterError
-from . import callpath, fusion, fxpath, modulepath
-from .match import sugar_options
+from ..options import OpOptions
+from . import callpath, fxpath, islands, modulepath
+from .opnodes import FusedBN, fused_nodes, fused_of, options_of
 from .config import SugarConfig
 from .report import Site
 
@@ -121,21 +122,26 @@ class ModuleCapture:
     def convert(self, model, cfg, *, copy=True):
         self._check(model)
         out, sites = modulepath.convert(model, cfg, copy=copy)
+        found = islands.convert_(out, cfg)  # submodules that trace alone get the fx path's fusions
+        sites = [_fusion_of(s, found, cfg) for s in sites]
         return out, sites + callpath.convert_(out, cfg)  # out is private already: hooked in place
 
     def strip_(self, model):
+        islands.restore_(model)  # the original submodules, holding their SUGAR modules, back in place
         return modulepath.strip_(model) + callpath.strip_(model)
 
     def count(self, model):
-        return modulepath.count(model) + callpath.count(model)
+        return modulepath.count(model) + callpath.count(model) + sum(
+            fxpath.count_nodes(m) for m in model.modules() if islands.is_island(m))
 
     def holds(self, model):
-        return modulepath.count(model) > 0 or any(not c.relu_only for c in callpath.catchers(model))
+        return self.count(model) > 0 or any(not c.relu_only for c in callpath.catchers(model))
 
     @contextlib.contextmanager
     def instrument(self, model, record):
         self._check(model)
-        with modulepath.instrument(model, record) as runner, callpath.instrument(model, record):
+        with islands.originals(model), modulepath.instrument(model, record) as runner, \
+                callpath.instrument(model, record):
             yield runner
 
     def explain(self, model):
@@ -146,6 +152,19 @@ class ModuleCapture:
         if why is not None:
             raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model instance",
                                reason=why)
+
+
+def _fusion_of(site: Site, found: dict, cfg: SugarConfig) -> Site:
+    """A module-path site with what the islands pass fused it with, or why it was not."""
+    from dataclasses import replace
+
+    if site.status != "converted" or cfg.save != "full" or not cfg.fuse_linear:
+        return site
+    if site.path in found:
+        fused, unfused = found[site.path]
+        return replace(site, fused=fused, unfused=unfused)
+    return replace(site, unfused="caught by module swap, and no submodule around it and its consumer traces "
+                                 "on its own")
 
 
 PATHS: list[CapturePath] = [FxCapture(), ModuleCapture()]  # the order capture="auto" tries them in
@@ -254,29 +273,23 @@ def instrument(model: nn.Module, record: Callable):
             return
 
 
-def op_options(model: nn.Module) -> set[tuple]:
-    """The SUGAR op configurations ``(surrogate, params, negative_only, save)`` ``model`` runs."""
+def op_options(model: nn.Module) -> set[OpOptions]:
+    """The SUGAR op configurations ``model`` runs."""
     import torch.fx
 
     from ..method.module import SugarActivation
     from ..method.op import OP
 
-    found: set[tuple] = set()
+    found: set[OpOptions] = set()
     for module in model.modules():
         if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.find_nodes(op="call_function", target=OP) + fusion.fused_nodes(module.graph):
-                surrogate, params, negative_only, save = sugar_options(node)
-                found.add((surrogate, tuple(params), bool(negative_only), save))
+            for node in module.graph.find_nodes(op="call_function", target=OP) + fused_nodes(module.graph):
+                found.add(options_of(node))
         elif isinstance(module, SugarActivation):
-            surrogate, params, negative_only, save = module.options
-            found.add((surrogate, tuple(params), negative_only, save))
+            found.add(module.options)
     for catcher in callpath.catchers(model):
-        if catcher.relu_only:
-            continue
-        cfg = catcher.config
-        for kind in ("relu",) + cfg.relufy:
-            surrogate, params = cfg.surrogate_for(kind)
-            found.add((surrogate, tuple(params), bool(cfg.negative_only), cfg.save))
+        if not catcher.relu_only:
+            found.update(catcher.config.op_options(kind) for kind in ("relu",) + catcher.config.relufy)
     return found
 
 
@@ -311,12 +324,13 @@ def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
     done = failed = 0
     for options in sorted(op_options(model), key=repr):
         for dtype in dtypes or (torch.float32,):
-            if kernels.compile_for(*options, dtype=dtype, device=device):
+            if kernels.compile_for(*options.args, dtype=dtype, device=device):
                 done += 1
             else:
                 failed += 1
-    fused = {sugar_options(node)[:3] for gm in model.modules() if isinstance(gm, torch.fx.GraphModule)
-             for node in fusion.fused_nodes(gm.graph)}
+    fused = {(o.surrogate, o.params, o.negative_only) for gm in model.modules() if isinstance(gm, torch.fx.GraphModule)
+             for node in fused_nodes(gm.graph) if isinstance(fused_of(node), FusedBN)
+             for o in (options_of(node),)}
     for surrogate, params, negative_only in sorted(fused, key=repr):  # BatchNorm-fused sites' backward
         for dtype in dtypes or (torch.float32,):
             if kernels.compile_bn_grad_for(surrogate, params, negative_only, dtype=dtype, device=device):

@@ -25,8 +25,12 @@ class Site:
         calls: for a site found at runtime (or inside TorchScript), how many calls it made in
             one forward pass; None for a graph node.
         capture: the capture path that found it: "fx", "modules" or "calls" ("" inside TorchScript).
-        fused: what the SUGAR op was fused with on the fx path ("BatchNorm2d", "BatchNorm2d + add"):
-            its eager backward rebuilds x from the BatchNorm's input instead of keeping it; "" if none.
+        fused: what the SUGAR op was fused with on the fx path ("BatchNorm2d", "BatchNorm2d + add":
+            its eager backward rebuilds x from the BatchNorm's input instead of keeping it;
+            "Linear", "mul + Linear": its backward rebuilds relu(x) and the product from x instead
+            of keeping them); "" if none.
+        unfused: for an exact converted site on the fx path that was not fused with a consumer,
+            why ("read by Conv2d, not an nn.Linear", "its output is read by 2 nodes"); "" otherwise.
     """
 
     path: str
@@ -40,6 +44,7 @@ class Site:
     calls: int | None = None
     capture: str = ""
     fused: str = ""
+    unfused: str = ""
 
 
 @dataclass
@@ -92,7 +97,7 @@ class Report:
         line = f"{t['sites']} activation sites: " + (", ".join(parts) if parts else "none")
         fused = sum(1 for s in self.sites if s.fused and s.status in ("converted", "sugar"))
         if fused:
-            line += f"; {fused} fused with their BatchNorm (x rebuilt in the eager backward, not kept)"
+            line += f"; {fused} fused with their BatchNorm or Linear (less kept for the backward)"
         if self.runtime:
             r = self.runtime
             line += (f"; at runtime {r['converted_calls']} SUGAR calls, {r['unconverted_calls']} ReLU calls left "
@@ -102,7 +107,8 @@ class Report:
     def __str__(self) -> str:
         rows = [("path", "spelling", "status", "surrogate", "reason")]
         for s in self.sites:
-            reason = s.reason or (f"fused with {s.fused}" if s.fused else "")
+            reason = s.reason or (f"fused with {s.fused}" if s.fused else "") or (
+                f"not fused: {s.unfused}" if s.unfused else "")
             rows.append((s.path or "<model>", s.spelling, s.status, s.surrogate, reason))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]

@@ -31,6 +31,7 @@ def sugarize(
     relufy: Iterable[str] | str = (),
     relufy_surrogate: str | None = None,
     fuse_bn: bool = True,
+    fuse_linear: bool = True,
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
     example_kwargs: dict | None = None,
@@ -70,6 +71,12 @@ def sugarize(
             ``relu(bn(c) + r)``) with it: the same values and gradients, and in eager mode its
             backward rebuilds x from BatchNorm's input instead of keeping it (the report's
             ``Site.fused`` names them). ``False`` keeps every site apart.
+        fuse_linear: on the fx path, fuse each exact site whose output only an ``nn.Linear``
+            reads (``linear(relu(x))``), or only a product that only a Linear reads (a gated
+            MLP's ``down(relu(gate(h)) * up(h))``), with it: the same values and gradients, and
+            its backward rebuilds ``relu(x)`` (and the product) from x instead of keeping it,
+            eager and compiled (``Site.fused`` names them, ``Site.unfused`` says why a site was
+            not). ``False`` keeps every site apart.
         config: a ``SugarConfig`` holding the options above, instead of the keywords;
             a keyword that contradicts it is an error, never silently dropped.
         example_args, example_kwargs: example inputs, as ``torch.export`` takes them.
@@ -96,7 +103,7 @@ def sugarize(
     _check_keywords(params, config.surrogate if config is not None and surrogate == DEFAULT_SURROGATE else surrogate)
     cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
                    include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy,
-                   relufy_surrogate=relufy_surrogate, fuse_bn=fuse_bn)
+                   relufy_surrogate=relufy_surrogate, fuse_bn=fuse_bn, fuse_linear=fuse_linear)
     if capture not in paths.captures():
         raise ParameterError(f"capture={capture!r} is not one of {', '.join(paths.captures())}")
     out, sites, taken, reasons = paths.convert(model, cfg, capture, copy=copy)

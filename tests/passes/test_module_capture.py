@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sugarize
+from sugarize.passes import islands
 
 from helpers import FGI, ROOT, fgi, load_fixture, same_bits
 
@@ -91,6 +92,9 @@ def test_a_stripped_relufied_llama_reloads_with_from_pretrained_as_a_relu_model(
     ids = torch.randint(0, 64, (2, 12))
     sm = sugarize.sugarize(model, relufy=("silu",))
     assert model.config.hidden_act == "silu"
+    # each MLP traced on its own and fused with its down projection (#31): strip must undo that too
+    assert [s.fused for s in sugarize.report_of(sm).sites] == ["mul + Linear"] * 2
+    assert all(islands.is_island(layer.mlp) for layer in sm.model.layers)
     opt = torch.optim.SGD(sm.parameters(), lr=0.05)  # a fine-tuning step, so the weights are new
     sm.train()
     sm(input_ids=ids, labels=ids).loss.backward()

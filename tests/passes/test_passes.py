@@ -43,7 +43,15 @@ def test_all_spellings_convert_8_of_8(spellings):
     assert [s.spelling for s in report.sites] == SPELLINGS
     assert [s.status for s in report.sites] == ["converted"] * 8
     assert [s.path for s in report.sites][:2] == ["act", "act_inplace"]
+    # each site a plain Linear reads alone is fused with it (#31): the last one (read by h + x and,
+    # in place, by the add) and the one whose output the add also reads are not
+    assert [s.fused for s in report.sites] == ["Linear"] * 6 + ["", ""]
     assert node_kinds(sm) == [
+        "call_module:fc.0", "linear_sugar", "linear_sugar", "linear_sugar", "linear_sugar", "linear_sugar",
+        "linear_sugar", "sugar", "call_module:fc.7", "sugar", "add", "call_module:head",
+    ]
+    apart = sugarize.sugarize(model, fuse_linear=False)
+    assert node_kinds(apart) == [
         "call_module:fc.0", "sugar", "call_module:fc.1", "sugar", "call_module:fc.2", "sugar",
         "call_module:fc.3", "sugar", "call_module:fc.4", "sugar", "call_module:fc.5", "sugar",
         "call_module:fc.6", "sugar", "call_module:fc.7", "sugar", "add", "call_module:head",
@@ -174,7 +182,8 @@ def test_reused_module_is_converted_at_each_call_site():
     sm = sugarize.sugarize(M())
     sites = sm.meta["sugarize"]["report"].sites
     assert [(s.path, s.status) for s in sites] == [("relu", "converted"), ("relu", "converted")]
-    assert node_kinds(sm) == ["call_module:a", "sugar", "call_module:b", "sugar"]
+    assert node_kinds(sm) == ["call_module:a", "linear_sugar", "sugar"]  # the first fused with b (#31)
+    assert node_kinds(sugarize.sugarize(M(), fuse_linear=False)) == ["call_module:a", "sugar", "call_module:b", "sugar"]
 
 
 def test_inplace_on_a_view_mutates_the_base():
