@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
+from . import sharding
 from .op import OP
 from .saved import op_options
 
@@ -38,6 +39,8 @@ class SugarActivation(nn.Module):
         object.__setattr__(self, "replaced", replaced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is not torch.Tensor:
+            sharding.register()  # a DTensor among them: its rules for the op (once per process)
         y = OP(x, *self.options.args)
         return x.copy_(y) if self.inplace else y
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import compiled
+from . import compiled, sharding
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from .kernels import enabled, fused_decode, fused_encode, scoped, traced
 from .saved import decode_mul, surrogate_derivative, encode_saved, grad_math, saved_grid, plain_saved, saved_dtype, check_options
@@ -180,6 +180,8 @@ def sugar(
         >>> y = sugar(torch.randn(4, requires_grad=True), "nelu", alpha=0.05)
     """
     values = check_options(surrogate, params, negative_only, save)
+    if type(x) is not torch.Tensor:
+        sharding.register()  # a DTensor among them: its rules for the op (once per process)
     return OP(x, surrogate, values, bool(negative_only), save)
 
 

@@ -1,0 +1,71 @@
+"""DTensor sharding rules for every op sugarize registers, so that tensor parallel (and 2-D FSDP2 +
+TP plans, which hand activations on as DTensors) runs them.
+
+- ``sugar``, ``sugar_forward`` and ``sugar_grad`` are pointwise in their tensors: any ``Shard(d)``
+  or ``Replicate`` of the input gives the same placement of the outputs. A ``Partial`` input is
+  made whole first (relu of a partial sum is not the sum of relus).
+- ``sugar_linear`` (``fused_linear.py``) is ``linear(relu(x) [* u])``: the Linear's rules for the
+  input's batch dimensions (weight replicated), and the row-wise split (x and u sharded on their
+  last dimension, the weight on its second, no bias: a partial sum out). ``linear_sugar`` does
+  not hand it DTensors today (a tensor-parallel Linear has hooks and DTensor weights, so the site
+  runs unfused); the rules are there for a caller that does, and tested.
+
+Registered with DTensor's ``register_sharding`` (experimental, public). ``register`` runs once per
+process, on the first conversion (``sugarize``) or the first call of the op on a tensor subclass,
+not at ``import sugarize``: importing DTensor costs about 0.6 s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["register"]
+
+_state = {"done": False}
+
+
+def register() -> bool:
+    """Registers the rules (once per process); False where ``torch.distributed`` is not built in."""
+    if _state["done"]:
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    from .fused_linear import LINEAR_OP
+    from .op import FORWARD_OP, GRAD_OP, OP
+
+    def pointwise(ndim: int, tensors_in: int, others: int, outputs: int):
+        rules = [([Replicate()] * outputs, [Replicate()] * tensors_in + [None] * others)]
+        for d in range(ndim):
+            rules.append(([Shard(d)] * outputs, [Shard(d)] * tensors_in + [None] * others))
+        return rules
+
+    @register_sharding(OP)
+    def _sugar(x, surrogate, params, negative_only, save):
+        return pointwise(x.ndim, 1, 4, 1)
+
+    @register_sharding(FORWARD_OP)
+    def _sugar_forward(x, surrogate, params, negative_only, save):
+        return pointwise(x.ndim, 1, 4, 2)
+
+    @register_sharding(GRAD_OP)
+    def _sugar_grad(grad, x, surrogate, params, negative_only):
+        return pointwise(x.ndim, 2, 3, 1)
+
+    @register_sharding(LINEAR_OP)
+    def _sugar_linear(x, other, weight, bias, surrogate, params, negative_only):
+        u = (lambda p: p) if other is not None else (lambda p: None)
+        b = (lambda p: p) if bias is not None else (lambda p: None)
+        options = [None, None, None]
+        rules = [([Replicate()], [Replicate(), u(Replicate()), Replicate(), b(Replicate())] + options)]
+        for d in range(x.ndim - 1):  # batch dimensions
+            rules.append(([Shard(d)], [Shard(d), u(Shard(d)), Replicate(), b(Replicate())] + options))
+        if bias is None:  # row-wise: each rank's share of the inner dimension, summed later
+            last = x.ndim - 1
+            rules.append(([Partial()], [Shard(last), u(Shard(last)), Shard(1), None] + options))
+        return rules
+
+    _state["done"] = True
+    return True
