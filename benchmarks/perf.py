@@ -2,6 +2,7 @@
 
     python benchmarks/perf.py [--repeats 5] [--compiled-repeats 8] [--no-compile] [--out benchmarks/results]
     python benchmarks/perf.py --compiled-only [--compiled-repeats 40]
+    python benchmarks/perf.py --scale-only [--repeats 5] [--compiled-repeats 8]
 
 Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
@@ -11,6 +12,9 @@ more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to 
   unfused, and fused with the opt-in kernels;
 - memory held for the backward pass: bytes of the unique non-parameter tensors autograd
   saves (``saved_tensors_hooks``), and the peak RSS of a fresh process running 3 steps;
+- transformer scale (#31): an MLP 8x2048 (batch 512) and a relufied Llama (hidden 512, gated MLP
+  1376, 2 layers, sequence 256, batch 4, eager attention): saved bytes and step, eager and
+  compiled, Linear-fused (the default) and unfused (``--scale-only`` writes ``perf_scale.md``);
 - conversion cost: ``sugarize`` + ``strip`` beyond one ``symbolic_trace``, 50..5,000 sites;
 - onnxruntime latency of the stripped model vs the original, GELU/SiLU models, and a
   forward-gradient-injection model exported without stripping.
@@ -294,6 +298,138 @@ def inference(repeats: int) -> dict:
     return rows
 
 
+SCALE_VARIANTS = {  # what each scale model is built as: (activation of the plain model, sugarize options or None)
+    "ReLU": ("relu", None),
+    "SiLU (the original a relufied model replaces)": ("silu", None),
+    "sugarize B-SiLU (default: exact, Linear-fused)": ("relu", {}),
+    "sugarize, exact, fuse_linear=False (unfused)": ("relu", {"fuse_linear": False}),
+    "sugarize, opt-in save=uint8": ("relu", {"save": "uint8"}),
+}
+SCALE_LLAMA = {k.replace("sugarize", "relufy silu, sugarize", 1) if k.startswith("sugarize") else k: v
+               for k, v in SCALE_VARIANTS.items()}
+SCALE_COMPILED = {"MLP 8x2048 (batch 512)": ["ReLU", "sugarize B-SiLU (default: exact, Linear-fused)",
+                                             "sugarize, exact, fuse_linear=False (unfused)"],
+                  "relufied Llama (hidden 512, MLP 1376, 2 layers, seq 256, batch 4)": [
+                      "ReLU", "SiLU (the original a relufied model replaces)",
+                      "relufy silu, sugarize B-SiLU (default: exact, Linear-fused)"]}
+
+
+def scale_model(model_name: str, variant: str):
+    """``(model, batch, step loss)`` for the transformer-scale rows (#31)."""
+    torch.manual_seed(0)
+    if model_name.startswith("MLP"):
+        act, options = SCALE_VARIANTS[variant]
+        layers = []
+        for i in range(8):
+            layers += [nn.Linear(784 if i == 0 else 2048, 2048), nn.ReLU() if act == "relu" else nn.SiLU()]
+        model = nn.Sequential(*layers, nn.Linear(2048, 10))
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(512, 784, generator=g), torch.randint(0, 10, (512,), generator=g)
+        loss = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    else:
+        import transformers
+
+        act, options = SCALE_LLAMA[variant]
+        base = "silu" if options is not None else act  # sugarize relufies the SiLU original
+        cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                                       hidden_act=base, use_cache=False, attn_implementation="eager")
+        model = transformers.LlamaForCausalLM(cfg)
+        ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(0))
+        x = ids
+        loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+        if options is not None:
+            options = {"relufy": ("silu",), **options}
+    if options is not None:
+        model = sugarize.sugarize(model, **options)
+    return model, x, loss
+
+
+def scale_saved_bytes(model, loss) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = loss(model)
+    del out
+    return sum(seen.values())
+
+
+def scale_rows(repeats: int, compiled_repeats: int, compile_: bool) -> dict:
+    """Saved bytes and step time of each scale variant, eager and compiled, as ratios to ReLU's."""
+    out: dict = {}
+    for model_name, variants in (("MLP 8x2048 (batch 512)", list(SCALE_VARIANTS)),
+                                 ("relufied Llama (hidden 512, MLP 1376, 2 layers, seq 256, batch 4)",
+                                  list(SCALE_LLAMA))):
+        rows: dict = {v: {} for v in variants}
+        for mode in (["eager", "compiled"] if compile_ else ["eager"]):
+            names = variants if mode == "eager" else SCALE_COMPILED[model_name]
+            steps = {}
+            for v in names:
+                model, _, loss = scale_model(model_name, v)
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    model = torch.compile(model)
+                opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+                def step(model=model, loss=loss, opt=opt):
+                    opt.zero_grad(set_to_none=True)
+                    loss(model).backward()
+                    opt.step()
+
+                t = time.perf_counter()
+                step()
+                rows[v][f"{mode}_first_s"] = time.perf_counter() - t
+                rows[v][f"{mode}_saved_bytes"] = scale_saved_bytes(model, loss)
+                steps[v] = step
+            stats, _ = interleaved(steps, repeats if mode == "eager" else compiled_repeats, "ReLU")
+            for v in names:
+                rows[v].update({f"{mode}_{k}": val for k, val in stats[v].items()})
+            del steps
+        out[model_name] = rows
+    return out
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    md = ["## Transformer scale: Linear-fed sites (#31)", "",
+          "*saved ratio*: bytes of the unique non-parameter tensors autograd keeps for the backward "
+          "(`saved_tensors_hooks`), to the ReLU model's in the same run, eager and under `torch.compile`; "
+          "*step ratio*: the median over interleaved rounds of the step's ratio to ReLU's (q1-q3 its quartiles). "
+          "The relufied Llama's plain rows are the same model with `hidden_act` relu and silu.", ""]
+    for model_name, rows in scale.items():
+        base = rows["ReLU"]
+
+        def ratio(r, key):
+            return f"{r[key] / base[key]:.3f}" if key in r else "-"
+
+        md += [f"### {model_name}", "",
+               md_table(["variant", "saved MiB (eager)", "saved ratio (eager)", "saved ratio (compiled)",
+                         "eager step ms", "eager step ratio (q1-q3)", "compiled step ratio (q1-q3)"],
+                        [[v, f"{r['eager_saved_bytes'] / 2**20:.1f}", ratio(r, "eager_saved_bytes"),
+                          ratio(r, "compiled_saved_bytes"), f"{r['eager_step_ms']:.0f}",
+                          f"{r['eager_ratio']:.3f} ({r['eager_ratio_q1']:.3f}-{r['eager_ratio_q3']:.3f})",
+                          (f"{r['compiled_ratio']:.3f} ({r['compiled_ratio_q1']:.3f}-{r['compiled_ratio_q3']:.3f})"
+                           if "compiled_ratio" in r else "-")]
+                         for v, r in rows.items()]), ""]
+    return md
+
+
+def scale_only(args) -> int:
+    start = time.perf_counter()
+    m = machine()
+    scale = scale_rows(args.repeats, args.compiled_repeats, not args.no_compile)
+    md = ["# SUGAR at transformer scale next to ReLU", "",
+          f"`python benchmarks/perf.py --scale-only --repeats {args.repeats} --compiled-repeats "
+          f"{args.compiled_repeats}` on {machine_line(m)}.", ""] + scale_markdown(scale)
+    return finish("perf_scale", md, {"machine": m, "scale": scale}, start, args.out)
+
+
 KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training step (forward and "
                "backward); *kernel bytes ratio*: the bytes those kernels read and write, as Inductor "
                "estimates them (`metrics.num_bytes_accessed`), to ReLU's. Both are exact counts, the same "
@@ -339,12 +475,16 @@ def main(argv=None) -> int:
                     help="interleaved compiled steps per variant (default 8; 40 with --compiled-only)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile rows")
+    ap.add_argument("--scale-only", action="store_true",
+                    help="only the transformer-scale rows (MLP 8x2048, relufied Llama), to perf_scale.md")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.compiled_repeats is None:
         args.compiled_repeats = 40 if args.compiled_only else 8
     if args.compiled_only:
         return compiled_only(args)
+    if args.scale_only:
+        return scale_only(args)
     start = time.perf_counter()
     m = machine()
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
@@ -389,6 +529,9 @@ def main(argv=None) -> int:
                md_table(["variant", "eager step ms", "eager ratio", "saved MiB", "saved ratio",
                          "peak RSS growth ratio", "compiled ratio", "compile s", "compiled kernels",
                          "kernel bytes ratio", "compiled saved ratio"], rows), "", KERNEL_NOTE, ""]
+    print(f"[{time.perf_counter() - start:.0f} s] transformer scale", flush=True)
+    data["scale"] = scale_rows(args.repeats, args.compiled_repeats, not args.no_compile)
+    md += scale_markdown(data["scale"])
     print(f"[{time.perf_counter() - start:.0f} s] conversion cost", flush=True)
     conv = conversion_cost()
     data["conversion"] = conv

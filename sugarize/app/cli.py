@@ -677,7 +677,7 @@ def sweep_cmd(
             f"{100 * s.diff_mean:+.2f} ± {100 * s.diff_std:.2f}" if pct else f"{-s.diff_mean:+.4f} ± {s.diff_std:.4f}")
         table.add_row(s.name, f"{fmt(s.metric_mean)} ± {fmt(s.metric_std)}", diff,
                       "" if s.verdict == "baseline" else f"{s.better_seeds}/{s.seeds}",
-                      f"{100 * s.dead_end_mean:.1f}", f"{s.revived_mean:.1f}", s.verdict)
+                      f"{100 * s.dead_end_mean:.1f}", f"{s.revived_mean:.1f}" if s.revived_mean is not None else "n/a", s.verdict)
     out.print(f"start: {result.metric} {fmt(result.start_metric)}, dead units {100 * result.dead_start:.1f}% "
               f"({result.dead_units_start} of {result.units})")
     out.print(table)
@@ -732,16 +732,14 @@ def demo_cmd(
                                "paired": result.paired(dead_case=True)} if result.dead_runs else None,
                            "export": {k: (v.to_dict() if k == "parity" else v) for k, v in (ex or {}).items()},
                            "seconds": result.seconds})
-    acc0 = sum(a for a, _ in result.pretrained) / len(result.pretrained)
-    dead0 = sum(d for _, d in result.pretrained) / len(result.pretrained)
+    acc0, dead0 = result.start()
     out.print(f"[bold]case 1, a trained model[/] (realistic): a ReLU MLP ({cfg.depth}x{cfg.width}) pretrained with "
               f"{cfg.pretrain_optimizer} at lr {cfg.pretrain_lr}: val acc {100 * acc0:.1f}%, dead units {100 * dead0:.1f}%; "
               f"each variant fine-tuned {cfg.epochs} epochs at lr {cfg.lr} from those weights, {len(cfg.seeds)} seeds")
     out.print(_demo_table(rows, len(cfg.seeds)))
     _print_paired(result.paired())
     if result.dead_runs:
-        acc1 = sum(a for a, _ in result.dead_start) / len(result.dead_start)
-        dead1 = sum(d for _, d in result.dead_start) / len(result.dead_start)
+        acc1, dead1 = result.start(dead_case=True)
         out.print(f"[bold]case 2, a mostly dead model[/] (what SUGAR is for): the same MLP initialised with every "
                   f"hidden bias at {cfg.dead_bias:g}: val acc {100 * acc1:.1f}% (one class), dead units "
                   f"{100 * dead1:.1f}%; each variant fine-tuned {cfg.dead_epochs} epochs at lr {cfg.dead_lr}, "

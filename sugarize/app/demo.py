@@ -125,6 +125,12 @@ class DemoResult:
     dead_start: list[tuple[float, float]] = field(default_factory=list)  # case 2: (accuracy, dead) at init
     dead_runs: list[Run] = field(default_factory=list)  # case 2's fine-tuned variants
 
+    def start(self, *, dead_case: bool = False) -> tuple[float, float]:
+        """``(mean accuracy, mean dead share)`` over seeds of the model every variant starts from:
+        the pretrained one (case 1), or the badly initialised one (case 2)."""
+        points = self.dead_start if dead_case else self.pretrained
+        return (sum(a for a, _ in points) / len(points), sum(d for _, d in points) / len(points))
+
     def paired(self, variant: str = "SUGAR B-SiLU", against: str = "ReLU", *, dead_case: bool = False) -> dict:
         """Seed-by-seed differences ``variant - against`` (same starting weights per seed)."""
         by = {(r.variant, r.seed): r for r in (self.dead_runs if dead_case else self.runs)}

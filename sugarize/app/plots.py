@@ -145,7 +145,8 @@ def plot_sweep(result, path, *, force: bool = True) -> Path:
            label="dead units at the end %", color="C3")
     a2.axhline(100 * result.dead_start, color="C3", lw=1, ls="--", label="dead at the start %")
     a2b = a2.twinx()
-    a2b.bar([i + 0.2 for i in range(len(rows))], [s.revived_mean for s in rows], width=0.4, color="C2",
+    revived = [float("nan") if s.revived_mean is None else s.revived_mean for s in rows]  # n/a: no bar
+    a2b.bar([i + 0.2 for i in range(len(rows))], revived, width=0.4, color="C2",
             label="revived units")
     a2b.set_ylabel("revived units (mean over seeds)")
     a2.set_xticks(range(len(rows)), names)

@@ -98,10 +98,12 @@ def bn_sugar(bn: nn.Module, c: torch.Tensor, residual: torch.Tensor | None, surr
         if residual is not None:
             x = x + (residual if shortcut is None else shortcut(residual))
         return OP(x, surrogate, params, negative_only, save)
-    first = _prelude(bn, c)
-    second = _prelude(shortcut, residual) if shortcut is not None else (None,) * 8
-    plain = residual if shortcut is None else None
-    return _BNSugar.apply(*first, plain, *second, surrogate, tuple(params), bool(negative_only))
+    args = dict(zip(_BN_ARGS, _prelude(bn, c)))
+    if shortcut is not None:
+        args.update(zip((f"{n}2" for n in _BN_ARGS), _prelude(shortcut, residual)))
+    args.update(residual=residual if shortcut is None else None, surrogate=surrogate, params=tuple(params),
+                negative_only=bool(negative_only))
+    return _BNSugar.apply(*(args.get(name) for name in _INPUTS))
 
 
 def _affine(weight, bias, mean, invstd):
@@ -143,35 +145,46 @@ def _bn_backward(saved, meta, g, needs):
         impl, c, g, weight, running_mean, running_var, mean, invstd, training, eps, list(needs), reserve)
 
 
+_BN_ARGS = ("c", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+# The autograd function's inputs by name, in order: BatchNorm 1's arguments, the plain residual,
+# BatchNorm 2's (the shortcut's, suffixed 2), then the surrogate's options. forward and backward
+# read them through this one list, never by position.
+_INPUTS = _BN_ARGS + ("residual",) + tuple(f"{n}2" for n in _BN_ARGS) + ("surrogate", "params", "negative_only")
+
+
+def _bn_inputs(args: dict, suffix: str = "") -> tuple:
+    return tuple(args[n + suffix] for n in _BN_ARGS)
+
+
 class _BNSugar(torch.autograd.Function):
-    """Inputs: BatchNorm 1's eight arguments, the plain residual (or None), BatchNorm 2's eight (or
-    Nones), then the surrogate's options."""
+    """``relu(bn(c) + residual)`` (or ``+ bn2(c2)``) keeping what BatchNorm keeps: inputs ``_INPUTS``."""
 
     @staticmethod
-    def forward(ctx, c, weight, bias, running_mean, running_var, training, momentum, eps, residual,
-                c2, weight2, bias2, running_mean2, running_var2, training2, momentum2, eps2,
-                surrogate, params, negative_only):
-        out, saved, meta = _bn_forward(c, weight, bias, running_mean, running_var, training, momentum, eps)
+    def forward(ctx, *inputs):
+        args = dict(zip(_INPUTS, inputs, strict=True))
+        out, saved, meta = _bn_forward(*_bn_inputs(args))
         saved2, meta2 = (), None
-        if c2 is not None:
-            out2, saved2, meta2 = _bn_forward(c2, weight2, bias2, running_mean2, running_var2, training2,
-                                              momentum2, eps2)
+        residual = args["residual"]
+        if args["c2"] is not None:
+            out2, saved2, meta2 = _bn_forward(*_bn_inputs(args, "2"))
             out = out + out2
             del out2
         elif residual is not None:
             out = out + residual
         out = out.relu_()
         ctx.save_for_backward(*saved, residual, *saved2)
-        ctx.options = (meta, meta2, surrogate, list(params), negative_only, out.dtype)
+        ctx.options = (meta, meta2, args["surrogate"], list(args["params"]), args["negative_only"], out.dtype)
         ctx.kernels = enabled()  # the running model's setting (kernels.use_kernels), for the backward
         return out
 
     @staticmethod
     def backward(ctx, grad):
         tensors = ctx.saved_tensors
-        saved, residual, saved2 = tensors[:8], tensors[8], tensors[9:]
+        n = len(_BN_ARGS)  # _bn_forward saves as many tensors as BatchNorm takes arguments
+        saved, residual, saved2 = tensors[:n], tensors[n], tensors[n + 1:]
         meta, meta2, surrogate, params, negative_only, dtype = ctx.options
-        needs = ctx.needs_input_grad
+        needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
+        grads: dict[str, torch.Tensor | None] = {}
         with torch.no_grad():
             alpha, beta = _bn_rebuild(saved, meta, dtype)
             if meta2 is not None:  # the shortcut's BatchNorm output: rebuilt too, not kept
@@ -190,9 +203,11 @@ class _BNSugar(torch.autograd.Function):
                     g = decode_mul(grad, encode_saved(d, dtype, "full", None), "full", None)
                 del d
             del residual
-            gc, gw, gb = _bn_backward(saved, meta, g, needs[0:3])
-            gc2 = gw2 = gb2 = None
+            grads["c"], grads["weight"], grads["bias"] = _bn_backward(
+                saved, meta, g, (needs["c"], needs["weight"], needs["bias"]))
             if meta2 is not None:
-                gc2, gw2, gb2 = _bn_backward(saved2, meta2, g, needs[9:12])
-        return (gc, gw, gb, None, None, None, None, None, g if needs[8] else None,
-                gc2, gw2, gb2, None, None, None, None, None, None, None, None)
+                grads["c2"], grads["weight2"], grads["bias2"] = _bn_backward(
+                    saved2, meta2, g, (needs["c2"], needs["weight2"], needs["bias2"]))
+            if needs["residual"]:
+                grads["residual"] = g
+        return tuple(grads.get(name) for name in _INPUTS)

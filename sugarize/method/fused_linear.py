@@ -106,9 +106,9 @@ def _backward(ctx, grad):
     rows = grad.reshape(-1, grad.shape[-1])
     gw = gb = gx = gother = None
     y = torch.relu(x)
-    if needs[2]:  # the Linear's weight gradient, as addmm's backward computes it: (p^T g)^T
+    if needs[2]:  # the Linear's weight gradient g^T p, laid out as the weight is (row-major)
         p = y if other is None else y * other
-        gw = p.reshape(-1, p.shape[-1]).t().mm(rows).t()
+        gw = rows.t().mm(p.reshape(-1, p.shape[-1]))
         del p
     if needs[3] and ctx.has_bias:
         gb = rows.sum(0)

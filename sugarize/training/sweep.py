@@ -150,7 +150,7 @@ class RunResult:
     val_loss: float
     val_accuracy: float | None
     dead_end: float  # share of units that fire on no training input, after the fine-tune
-    revived: int  # units dead at the start that fire at the end
+    revived: int | None  # units dead at the start that fire at the end; None: not counted (the sites differ)
     steps: int
     seconds: float
     diverged: bool = False
@@ -169,7 +169,7 @@ class CandidateSummary:
     metric_mean: float
     metric_std: float
     dead_end_mean: float
-    revived_mean: float
+    revived_mean: float | None  # None where no run's revived units could be counted
     diff_mean: float
     diff_std: float
     better_seeds: int
@@ -281,93 +281,140 @@ def sweep(
         ParameterError: a bad budget or candidate; DataFileError: the data file fails.
     """
     from ..passes.rewrite import sugarize
-    from ..passes.strip import strip
-    from .deadunits import audit
 
+    _check_budget(seeds, epochs, steps)
+    cands = _candidates_of(candidates)
+    base = config or SugarConfig()
+    started = time.perf_counter()
+    setup = _prepare(model, data, base, capture, seeds, len(cands), epochs, steps)
+    done = [0]
+
+    def step(epoch, index):
+        done[0] += 1
+        if on_step:
+            on_step(done[0], setup.total_steps)
+
+    runs: list[RunResult] = []
+    for seed in range(seeds):
+        for cand in [RELU] + cands:
+            m = copy.deepcopy(setup.start) if cand.surrogate is None else sugarize(
+                model, config=cand.config(base), capture=capture)
+            run = _run(cand, seed, m, data, setup, epochs, steps, lr, optimizer, step, done)
+            runs.append(run)
+            if on_run:
+                on_run(run)
+    summaries = _summaries([RELU] + cands, runs, setup.classification, setup.resolution)
+    winner, advice = _advice(summaries, setup.metric, setup.classification, seeds)
+    notes = list(setup.notes)
+    if seeds < 2:
+        notes.append("one seed gives no noise estimate: every verdict is 'within noise'; use --seeds 3 or more")
+    if any(r.revived is None for r in runs if not r.diverged):
+        notes.append("revived units are not counted where the converted model's sites differ from the original's")
+    audit0 = setup.start_audit
+    return SweepResult(setup.metric, setup.classification, setup.start_metric, audit0.dead_fraction, audit0.dead,
+                       audit0.units, runs, summaries, winner, advice, base, time.perf_counter() - started, notes)
+
+
+def _check_budget(seeds: int, epochs: int, steps: int | None) -> None:
     if seeds < 1:
         raise ParameterError(f"seeds={seeds}: run at least one seed (3 or more for a verdict)")
     if steps is not None and steps < 1:
         raise ParameterError(f"steps={steps} must be at least 1")
     if epochs < 1:
         raise ParameterError(f"epochs={epochs} must be at least 1")
+
+
+def _candidates_of(candidates) -> list[Candidate]:
+    """The candidates to sweep: the defaults, a spec string or ``Candidate`` objects."""
     if candidates is None:
-        cands = default_candidates()
-    elif isinstance(candidates, str):
-        cands = parse_candidates(candidates)
-    else:
-        cands = list(candidates)
-    base = config or SugarConfig()
-    started = time.perf_counter()
+        return default_candidates()
+    if isinstance(candidates, str):
+        return parse_candidates(candidates)
+    return list(candidates)
+
+
+@dataclass
+class _Setup:
+    """What every run of a sweep shares: the starting model and its audit, the validation data, the
+    metric and its resolution, the step budget."""
+
+    start: nn.Module
+    start_audit: object
+    start_fires: list[list[int]]
+    val_data: object
+    classification: bool
+    metric: str
+    start_metric: float
+    resolution: float
+    per_epoch: int | None
+    total_steps: int | None
+    notes: list[str]
+
+    def train(self, data: DataSpec):
+        return call_loader(data.train_loader, "train_loader", data.path)
+
+    def val(self, data: DataSpec):
+        return call_loader(self.val_data, "val_loader", data.path)
+
+
+def _prepare(model, data: DataSpec, base: SugarConfig, capture: str, seeds: int, candidates: int,
+             epochs: int, steps: int | None) -> _Setup:
+    from ..passes.rewrite import sugarize
+    from ..passes.strip import strip
+    from .deadunits import audit
+
     notes = []
     # the baseline: the model itself, or with its relufied sites as plain ReLU
     start = strip(sugarize(model, config=base, capture=capture)) if base.relufy else copy.deepcopy(model)
-    train = lambda: call_loader(data.train_loader, "train_loader", data.path)  # noqa: E731
-    start_audit = audit(start, checked_batches(train(), "train_loader()"))
-    start_fires = _fires(start_audit)
+    start_audit = audit(start, checked_batches(call_loader(data.train_loader, "train_loader", data.path),
+                                               "train_loader()"))
     val_data = data.val_loader
     if val_data is None:
         notes.append("the data file has no val_loader(): the metric is measured on the training batches")
         val_data = data.train_loader
     classification = _is_classification(start, call_loader(val_data, "val_loader", data.path))
-    metric = "val accuracy" if classification else "val loss"
     start_loss, start_acc = evaluate(start, call_loader(val_data, "val_loader", data.path), data.loss_fn)
     val_size = _count(call_loader(val_data, "val_loader", data.path))
-    resolution = 1.0 / val_size if classification and val_size else 0.0
     per_epoch = _steps_per_epoch(data)
     budget = steps if steps is not None else (epochs * per_epoch if per_epoch is not None else None)
-    runs_in_all = (len(cands) + 1) * seeds
-    total = budget * runs_in_all if budget is not None else None
-    done = [0]
+    return _Setup(start, start_audit, _fires(start_audit), val_data, classification,
+                  "val accuracy" if classification else "val loss", start_acc if classification else start_loss,
+                  1.0 / val_size if classification and val_size else 0.0, per_epoch,
+                  budget * (candidates + 1) * seeds if budget is not None else None, notes)
 
-    def step(epoch, index):
-        done[0] += 1
-        if on_step:
-            on_step(done[0], total)
 
-    runs: list[RunResult] = []
-    for seed in range(seeds):
-        for cand in [RELU] + cands:
-            t0 = time.perf_counter()
-            m = copy.deepcopy(start) if cand.surrogate is None else sugarize(model, config=cand.config(base),
-                                                                             capture=capture)
-            before = done[0]
-            diverged = False
-            try:
-                n_epochs = epochs if steps is None else (math.ceil(steps / per_epoch) if per_epoch else steps)
-                finetune(m, data, epochs=n_epochs, max_steps=steps, lr=lr, optimizer=optimizer, seed=seed,
-                         audit_dead=False, on_step=step)
-            except DivergenceError:
-                diverged = True
-            if diverged:
-                run = RunResult(cand.name, seed, float("nan"), float("nan"), None, float("nan"), 0,
-                                done[0] - before, time.perf_counter() - t0, diverged=True)
-            else:
-                loss, acc = evaluate(m, call_loader(val_data, "val_loader", data.path), data.loss_fn)
-                end = audit(m, checked_batches(train(), "train_loader()"))
-                revived = _revived(start_fires, _fires(end))
-                run = RunResult(cand.name, seed, acc if classification else loss, loss,
-                                acc if classification else None, end.dead_fraction,
-                                revived if revived is not None else -1, done[0] - before,
-                                time.perf_counter() - t0)
-            runs.append(run)
-            if on_run:
-                on_run(run)
-    summaries = _summaries([RELU] + cands, runs, classification, resolution)
+def _run(cand: Candidate, seed: int, m: nn.Module, data: DataSpec, setup: _Setup, epochs: int, steps: int | None,
+         lr: float, optimizer: str, step, done: list[int]) -> RunResult:
+    """One fine-tune of ``m`` (a candidate's converted model, or the baseline's copy), evaluated."""
+    from .deadunits import audit
+
+    t0 = time.perf_counter()
+    before = done[0]
+    per_epoch = setup.per_epoch
+    n_epochs = epochs if steps is None else (math.ceil(steps / per_epoch) if per_epoch else steps)
+    try:
+        finetune(m, data, epochs=n_epochs, max_steps=steps, lr=lr, optimizer=optimizer, seed=seed,
+                 audit_dead=False, on_step=step)
+    except DivergenceError:
+        return RunResult(cand.name, seed, float("nan"), float("nan"), None, float("nan"), None,
+                         done[0] - before, time.perf_counter() - t0, diverged=True)
+    loss, acc = evaluate(m, setup.val(data), data.loss_fn)
+    end = audit(m, checked_batches(setup.train(data), "train_loader()"))
+    return RunResult(cand.name, seed, acc if setup.classification else loss, loss,
+                     acc if setup.classification else None, end.dead_fraction,
+                     _revived(setup.start_fires, _fires(end)), done[0] - before, time.perf_counter() - t0)
+
+
+def _advice(summaries: list[CandidateSummary], metric: str, classification: bool,
+            seeds: int) -> tuple[CandidateSummary | None, str]:
+    """The winner (the candidate that beats ReLU beyond noise by the most), and what to do."""
     better = [s for s in summaries if s.verdict == "better"]
     winner = max(better, key=lambda s: s.diff_mean) if better else None
     if winner is not None:
-        advice = (f"{winner.name} beats ReLU beyond noise ({metric} {_signed(winner.diff_mean, classification)} "
-                  f"per seed, better in {winner.better_seeds} of {winner.seeds} seeds): convert with it")
-    else:
-        advice = (f"no candidate beats ReLU beyond noise on {metric} with this budget ({seeds} seed(s)): do not "
+        return winner, (f"{winner.name} beats ReLU beyond noise ({metric} {_signed(winner.diff_mean, classification)} "
+                        f"per seed, better in {winner.better_seeds} of {winner.seeds} seeds): convert with it")
+    return None, (f"no candidate beats ReLU beyond noise on {metric} with this budget ({seeds} seed(s)): do not "
                   "convert for this model, or sweep again with more steps or seeds")
-    if seeds < 2:
-        notes.append("one seed gives no noise estimate: every verdict is 'within noise'; use --seeds 3 or more")
-    if any(r.revived < 0 for r in runs if not r.diverged):
-        notes.append("revived units are not counted where the converted model's sites differ from the original's")
-    return SweepResult(metric, classification, start_acc if classification else start_loss, start_audit.dead_fraction,
-                       start_audit.dead, start_audit.units, runs, summaries, winner,
-                       advice, base, time.perf_counter() - started, notes)
 
 
 def _signed(diff: float, classification: bool) -> str:
@@ -395,7 +442,7 @@ def _summaries(cands: list[Candidate], runs: list[RunResult], higher: bool, reso
             statistics.mean(metrics) if metrics else nan,
             statistics.pstdev(metrics) if len(metrics) > 1 else 0.0,
             statistics.mean(r.dead_end for r in ok) if ok else nan,
-            statistics.mean(max(r.revived, 0) for r in ok) if ok else nan,
+            statistics.mean(counted) if (counted := [r.revived for r in ok if r.revived is not None]) else None,
             statistics.mean(diffs) if diffs else (0.0 if cand.surrogate is None else nan),
             statistics.pstdev(diffs) if len(diffs) > 1 else 0.0,
             sum(d > 0 for d in diffs), verdict, len(rs) - len(ok)))
