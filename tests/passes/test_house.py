@@ -175,3 +175,33 @@ def test_an_unknown_keyword_is_named_as_such():
         sugarize.sugarize(nn.Sequential(nn.ReLU()), relu_surrogate="nelu")
     sm = sugarize.sugarize(nn.Sequential(nn.ReLU()), alpha=1.5)  # a real parameter still works
     assert sugarize.report_of(sm).sites[0].surrogate == "bsilu"
+
+
+def test_op_options_are_one_typed_record_read_back_from_every_kind_of_node():
+    """#30: OpOptions is written into nodes and read back in one place (passes/opnodes.py), for a
+    plain SUGAR node and both fused layouts; each record's args round-trip its node."""
+    import torch.nn as nn
+
+    from sugarize.options import OpOptions
+    from sugarize.passes.opnodes import fused_nodes, fused_of, options_of
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))  # fused with its BatchNorm
+            return self.out(torch.relu(h)) + torch.relu(h).sum()  # fused with out; a plain node (read by sum)
+
+    sm = sugarize.sugarize(Net(), "nelu", alpha=0.3, negative_only=True)
+    want = OpOptions("nelu", (0.3,), True, "full")
+    nodes = [n for n in sm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.sugarize.sugar.default, *(type(fused_of(f)).TARGET for f in fused_nodes(sm.graph)))]
+    kinds = sorted(type(fused_of(n)).__name__ if n in fused_nodes(sm.graph) else "plain" for n in nodes)
+    assert kinds == ["FusedBN", "FusedLinear", "plain"], kinds
+    assert all(options_of(n) == want for n in nodes)
+    for node in fused_nodes(sm.graph):
+        assert fused_of(node).args == node.args  # the record is the node's layout, both ways
+    assert want.args == ("nelu", [0.3], True, "full") and OpOptions.of_args(want.args) == want
