@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import sharding
 from .fused import has_hooks
 from .kernels import enabled, fused_grad, scoped, traced
 from .op import GRAD_OP, OP
@@ -94,6 +95,8 @@ def _(x, other, weight, bias, surrogate, params, negative_only):
 
 def _setup_context(ctx, inputs, output):
     x, other, weight, bias, surrogate, params, negative_only = inputs
+    if type(x) is not torch.Tensor:
+        sharding.register_for(x, other, weight)  # a DTensor: rules for the ops (once per process)
     ctx.formula = (surrogate, list(params), bool(negative_only))
     ctx.has_bias = bias is not None
     ctx.kernels = enabled()  # the running model's setting, for the backward

@@ -40,7 +40,7 @@ class SugarActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor:
-            sharding.register()  # a DTensor among them: its rules for the op (once per process)
+            sharding.register_for(x)  # a DTensor: its rules for the op (once per process)
         y = OP(x, *self.options.args)
         return x.copy_(y) if self.inplace else y
 

@@ -98,6 +98,8 @@ def _(x, surrogate, params, negative_only, save):
 
 def _setup_context(ctx, inputs, output):
     x, surrogate, params, negative_only, save = inputs
+    if type(x) is not torch.Tensor:
+        sharding.register_for(x)  # a DTensor: the backward's op needs its rule (once per process)
     ctx.kernels = enabled()  # the running model's setting: its backward decodes the same way
     ctx.save = save
     ctx.grid = saved_grid(surrogate, params, negative_only, save)
@@ -181,7 +183,7 @@ def sugar(
     """
     values = check_options(surrogate, params, negative_only, save)
     if type(x) is not torch.Tensor:
-        sharding.register()  # a DTensor among them: its rules for the op (once per process)
+        sharding.register_for(x)  # a DTensor: its rules for the op (once per process)
     return OP(x, surrogate, values, bool(negative_only), save)
 
 

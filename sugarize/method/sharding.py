@@ -10,18 +10,33 @@ TP plans, which hand activations on as DTensors) runs them.
   not hand it DTensors today (a tensor-parallel Linear has hooks and DTensor weights, so the site
   runs unfused); the rules are there for a caller that does, and tested.
 
-Registered with DTensor's ``register_sharding`` (experimental, public). ``register`` runs once per
-process, on the first conversion (``sugarize``) or the first call of the op on a tensor subclass,
-not at ``import sugarize``: importing DTensor costs about 0.6 s.
+Registered with DTensor's ``register_sharding`` (experimental, public), once per process, when a
+DTensor first reaches one of the ops (``register_for``, from the ops' autograd set-up and the
+activation module): never at ``import sugarize`` or in a conversion, as importing DTensor costs
+about 0.6 s and most processes never see one. A DTensor's first forward through the op needs no
+rule (DTensor decomposes it to ``relu``); its backward, the first thing that does, comes after
+the set-up that registers them.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-__all__ = ["register"]
+__all__ = ["register", "register_for"]
 
 _state = {"done": False}
+
+
+def register_for(*tensors) -> None:
+    """Registers the rules if one of ``tensors`` is a DTensor (no import otherwise: a DTensor exists
+    only once its module has been imported)."""
+    if _state["done"]:
+        return
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None and any(isinstance(t, module.DTensor) for t in tensors):
+        register()
 
 
 def register() -> bool:

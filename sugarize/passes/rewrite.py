@@ -10,7 +10,6 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .config import SugarConfig, resolve_options
 from ..errors import CaptureError, InternalError, ParameterError
-from ..method import sharding
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
 from . import callpath, fxpath, modulepath, paths
 from .match import scripted_sites
@@ -105,7 +104,6 @@ def sugarize(
     cfg = _options(config, surrogate=surrogate, params=params, negative_only=negative_only, save=save,
                    include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy,
                    relufy_surrogate=relufy_surrogate, fuse_bn=fuse_bn, fuse_linear=fuse_linear)
-    sharding.register()  # DTensor's rules for the ops, for a model tensor parallel shards later
     if capture not in paths.captures():
         raise ParameterError(f"capture={capture!r} is not one of {', '.join(paths.captures())}")
     out, sites, taken, reasons = paths.convert(model, cfg, capture, copy=copy)

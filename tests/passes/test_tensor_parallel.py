@@ -71,15 +71,22 @@ def _tp_worker(rank, world, two_d):
 
     mesh = init_device_mesh("cpu", (2, 2) if two_d else (2,), mesh_dim_names=("dp", "tp") if two_d else ("tp",))
     tp = mesh["tp"]
-    # the negative control first: before any conversion registers the rules, DTensor refuses the
-    # op's backward (its forward decomposes to relu), as the users saw
+    # the negative control first: with the rules never registered, DTensor refuses the op's
+    # backward (its forward decomposes to relu), as the users saw
     from sugarize.method import sharding
     from sugarize.method.op import OP
 
     assert not sharding._state["done"]
     d = distribute_tensor(torch.randn(4, 8), tp, [Shard(1)]).requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="sugar_grad.default does not have a sharding strategy"):
-        OP(d, "bsilu", [1.67], False, "full").sum().backward()
+    real, sharding.register = sharding.register, lambda: False
+    try:
+        with pytest.raises(NotImplementedError, match="sugar_grad.default does not have a sharding strategy"):
+            OP(d, "bsilu", [1.67], False, "full").sum().backward()
+    finally:
+        sharding.register = real
+    assert not sharding._state["done"]
+    OP(d, "bsilu", [1.67], False, "full").sum().backward()  # the first DTensor through the op registers them
+    assert sharding._state["done"]
     model = _llama_mlp()
     sm = sugarize.sugarize(model, relufy=("silu",))
     assert [s.fused for s in sugarize.report_of(sm).sites] == ["mul + Linear"]
