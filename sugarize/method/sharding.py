@@ -24,15 +24,21 @@ import sys
 
 import torch
 
-__all__ = ["register", "register_for"]
+__all__ = ["register", "register_for", "registered"]
 
-_state = {"done": False}
+_OPS = ("sugar", "sugar_forward", "sugar_grad", "sugar_linear")
+_done: set[str] = set()
+
+
+def registered() -> frozenset[str]:
+    """The ops (by name) whose rules are registered in this process."""
+    return frozenset(_done)
 
 
 def register_for(*tensors) -> None:
     """Registers the rules if one of ``tensors`` is a DTensor (no import otherwise: a DTensor exists
     only once its module has been imported)."""
-    if _state["done"]:
+    if len(_done) == len(_OPS):
         return
     module = sys.modules.get("torch.distributed.tensor")
     if module is not None and any(isinstance(t, module.DTensor) for t in tensors):
@@ -40,16 +46,13 @@ def register_for(*tensors) -> None:
 
 
 def register() -> bool:
-    """Registers the rules (once per process); False where ``torch.distributed`` is not built in."""
-    if _state["done"]:
-        return True
+    """Registers the rules of every sugarize op defined so far (once each per process); False where
+    ``torch.distributed`` is not built in. The ops are looked up by name: ``op.py`` defines the first
+    three, ``fused_linear.py`` the fourth when it is first imported."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
-
-    from .fused_linear import LINEAR_OP
-    from .op import FORWARD_OP, GRAD_OP, OP
 
     def pointwise(ndim: int, tensors_in: int, others: int, outputs: int):
         rules = [([Replicate()] * outputs, [Replicate()] * tensors_in + [None] * others)]
@@ -57,20 +60,16 @@ def register() -> bool:
             rules.append(([Shard(d)] * outputs, [Shard(d)] * tensors_in + [None] * others))
         return rules
 
-    @register_sharding(OP)
-    def _sugar(x, surrogate, params, negative_only, save):
+    def sugar(x, surrogate, params, negative_only, save):
         return pointwise(x.ndim, 1, 4, 1)
 
-    @register_sharding(FORWARD_OP)
-    def _sugar_forward(x, surrogate, params, negative_only, save):
+    def sugar_forward(x, surrogate, params, negative_only, save):
         return pointwise(x.ndim, 1, 4, 2)
 
-    @register_sharding(GRAD_OP)
-    def _sugar_grad(grad, x, surrogate, params, negative_only):
+    def sugar_grad(grad, x, surrogate, params, negative_only):
         return pointwise(x.ndim, 2, 3, 1)
 
-    @register_sharding(LINEAR_OP)
-    def _sugar_linear(x, other, weight, bias, surrogate, params, negative_only):
+    def sugar_linear(x, other, weight, bias, surrogate, params, negative_only):
         u = (lambda p: p) if other is not None else (lambda p: None)
         b = (lambda p: p) if bias is not None else (lambda p: None)
         options = [None, None, None]
@@ -82,5 +81,9 @@ def register() -> bool:
             rules.append(([Partial()], [Shard(last), u(Shard(last)), Shard(1), None] + options))
         return rules
 
-    _state["done"] = True
+    rules = {"sugar": sugar, "sugar_forward": sugar_forward, "sugar_grad": sugar_grad, "sugar_linear": sugar_linear}
+    for name in _OPS:
+        if name not in _done and hasattr(torch.ops.sugarize, name):
+            register_sharding(getattr(torch.ops.sugarize, name).default)(rules[name])
+            _done.add(name)
     return True

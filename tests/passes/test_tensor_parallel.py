@@ -60,7 +60,8 @@ def _close(a, b, tol=1e-5):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() <= tol
 
 
-def _tp_worker(rank, world, two_d):
+def _tp_worker(rank, world):
+    """On a 2 x 2 mesh: tensor parallel alone on each ("tp") pair, then 2-D FSDP2 + TP on all four."""
     import copy
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -69,14 +70,14 @@ def _tp_worker(rank, world, two_d):
 
     import sugarize
 
-    mesh = init_device_mesh("cpu", (2, 2) if two_d else (2,), mesh_dim_names=("dp", "tp") if two_d else ("tp",))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     tp = mesh["tp"]
     # the negative control first: with the rules never registered, DTensor refuses the op's
     # backward (its forward decomposes to relu), as the issue's users saw
     from sugarize.method import sharding
     from sugarize.method.op import OP
 
-    assert not sharding._state["done"]
+    assert not sharding.registered()
     d = distribute_tensor(torch.randn(4, 8), tp, [Shard(1)]).requires_grad_(True)
     real, sharding.register = sharding.register, lambda: False
     try:
@@ -84,9 +85,10 @@ def _tp_worker(rank, world, two_d):
             OP(d, "bsilu", [1.67], False, "full").sum().backward()
     finally:
         sharding.register = real
-    assert not sharding._state["done"]
+    assert not sharding.registered()
     OP(d, "bsilu", [1.67], False, "full").sum().backward()  # the first DTensor through the op registers them
-    assert sharding._state["done"]
+    assert {"sugar", "sugar_grad"} <= sharding.registered()
+
     model = _llama_mlp()
     sm = sugarize.sugarize(model, relufy=("silu",))
     assert [s.fused for s in sugarize.report_of(sm).sites] == ["mul + Linear"]
@@ -95,18 +97,20 @@ def _tp_worker(rank, world, two_d):
     want_y, want_g = _step(reference, x)
     plan = {"gate_proj": ColwiseParallel(use_local_output=False), "up_proj": ColwiseParallel(use_local_output=False),
             "down_proj": RowwiseParallel()}
-    parallelize_module(sm, tp, plan)
-    if two_d:
-        from torch.distributed.fsdp import fully_shard
+    for two_d in (False, True):
+        parallel = parallelize_module(copy.deepcopy(reference), tp, plan)
+        if two_d:
+            from torch.distributed.fsdp import fully_shard
 
-        fully_shard(sm, mesh=mesh["dp"])
-    got_y, got_g = _step(sm, x)
-    assert _close(got_y, want_y), "output"
-    for name in want_g:
-        assert _close(got_g[name], want_g[name]), name
+            fully_shard(parallel, mesh=mesh["dp"])
+        got_y, got_g = _step(parallel, x)
+        assert _close(got_y, want_y), ("output", two_d)
+        for name in want_g:
+            assert _close(got_g[name], want_g[name]), (name, two_d)
     # the fused op itself on DTensors, by its own rules: batch-sharded, and row-wise (no bias)
     from sugarize.method.fused_linear import LINEAR_OP
 
+    assert sharding.registered() == {"sugar", "sugar_forward", "sugar_grad", "sugar_linear"}
     torch.manual_seed(2)
     a, u, w = torch.randn(6, 8), torch.randn(6, 8), torch.randn(4, 8)
     for placements, wp in (([Shard(0)], [Replicate()]), ([Shard(1)], [Shard(1)])):
@@ -122,7 +126,8 @@ def _tp_worker(rank, world, two_d):
             assert _close(got.grad.full_tensor(), want.grad), placements
 
 
-@pytest.mark.parametrize("two_d", [False, True], ids=["tp", "fsdp2+tp"])
-def test_tensor_parallel_llama_mlp_matches_the_single_process_model(two_d):
+def test_tensor_parallel_and_fsdp2_plus_tp_on_a_relufied_llama_mlp_match_the_single_process_model():
+    """ColwiseParallel/RowwiseParallel (use_local_output=False) on each pair of a 2 x 2 gloo mesh,
+    then 2-D FSDP2 + TP on all four processes: the output and every gradient of one process."""
     pytest.importorskip("transformers")
-    _run(_tp_worker, 4 if two_d else 2, two_d)
+    _run(_tp_worker, 4)
