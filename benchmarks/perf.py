@@ -8,8 +8,9 @@ Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alo
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
 - training step time (SGD, median of interleaved steps) for a ResNet-18-style CNN (32x32,
   batch 64), a ResNet-50-style bottleneck CNN (64x64, batch 32) and a deep MLP, eager and
-  under ``torch.compile`` (compile time separately); SUGAR BatchNorm-fused (the default),
-  unfused, and fused with the opt-in kernels;
+  under ``torch.compile`` (compile time separately); SUGAR fused (the default),
+  unfused, and fused with the opt-in kernels (fused: BatchNorm-fed sites with their BatchNorm,
+  Linear-read sites with their Linear);
 - memory held for the backward pass: bytes of the unique non-parameter tensors autograd
   saves (``saved_tensors_hooks``), and the peak RSS of a fresh process running 3 steps;
 - transformer scale (#31): an MLP 8x2048 (batch 512) and a relufied Llama (hidden 512, gated MLP
@@ -50,11 +51,12 @@ import sugarize  # noqa: E402
 import sugarize.method.kernels  # noqa: E402
 from sugarize.app.demo import DeepMLP  # noqa: E402
 
-DEFAULT = "sugarize B-SiLU (default: exact, BatchNorm-fused)"
+DEFAULT = "sugarize B-SiLU (default: exact, fused)"
 SUGAR_VARIANTS = {  # sugarize() options; "kernels": the opt-in fused kernels on (sugarize.warmup)
     DEFAULT: {"surrogate": "bsilu"},
-    "sugarize B-SiLU, exact, fuse_bn=False (unfused)": {"surrogate": "bsilu", "fuse_bn": False},
-    "sugarize B-SiLU, BatchNorm-fused + opt-in kernels (warmup)": {"surrogate": "bsilu", "kernels": True},
+    "sugarize B-SiLU, exact, unfused (fuse_bn=False, fuse_linear=False)": {"surrogate": "bsilu", "fuse_bn": False,
+                                                                           "fuse_linear": False},
+    "sugarize B-SiLU, fused + opt-in kernels (warmup)": {"surrogate": "bsilu", "kernels": True},
     "sugarize NeLU (default, exact)": {"surrogate": "nelu"},
     "sugarize B-SiLU, opt-in save=bfloat16": {"surrogate": "bsilu", "save": "bfloat16"},
     "sugarize B-SiLU, opt-in save=uint8": {"surrogate": "bsilu", "save": "uint8"},

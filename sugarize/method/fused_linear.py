@@ -108,7 +108,7 @@ def _backward(ctx, grad):
     needs = ctx.needs_input_grad
     rows = grad.reshape(-1, grad.shape[-1])
     gw = gb = gx = gother = None
-    y = torch.relu(x)
+    y = torch.relu(x)  # rebuilt: the one tensor of x's size this op holds that the unfused one kept
     if needs[2]:  # the Linear's weight gradient g^T p, laid out as the weight is (row-major)
         p = y if other is None else y * other
         gw = rows.t().mm(p.reshape(-1, p.shape[-1]))
@@ -122,15 +122,22 @@ def _backward(ctx, grad):
             gp = gp * other
         del y
         if needs[0]:
-            if traced(x):  # one elementwise op of x for a compiler (method/compiled.py)
-                gx = GRAD_OP(gp, x, *ctx.formula)
-            else:  # the exact op's eager formulas: the same values as the unfused SUGAR node's
-                with scoped(ctx.kernels):  # the model's own setting (kernels.use_kernels)
-                    gx = fused_grad(gp, x, *ctx.formula)
-                if gx is None:
-                    d = surrogate_derivative(x, *ctx.formula)
-                    gx = decode_mul(gp, encode_saved(d, x.dtype, "full", None), "full", None)
+            gx = _input_grad(gp, x, ctx)
     return gx, gother, gw, gb, None, None, None
+
+
+def _input_grad(gp, x, ctx):
+    """``gp * s'(x)``, as the exact op computes it."""
+    if traced(x):  # one elementwise op of x for a compiler (method/compiled.py)
+        return GRAD_OP(gp, x, *ctx.formula)
+    with scoped(ctx.kernels):  # the model's own setting (kernels.use_kernels)
+        gx = fused_grad(gp, x, *ctx.formula)
+    if gx is not None:
+        return gx
+    d = surrogate_derivative(x, *ctx.formula)
+    if d.dtype == gp.dtype and d.shape == gp.shape:
+        return d.mul_(gp)  # gp * s'(x) in s'(x)'s own buffer (the unfused op's value: x * y == y * x)
+    return decode_mul(gp, encode_saved(d, x.dtype, "full", None), "full", None)
 
 
 _sugar_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -161,3 +161,18 @@ def test_cli_convert_config_refuses_a_bad_file_and_conflicting_flags(tmp_path):
         assert res.exit_code == 2, res.output
         assert says in res.output and len(res.output.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_revived_units_not_counted_are_none_not_a_hidden_minus_one():
+    """#30: a run whose sites differ from the original's has revived=None, and a candidate with no
+    counted run has revived_mean None (the CLI shows "n/a"), never -1 averaged as 0."""
+    from sugarize.training.sweep import RELU, RunResult, _summaries, parse_candidates
+
+    cand = parse_candidates("bsilu")[0]
+    runs = [RunResult(RELU.name, s, 0.5, 1.0, 0.5, 0.1, 0, 1, 0.1) for s in (0, 1)]
+    runs += [RunResult(cand.name, 0, 0.6, 0.9, 0.6, 0.1, None, 1, 0.1),
+             RunResult(cand.name, 1, 0.6, 0.9, 0.6, 0.1, None, 1, 0.1)]
+    relu, bsilu = _summaries([RELU, cand], runs, True, 0.0)
+    assert relu.revived_mean == 0 and bsilu.revived_mean is None
+    runs[3] = RunResult(cand.name, 1, 0.6, 0.9, 0.6, 0.1, 4, 1, 0.1)  # one counted run: its figure alone
+    assert _summaries([RELU, cand], runs, True, 0.0)[1].revived_mean == 4
