@@ -122,20 +122,8 @@ def make_step(model: nn.Module, x, y):
 
 
 def saved_bytes(model: nn.Module, x) -> int:
-    """Bytes of the unique non-parameter tensors autograd keeps for the backward pass."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    del out
-    return sum(seen.values())
+    """Bytes of the unique non-parameter tensors autograd keeps for the backward pass of ``model(x)``."""
+    return scale_saved_bytes(model, lambda m: m(x))
 
 
 def count_inductor_bytes() -> None:
@@ -348,6 +336,7 @@ def scale_model(model_name: str, variant: str):
 
 
 def scale_saved_bytes(model, loss) -> int:
+    """Bytes of the unique non-parameter tensors autograd keeps for the backward pass of ``loss(model)``."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
