@@ -103,7 +103,7 @@ def _operands(node, names: tuple) -> tuple | None:
     return None
 
 
-def _fuse_bn(graph, node, x, modules, options: OpOptions) -> str | None:
+def _fuse_bn(graph, node, x, modules, options: OpOptions, step: int) -> str | None:
     add, residual, order = None, None, 0
     if _bn(x, modules):
         bn = x
@@ -133,7 +133,7 @@ def _fuse_bn(graph, node, x, modules, options: OpOptions) -> str | None:
     for gone in (add, shortcut, bn):
         if gone is not None:
             graph.erase_node(gone)
-    return _recorded(node, FusedRecord(what, tuple(erased)))
+    return _recorded(node, FusedRecord(what, tuple(erased), step))
 
 
 def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node | None, str]:
@@ -165,7 +165,7 @@ def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node
     return mul, user, ""
 
 
-def _fuse_linear(graph, node, x, modules, options: OpOptions) -> tuple[str | None, str]:
+def _fuse_linear(graph, node, x, modules, options: OpOptions, step: int) -> tuple[str | None, str]:
     mul, linear, why = _linear_consumer(node, modules)
     if linear is None:
         return None, why
@@ -185,13 +185,12 @@ def _fuse_linear(graph, node, x, modules, options: OpOptions) -> tuple[str | Non
     if mul is not None:
         graph.erase_node(mul)
     what = ("mul + " if mul is not None else "") + type(modules[linear.target]).__name__
-    return _recorded(node, FusedRecord(what, tuple(erased))), ""
+    return _recorded(node, FusedRecord(what, tuple(erased), step)), ""
 
 
 def _recorded(node, record: FusedRecord) -> str:
     info = dict(node.meta.get("sugarize", {}))
-    steps = [r.step for n in fused_nodes(node.graph) if n is not node and (r := record_of(n)) is not None]
-    info["fused"] = FusedRecord(record.what, record.erased, max(steps, default=0) + 1)
+    info["fused"] = record
     node.meta["sugarize"] = info
     return record.what
 
@@ -205,26 +204,30 @@ def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module], *, bn: bool = Tru
     exact node was not fused with a consumer."""
     fused: dict[str, str] = {}
     unfused: dict[str, str] = {}
+    # each fusion's step, after those a graph holds already (unfuse_all undoes them last first)
+    step = max((r.step for n in fused_nodes(graph) if (r := record_of(n)) is not None), default=0)
     for node in list(graph.find_nodes(op="call_function", target=OP)):
         options = options_of(node)
         x = node.args[0]
         if options.save != "full" or not isinstance(x, torch.fx.Node):
             continue
-        what = _fuse_bn(graph, node, x, modules, options) if bn and len(x.users) == 1 else None
+        what = _fuse_bn(graph, node, x, modules, options, step + 1) if bn and len(x.users) == 1 else None
         if what is None and linear:
-            what, why = _fuse_linear(graph, node, x, modules, options)
+            what, why = _fuse_linear(graph, node, x, modules, options, step + 1)
             if what is None:
                 unfused[node.name] = why
         if what is not None:
             fused[node.name] = what
+            step += 1
     return Fusion(fused, unfused)
 
 
 def unfuse_all(graph: torch.fx.Graph) -> None:
     """In place: every fused node of ``graph`` unfused, the last fusion made first."""
     nodes = fused_nodes(graph)
+    names = {n.name: n for n in graph.nodes}  # kept up to date by each unfuse: one scan, not one per node
     for node in sorted(nodes, key=lambda n: -(r.step if (r := record_of(n)) is not None else 0)):
-        unfuse(graph, node)
+        unfuse(graph, node, names)
 
 
 def _place(graph, names, after: str, default: torch.fx.Node):
@@ -243,14 +246,15 @@ def _restore(graph, names, gone: Erased, target, args, default: torch.fx.Node) -
     return node
 
 
-def unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+def unfuse(graph: torch.fx.Graph, node: torch.fx.Node, names: dict | None = None) -> torch.fx.Node:
     """In place: the fused ``node`` becomes a SUGAR node again (same name and metadata, less the
-    fusion's record), with the nodes the fusion erased put back where they stood."""
+    fusion's record), with the nodes the fusion erased put back where they stood. ``names``: the
+    graph's ``{name: node}``, if the caller keeps one (it is updated here)."""
     parts = fused_of(node)
     info = dict(node.meta.get("sugarize", {}))
     record = info.pop("fused", None)
     record = record if isinstance(record, FusedRecord) else FusedRecord("", ())
-    names = {n.name: n for n in graph.nodes}
+    names = {n.name: n for n in graph.nodes} if names is None else names
     if isinstance(parts, FusedLinear):
         return _unfuse_linear(graph, node, parts, record, names, info)
     gone = record.get("bn") or Erased("call_module", parts.bn.target, "", "", {})
@@ -266,6 +270,7 @@ def unfuse(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
     node.meta["sugarize"] = info
     for attr in (parts.bn, parts.shortcut):
         if attr is not None and not attr.users:
+            names.pop(attr.name, None)
             graph.erase_node(attr)
     return node
 
@@ -288,5 +293,6 @@ def _unfuse_linear(graph, node, parts: FusedLinear, record: FusedRecord, names, 
     for reader in readers:
         reader.replace_input_with(node, out)
     if not parts.linear.users:
+        names.pop(parts.linear.name, None)
         graph.erase_node(parts.linear)
     return node
