@@ -3,6 +3,7 @@
     python benchmarks/perf.py [--repeats 5] [--compiled-repeats 8] [--no-compile] [--out benchmarks/results]
     python benchmarks/perf.py --compiled-only [--compiled-repeats 40]
     python benchmarks/perf.py --scale-only [--repeats 5] [--compiled-repeats 8]
+    python benchmarks/perf.py --conversion-only
 
 Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
@@ -411,6 +412,39 @@ def scale_markdown(scale: dict) -> list[str]:
     return md
 
 
+def conversion_markdown(conv: list[dict]) -> list[str]:
+    return ["## Conversion cost (`nn.Sequential` of Linear+ReLU pairs)", "",
+            "Medians of interleaved runs. *beyond / trace* = (sugarize + strip - one symbolic_trace) / "
+           "one symbolic_trace. `copy=False` is what the CLI uses; the library default copies the model "
+           "in both passes. *codegen / trace*: regenerating a graph's code, which strip must do once.", "",
+           md_table(["sites", "symbolic_trace s", "copy=False s", "beyond / trace (copy=False)",
+                     "defaults s", "beyond / trace (defaults)", "codegen / trace",
+                     "ms per site (copy=False)"],
+                    [[r["sites"], f"{r['trace_s']:.3f}", f"{r['nocopy_s']:.3f}", f"{r['nocopy_beyond_ratio']:.2f}",
+                      f"{r['copy_s']:.3f}", f"{r['copy_beyond_ratio']:.2f}", f"{r['codegen_ratio']:.2f}",
+                      f"{r['nocopy_per_site_ms']:.3f}"]
+                     for r in conv]), ""]
+
+
+def conversion_only(args) -> int:
+    """The conversion-cost rows alone, into ``perf.md`` and ``perf.json`` in place of their section."""
+    start = time.perf_counter()
+    conv = conversion_cost()
+    out = args.out or HERE / "results"
+    data = json.loads((out / "perf.json").read_text())
+    data["conversion"] = conv
+    (out / "perf.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md = (out / "perf.md").read_text()
+    head, _, rest = md.partition("## Conversion cost")
+    tail = rest[rest.index("\n## "):]
+    section = "\n".join(conversion_markdown(conv)) + (
+        f"\nThis section re-measured alone (`python benchmarks/perf.py --conversion-only`, {machine_line(machine())}, "
+        f"{time.perf_counter() - start:.0f} s), after the rest of the file.\n")
+    (out / "perf.md").write_text(head + section + tail)
+    print(section)
+    return 0
+
+
 def scale_only(args) -> int:
     start = time.perf_counter()
     m = machine()
@@ -466,6 +500,8 @@ def main(argv=None) -> int:
                     help="interleaved compiled steps per variant (default 8; 40 with --compiled-only)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile rows")
+    ap.add_argument("--conversion-only", action="store_true",
+                    help="only the conversion-cost rows, re-measured into perf.md and perf.json")
     ap.add_argument("--scale-only", action="store_true",
                     help="only the transformer-scale rows (MLP 8x2048, relufied Llama), to perf_scale.md")
     ap.add_argument("--out", type=Path, default=None)
@@ -476,6 +512,8 @@ def main(argv=None) -> int:
         return compiled_only(args)
     if args.scale_only:
         return scale_only(args)
+    if args.conversion_only:
+        return conversion_only(args)
     start = time.perf_counter()
     m = machine()
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
@@ -526,17 +564,7 @@ def main(argv=None) -> int:
     print(f"[{time.perf_counter() - start:.0f} s] conversion cost", flush=True)
     conv = conversion_cost()
     data["conversion"] = conv
-    md += ["## Conversion cost (`nn.Sequential` of Linear+ReLU pairs)", "",
-           "Medians of interleaved runs. *beyond / trace* = (sugarize + strip - one symbolic_trace) / "
-           "one symbolic_trace. `copy=False` is what the CLI uses; the library default copies the model "
-           "in both passes. *codegen / trace*: regenerating a graph's code, which strip must do once.", "",
-           md_table(["sites", "symbolic_trace s", "copy=False s", "beyond / trace (copy=False)",
-                     "defaults s", "beyond / trace (defaults)", "codegen / trace",
-                     "ms per site (copy=False)"],
-                    [[r["sites"], f"{r['trace_s']:.3f}", f"{r['nocopy_s']:.3f}", f"{r['nocopy_beyond_ratio']:.2f}",
-                      f"{r['copy_s']:.3f}", f"{r['copy_beyond_ratio']:.2f}", f"{r['codegen_ratio']:.2f}",
-                      f"{r['nocopy_per_site_ms']:.3f}"]
-                     for r in conv]), ""]
+    md += conversion_markdown(conv)
     print(f"[{time.perf_counter() - start:.0f} s] onnxruntime inference", flush=True)
     inf = inference(max(30, 5 * args.repeats))
     data["inference"] = inf
