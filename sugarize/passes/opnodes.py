@@ -111,5 +111,7 @@ def fused_of(node: Node) -> FusedBN | FusedLinear:
 def fused_nodes(graph: torch.fx.Graph) -> list[Node]:
     """The fused nodes of ``graph``, in graph order."""
     found = [n for target in FUSED_TARGETS for n in graph.find_nodes(op="call_function", target=target)]
-    order = {n: i for i, n in enumerate(graph.nodes)} if len(FUSED_TARGETS) > 1 and found else {}
-    return sorted(found, key=lambda n: order.get(n, 0))
+    if len(found) < 2:
+        return found
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(found, key=order.__getitem__)
