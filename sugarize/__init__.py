@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .deploy.export import export_onnx
     from .deploy.parity import compare_graphs, verify
     from .errors import (CaptureError, CheckpointError, DataFileError, DivergenceError, ExportError, InputError,
-                         InternalError, ParityError, SugarizeError, SugarizeNote, SugarizeWarning)
+                         InternalError, ParityError, StripRefusedError, SugarizeError, SugarizeNote,
+                         SugarizeWarning)
     from .files.checkpoint import load_checkpoint, save_checkpoint
     from .files.modelfile import load_model
     from .files.weights import load_weights, save_weights

@@ -19,7 +19,7 @@ class SugarizeError(Exception):
 
     - ``InputError``: the user's input (files, options, inputs, data): fix the input.
       ``ModelFileError``, ``CheckpointError``, ``DataFileError``, ``ParameterError``
-      (``UnknownSurrogateError``) and ``OutputPathError`` are kinds of it.
+      (``UnknownSurrogateError``), ``OutputPathError`` and ``StripRefusedError`` are kinds of it.
     - ``CaptureError``: the model cannot be captured as asked (a graph is needed).
     - ``ExportError``: the exporter or a runtime cannot do it (an op, a dtype, an opset).
     - ``ParityError`` (exit 1): a check ran and failed (parity, structure).
@@ -68,6 +68,11 @@ class DataFileError(InputError):
 
 class OutputPathError(InputError):
     """An output path that exists (without --force) or cannot be written."""
+
+
+class StripRefusedError(InputError):
+    """Strip cannot give back the ReLU model without dropping something the model holds (a
+    tensor added to a fused graph after conversion): nothing was changed; the message names it."""
 
 
 class CaptureError(SugarizeError):

@@ -128,12 +128,50 @@ def _put(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def _synced(path: str, gm: torch.fx.GraphModule) -> nn.Module:
+    """The island's submodule, holding every module that was swapped into the island after
+    conversion (a PEFT LoRA wrapper, a user's own): what the island computes with is what the
+    submodule gets back, so nothing trained is left behind.
+
+    Raises:
+        StripRefusedError: naming the module, where the submodule would still hold other parameters
+            or buffers than the island (something was added to the island outside its submodules).
+    """
+    from ..errors import StripRefusedError
+
+    original = gm.meta["sugarize"][KEY]
+    mine = dict(original.named_modules(remove_duplicate=False))
+    # top down: a swapped module is taken whole (its own children come with it)
+    taken: list[str] = []
+    for name, module in gm.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(t + ".") for t in taken):
+            continue
+        if name in mine and mine[name] is not module and not isinstance(mine[name], SugarActivation):
+            _put(original, name, module)
+            taken.append(name)
+    island, kept = gm.state_dict(keep_vars=True), original.state_dict(keep_vars=True)
+    lost = sorted(set(island) - set(kept))
+    changed = sorted(k for k in set(island) & set(kept) if island[k] is not kept[k])
+    if lost or changed:
+        where = f"{path}.{(lost or changed)[0]}" if path else (lost or changed)[0]
+        raise StripRefusedError(
+            f"strip would drop or replace {len(lost) + len(changed)} tensor(s) of {path or 'the model'} that were "
+            f"added to its fused graph after conversion (first: {where}); add them to the module's "
+            "submodules instead (a wrapper swapped in for a submodule is kept), or strip before adding them")
+    return original
+
+
 def restore_(model: nn.Module) -> int:
-    """In place: each island's submodule back in its place (its parameters are the island's).
-    Returns how many were put back."""
+    """In place: each island's submodule back in its place (its parameters are the island's, and
+    any module swapped into the island after conversion goes with it, ``_synced``). Returns how
+    many were put back.
+
+    Raises:
+        StripRefusedError: where the submodule cannot hold all the island holds (nothing is changed
+            then)."""
     islands = _islands(model)
-    for path, gm in islands:
-        original = gm.meta["sugarize"][KEY]
+    back = [(path, _synced(path, gm), gm) for path, gm in islands]
+    for path, original, gm in back:
         original.train(gm.training)
         _put(model, path, original)
     return len(islands)
@@ -142,10 +180,11 @@ def restore_(model: nn.Module) -> int:
 @contextlib.contextmanager
 def originals(model: nn.Module):
     """While in the block, each island's submodule stands in its place (the audit records its
-    activation modules); the islands are put back after."""
+    activation modules; modules swapped into the island after conversion are its too); the
+    islands are put back after."""
     islands = _islands(model)
     for path, gm in islands:
-        _put(model, path, gm.meta["sugarize"][KEY])
+        _put(model, path, _synced(path, gm))
     try:
         yield model
     finally:
