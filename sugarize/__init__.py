@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .passes.rewrite import SugarizePass, inspect, sugarize
     from .passes.strip import StripPass, count_sugar, strip, strip_
     from .training.deadunits import audit
+    from .training.memory import MemoryReport, memory_report
     from .training.sweep import sweep
     from .training.train import finetune
 

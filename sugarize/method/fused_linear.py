@@ -14,15 +14,18 @@ Being one opaque op with its own autograd formula, it keeps the same tensors und
 ``torch.compile`` (AOTAutograd saves the op's saved inputs; nothing for the partitioner to
 re-decide) and decomposes to ``linear(relu(x) [* u])`` for exporters.
 
-Everywhere else the function is the SUGAR op, the product and the module call, unfused: with no
-gradient needed, under an fx trace, for a consumer that is not a plain ``nn.Linear`` (a LoRA
-wrapper swapped in after conversion, a subclass with its own forward), a module with hooks
-(tensor parallel's input/output hooks among them), a tensor subclass (DTensor), autocast, or
-operands whose shape, dtype or device differ.
+Where this op does not apply, the site still keeps ``x`` alone (``rebuild.py``): for a consumer that
+is not a plain ``nn.Linear`` (a LoRA wrapper, before or after conversion; a Conv; a subclass with
+its own forward), a module with hooks (tensor parallel's input/output hooks among them), autocast,
+or operands whose shape, dtype or device differ. Only under a tracer or compiler (which decide what
+is kept), for a tensor subclass (DTensor) or a compressed ``save`` mode does it run the SUGAR op, the
+product and the module call unfused; a site reported fused that runs so says it once, naming itself
+and why.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,10 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import sharding
+from ..errors import SugarizeWarning
 from .fused import has_hooks
-from .kernels import enabled, fused_grad, scoped, traced
+from .kernels import enabled, traced
 from .op import GRAD_OP, OP
-from .saved import decode_mul, encode_saved, surrogate_derivative
+from .rebuild import TRACED, input_grad, sugar_into, why_not
 
 __all__ = ["linear_sugar", "fusable_linear", "LINEAR_OP"]
 
@@ -63,17 +67,30 @@ def _fuse_now(x, other, linear: nn.Module) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
-def linear_sugar(x: torch.Tensor, linear: nn.Module, other: torch.Tensor | None, surrogate: str,
-                 params: Sequence[float], negative_only: bool, save: str) -> torch.Tensor:
-    """``linear(sugar(x))``, or ``linear(sugar(x) * other)``, fused where it can be (module docstring).
+_SAID: set[tuple[str, str]] = set()  # (site, why) said once
 
-    The value is exactly the unfused one's. The call target of a fused fx node (``passes/fusion.py``)."""
-    if save != "full" or not _fuse_now(x, other, linear):
-        y = OP(x, surrogate, params, negative_only, save)
-        if other is not None:
-            y = y * other
-        return linear(y)
-    return LINEAR_OP(x, other, linear.weight, linear.bias, surrogate, list(params), bool(negative_only))
+
+def linear_sugar(x: torch.Tensor, linear: nn.Module, other: torch.Tensor | None, surrogate: str,
+                 params: Sequence[float], negative_only: bool, save: str, site: str = "") -> torch.Tensor:
+    """``linear(sugar(x))``, or ``linear(sugar(x) * other)``, fused where it can be (module docstring);
+    ``linear`` may be any module (its output is then rebuilt, ``rebuild.py``).
+
+    The value is exactly the unfused one's. The call target of a fused fx node (``passes/fusion.py``);
+    ``site`` is the site's path, for the one note where it runs unfused."""
+    if save == "full" and _fuse_now(x, other, linear):
+        return LINEAR_OP(x, other, linear.weight, linear.bias, surrogate, list(params), bool(negative_only))
+    why = why_not(x, other, save)
+    if not why:
+        return sugar_into(linear, x, other, surrogate, params, negative_only)
+    if site and why != TRACED and (site, why) not in _SAID:
+        _SAID.add((site, why))
+        warnings.warn(f"SUGAR site {site} is reported fused with its {type(linear).__name__} but runs unfused "
+                      f"here ({why}): it keeps s'(x) beside what the {type(linear).__name__} keeps",
+                      SugarizeWarning, stacklevel=2)
+    y = OP(x, surrogate, params, negative_only, save)
+    if other is not None:
+        y = y * other
+    return linear(y)
 
 
 def _product(x, other):
@@ -130,14 +147,7 @@ def _input_grad(gp, x, ctx):
     """``gp * s'(x)``, as the exact op computes it."""
     if traced(x):  # one elementwise op of x for a compiler (method/compiled.py)
         return GRAD_OP(gp, x, *ctx.formula)
-    with scoped(ctx.kernels):  # the model's own setting (kernels.use_kernels)
-        gx = fused_grad(gp, x, *ctx.formula)
-    if gx is not None:
-        return gx
-    d = surrogate_derivative(x, *ctx.formula)
-    if d.dtype == gp.dtype and d.shape == gp.shape:
-        return d.mul_(gp)  # gp * s'(x) in s'(x)'s own buffer (the unfused op's value: x * y == y * x)
-    return decode_mul(gp, encode_saved(d, x.dtype, "full", None), "full", None)
+    return input_grad(gp, x, ctx.formula, ctx.kernels)  # the model's own kernel setting (kernels.use_kernels)
 
 
 _sugar_linear_op.register_autograd(_backward, setup_context=_setup_context)

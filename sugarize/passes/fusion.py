@@ -6,9 +6,11 @@ for the backward, with the same values and gradients:
 - **BatchNorm** (``method/fused.py``): ``bn -> SUGAR``, ``bn -> add(residual) -> SUGAR`` and
   ``bn -> add(bn_s(shortcut input)) -> SUGAR`` become one ``bn_sugar`` node, which keeps no
   copy of x in eager mode.
-- **Linear consumer** (``method/fused_linear.py``): ``SUGAR -> Linear`` and
-  ``SUGAR -> mul(u) -> Linear`` (a gated MLP) become one ``linear_sugar`` node, which keeps x
-  (and u) but not ``relu(x)`` or the product, eager and compiled.
+- **Consumer** (``method/fused_linear.py``): ``SUGAR -> Linear`` and ``SUGAR -> mul(u) -> Linear``
+  (a gated MLP) become one ``linear_sugar`` node, which keeps x (and u) but not ``relu(x)`` or the
+  product, eager and compiled. Any other module read alone by the site (a Conv, a pooling, a LoRA
+  wrapper: "Conv2d (output rebuilt)") becomes the same node; there the consumer keeps what it
+  keeps, but its copy of ``relu(x)`` (or the product) is rebuilt from x (``method/rebuild.py``).
 
 ``fuse`` runs after the SUGAR rewrite, on exact (``save="full"``) SUGAR nodes. The fused node is
 the SUGAR node itself (its name and report record), moved to where the consumer was for the
@@ -137,8 +139,8 @@ def _fuse_bn(graph, node, x, modules, options: OpOptions, step: int) -> str | No
 
 
 def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node | None, str]:
-    """``(mul, linear, "")`` where ``node``'s output reaches a plain Linear alone (``mul`` None
-    without a product), else ``(None, None, why not)``."""
+    """``(mul, module, "")`` where ``node``'s output reaches one module call alone, as its one argument
+    (``mul`` None without a product), else ``(None, None, why not)``."""
 
     def reader(n) -> str:
         if n.op == "call_module":
@@ -157,11 +159,9 @@ def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node
             return None, None, f"its product is read by {len(user.users)} nodes"
         mul, user = user, next(iter(user.users))
     if user.op != "call_module" or not isinstance(modules.get(user.target), nn.Module):
-        return None, None, f"read by {reader(user)}, not an nn.Linear"
-    if not fusable_linear(modules[user.target]):
-        return None, None, f"read by {reader(user)}, not a plain nn.Linear"
+        return None, None, f"read by {reader(user)}, not a module"
     if user.args != ((mul or node),) or user.kwargs:
-        return None, None, "the Linear takes other arguments"
+        return None, None, f"the {reader(user)} takes other arguments"
     return mul, user, ""
 
 
@@ -179,13 +179,22 @@ def _fuse_linear(graph, node, x, modules, options: OpOptions, step: int) -> tupl
     linear.prepend(node)  # the fused node computes the Linear's output: it stands where the Linear stood
     with graph.inserting_before(node):
         module = graph.get_attr(linear.target)
-    node.target, node.args = FusedLinear.TARGET, FusedLinear(x, module, other, options).args
+    site = node.meta.get("sugarize", {}).get("path") or node.name
+    node.target, node.args = FusedLinear.TARGET, FusedLinear(x, module, other, options, site).args
+    consumer = modules[linear.target]
     linear.replace_all_uses_with(node)
     graph.erase_node(linear)
     if mul is not None:
         graph.erase_node(mul)
-    what = ("mul + " if mul is not None else "") + type(modules[linear.target]).__name__
+    what = ("mul + " if mul is not None else "") + _kind(consumer) + (
+        "" if fusable_linear(consumer) else " (output rebuilt)")
     return _recorded(node, FusedRecord(what, tuple(erased), step)), ""
+
+
+def _kind(module: nn.Module) -> str:
+    """A module's class name, with its package where that is not torch ("peft Linear")."""
+    package = type(module).__module__.split(".")[0]
+    return type(module).__name__ if package == "torch" else f"{package} {type(module).__name__}"
 
 
 def _recorded(node, record: FusedRecord) -> str:

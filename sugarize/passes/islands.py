@@ -6,7 +6,8 @@ fuse a site with the Linear after it (``fusion.py``). Yet a Llama, Mistral or Qw
 (``down(act(gate(x)) * up(x))``) traces on its own. After the swap, ``convert_`` looks top down
 for submodules that hold an exact SUGAR activation module and whose forward takes one tensor
 (``forward(self, x)``: nothing a trace could bake in, such as an optional mask), traces each
-(its ``SugarActivation`` modules kept as leaves), turns those calls into SUGAR nodes with the
+(its ``SugarActivation`` modules kept as leaves; where that fails, every submodule kept as a leaf,
+so a LoRA wrapper applied before conversion is one call), turns those calls into SUGAR nodes with the
 module's own options, and fuses them. Where something fuses, and the ``GraphModule`` has the
 submodule's ``state_dict`` keys, it takes the submodule's place; it shares the submodule's
 parameters and buffers. The submodule itself is kept beside it (``meta["sugarize"]["island"]``,
@@ -47,6 +48,14 @@ class _IslandTracer(Tracer):
         return isinstance(m, SugarActivation) or super().is_leaf_module(m, qualname)
 
 
+class _ShallowTracer(Tracer):
+    """Every submodule a leaf: the submodule's own forward alone is traced (a LoRA wrapper, which
+    iterates over its adapters, stays one call)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
 def _one_tensor_forward(module: nn.Module) -> bool:
     try:
         params = list(inspect.signature(module.forward).parameters.values())
@@ -63,9 +72,14 @@ def _exact_sites(module: nn.Module) -> bool:
 
 def _island(module: nn.Module, path: str, cfg: SugarConfig) -> tuple[torch.fx.GraphModule | None, dict]:
     """``(GraphModule or None, {activation path: (fused, why not)})`` for one candidate submodule."""
-    try:
-        graph = _IslandTracer().trace(module)
-    except Exception:  # noqa: BLE001 - tracing runs the user's code: a submodule that does not trace stays
+    graph = None
+    for tracer in (_IslandTracer, _ShallowTracer):
+        try:
+            graph = tracer().trace(module)
+            break
+        except Exception:  # noqa: BLE001 - tracing runs the user's code: a submodule that does not trace stays
+            continue
+    if graph is None:
         return None, {}
     modules = dict(module.named_modules())
     for node in list(graph.nodes):

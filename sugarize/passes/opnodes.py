@@ -80,24 +80,26 @@ class FusedBN:
 class FusedLinear:
     """A ``linear_sugar`` node: ``linear(sugar(x))``, or ``linear(sugar(x) * other)`` (a gated MLP).
 
-    ``linear`` is a ``get_attr`` node of the ``nn.Linear`` module; ``other`` is None without the
-    product."""
+    ``linear`` is a ``get_attr`` node of the consumer module (an ``nn.Linear``, or any module whose
+    saved copy of the output is rebuilt); ``other`` is None without the product; ``site`` is the
+    site's path (for the note where it runs unfused)."""
 
     x: Node
     linear: Node
     other: Node | None
     options: OpOptions
+    site: str = ""
 
     TARGET = staticmethod(linear_sugar)
 
     @property
     def args(self) -> tuple:
-        return (self.x, self.linear, self.other, *self.options.args)
+        return (self.x, self.linear, self.other, *self.options.args, self.site)
 
     @classmethod
     def of_node(cls, node: Node) -> "FusedLinear":
-        x, linear, other, surrogate, params, negative_only, save = node.args
-        return cls(x, linear, other, OpOptions.of_args((surrogate, params, negative_only, save)))
+        x, linear, other, surrogate, params, negative_only, save, *site = node.args
+        return cls(x, linear, other, OpOptions.of_args((surrogate, params, negative_only, save)), *site)
 
 
 FUSED_TARGETS = {FusedBN.TARGET: FusedBN, FusedLinear.TARGET: FusedLinear}

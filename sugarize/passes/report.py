@@ -28,9 +28,11 @@ class Site:
         fused: what the SUGAR op was fused with on the fx path ("BatchNorm2d", "BatchNorm2d + add":
             its eager backward rebuilds x from the BatchNorm's input instead of keeping it;
             "Linear", "mul + Linear": its backward rebuilds relu(x) and the product from x instead
-            of keeping them); "" if none.
+            of keeping them; "Conv2d (output rebuilt)", "mul + peft Linear (output rebuilt)": any
+            other module read alone by the site keeps what it keeps, its copy of relu(x) rebuilt
+            from x); "" if none. ``sugarize.memory_report`` measures what a batch really keeps.
         unfused: for an exact converted site on the fx path that was not fused with a consumer,
-            why ("read by Conv2d, not an nn.Linear", "its output is read by 2 nodes"); "" otherwise.
+            why ("read by linear, not a module", "its output is read by 2 nodes"); "" otherwise.
     """
 
     path: str

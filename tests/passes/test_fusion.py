@@ -63,7 +63,7 @@ def _input(dims, dtype=torch.float32, batch=4):
 
 def _pair(model, **options):
     fused = sugarize.sugarize(model, **options)
-    unfused = sugarize.sugarize(model, fuse_bn=False, **options)
+    unfused = sugarize.sugarize(model, fuse_bn=False, fuse_linear=False, **options)  # the plain op everywhere
     return fused, unfused
 
 
@@ -256,7 +256,7 @@ def test_a_downsampling_shortcut_is_fused_too_and_its_output_is_rebuilt_not_kept
     block = nn.Sequential(Block(2, 3, 8, downsample=True), nn.Conv2d(8, 2, 1))  # the next layer keeps y
     x = torch.randn(4, 3, 16, 16)
     fused = sugarize.sugarize(block)
-    unfused = sugarize.sugarize(block, fuse_bn=False)  # before any forward changes the running statistics
+    unfused = sugarize.sugarize(block, fuse_bn=False, fuse_linear=False)  # before any forward changes the running statistics
     what = [s.fused for s in sugarize.report_of(fused).sites]
     assert what == ["BatchNorm2d", "BatchNorm2d + add + shortcut BatchNorm2d"]
     # the shortcut's BatchNorm output, which no layer of the ReLU model keeps, is rebuilt from the
