@@ -4,6 +4,7 @@
     python benchmarks/perf.py --compiled-only [--compiled-repeats 40]
     python benchmarks/perf.py --scale-only [--repeats 5] [--compiled-repeats 8]
     python benchmarks/perf.py --conversion-only
+    python benchmarks/perf.py --finetune-only [--repeats 5]
 
 Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
@@ -17,6 +18,10 @@ more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to 
 - transformer scale (#31): an MLP 8x2048 (batch 512) and a relufied Llama (hidden 512, gated MLP
   1376, 2 layers, sequence 256, batch 4, eager attention): saved bytes and step, eager and
   compiled, Linear-fused (the default) and unfused (``--scale-only`` writes ``perf_scale.md``);
+- fine-tuning setups (#37): the relufied Llama under LoRA on all 7 Linear kinds (applied after and
+  before conversion, dropout 0 and 0.05), bf16 autocast and gradient checkpointing: saved bytes and
+  step, the default and the unfused op, against the ReLU twin under the same setup
+  (``--finetune-only`` writes ``perf_finetune.md``);
 - conversion cost: ``sugarize`` + ``strip`` beyond one ``symbolic_trace``, 50..5,000 sites;
 - onnxruntime latency of the stripped model vs the original, GELU/SiLU models, and a
   forward-gradient-injection model exported without stripping.
@@ -388,6 +393,103 @@ def scale_rows(repeats: int, compiled_repeats: int, compile_: bool) -> dict:
     return out
 
 
+FT_SETUPS = ["LoRA on all 7 Linear kinds, after conversion", "LoRA on all 7 Linear kinds, before conversion",
+             "LoRA with dropout 0.05, after conversion", "bf16 autocast (float32 weights)",
+             "gradient checkpointing (non-reentrant)"]
+FT_VARIANTS = ["ReLU", "sugarize default", "sugarize, fuse_linear=False (the unfused op)"]
+FT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def finetune_setup(setup: str, variant: str):
+    """``(model, step loss, context)`` for one row of the fine-tuning setups (#37): a relufied Llama
+    (hidden 256, gated MLP 688, 2 layers, seq 128, batch 4, eager attention), the ReLU twin built with
+    ``hidden_act="relu"`` and the same setup."""
+    import contextlib
+
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                   hidden_act="relu" if variant == "ReLU" else "silu", use_cache=False,
+                                   attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg)
+    options = {} if variant == "sugarize default" else {"fuse_linear": False}
+    lora = "LoRA" in setup
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=FT_LINEARS,
+                             lora_dropout=0.05 if "dropout" in setup else 0.0)
+    if variant != "ReLU" and lora and "before" in setup:
+        model = sugarize.sugarize(peft.get_peft_model(model, config), relufy=("silu",), **options)
+    else:
+        if variant != "ReLU":
+            model = sugarize.sugarize(model, relufy=("silu",), **options)
+        if lora:
+            model = peft.get_peft_model(model, config)
+    if "checkpointing" in setup:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    context = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "autocast" in setup
+               else contextlib.nullcontext)
+
+    def loss(m):
+        with context():
+            return m(input_ids=ids, labels=ids).loss
+
+    return model, loss
+
+
+def finetune_rows(repeats: int) -> dict:
+    """Saved bytes and step time of each variant under each fine-tuning setup, as ratios to ReLU's."""
+    out: dict = {}
+    for setup in FT_SETUPS:
+        rows: dict = {v: {} for v in FT_VARIANTS}
+        steps = {}
+        for v in FT_VARIANTS:
+            model, loss = finetune_setup(setup, v)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def step(model=model, loss=loss, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss(model).backward()
+                opt.step()
+
+            step()  # warm
+            rows[v]["saved_bytes"] = scale_saved_bytes(model, loss)
+            steps[v] = step
+        stats, _ = interleaved(steps, repeats, "ReLU")
+        for v in FT_VARIANTS:
+            rows[v].update(stats[v])
+        out[setup] = rows
+        print(f"  {setup}: " + ", ".join(f"{v}: {rows[v]['saved_bytes'] / rows['ReLU']['saved_bytes']:.3f}x saved, "
+                                        f"{rows[v]['ratio']:.3f}x step" for v in FT_VARIANTS), flush=True)
+    return out
+
+
+def finetune_markdown(rows: dict) -> list[str]:
+    md = ["## Fine-tuning setups: LoRA, autocast, checkpointing (#37)", "",
+          "A relufied Llama (hidden 256, gated MLP 688, 2 layers, seq 128, batch 4, eager attention), AdamW on "
+          "the trainable parameters. *saved ratio*: unique non-parameter bytes autograd keeps for the backward, "
+          "to the ReLU twin's (`hidden_act=\"relu\"`, the same setup) in the same run; *step ratio*: median of "
+          "interleaved rounds (q1-q3). Targets: saved <= 1.02x, step <= 1.05x.", "",
+          md_table(["setup", "variant", "saved MiB", "saved ratio", "step ms", "step ratio (q1-q3)"],
+                   [[setup, v, f"{r['saved_bytes'] / 2**20:.1f}",
+                     f"{r['saved_bytes'] / rows[setup]['ReLU']['saved_bytes']:.3f}", f"{r['step_ms']:.0f}",
+                     f"{r['ratio']:.3f} ({r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})"]
+                    for setup in rows for v, r in rows[setup].items()]), ""]
+    return md
+
+
+def finetune_only(args) -> int:
+    start = time.perf_counter()
+    m = machine()
+    rows = finetune_rows(args.repeats)
+    md = ["# SUGAR under the fine-tuning setups people use, next to ReLU", "",
+          f"`python benchmarks/perf.py --finetune-only --repeats {args.repeats}` on {machine_line(m)}.", ""]
+    return finish("perf_finetune", md + finetune_markdown(rows), {"machine": m, "finetune": rows}, start, args.out)
+
+
 def scale_markdown(scale: dict) -> list[str]:
     md = ["## Transformer scale: Linear-fed sites (#31)", "",
           "*saved ratio*: bytes of the unique non-parameter tensors autograd keeps for the backward "
@@ -504,6 +606,8 @@ def main(argv=None) -> int:
                     help="only the conversion-cost rows, re-measured into perf.md and perf.json")
     ap.add_argument("--scale-only", action="store_true",
                     help="only the transformer-scale rows (MLP 8x2048, relufied Llama), to perf_scale.md")
+    ap.add_argument("--finetune-only", action="store_true",
+                    help="only the fine-tuning setups (LoRA, autocast, checkpointing), to perf_finetune.md")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.compiled_repeats is None:
@@ -514,6 +618,8 @@ def main(argv=None) -> int:
         return scale_only(args)
     if args.conversion_only:
         return conversion_only(args)
+    if args.finetune_only:
+        return finetune_only(args)
     start = time.perf_counter()
     m = machine()
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}
@@ -561,6 +667,9 @@ def main(argv=None) -> int:
     print(f"[{time.perf_counter() - start:.0f} s] transformer scale", flush=True)
     data["scale"] = scale_rows(args.repeats, args.compiled_repeats, not args.no_compile)
     md += scale_markdown(data["scale"])
+    print(f"[{time.perf_counter() - start:.0f} s] fine-tuning setups", flush=True)
+    data["finetune"] = finetune_rows(args.repeats)
+    md += finetune_markdown(data["finetune"])
     print(f"[{time.perf_counter() - start:.0f} s] conversion cost", flush=True)
     conv = conversion_cost()
     data["conversion"] = conv

@@ -29,7 +29,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below for the lazy imports)
     from .deploy.export import export_onnx
     from .deploy.parity import compare_graphs, verify
-    from .errors import (CaptureError, CheckpointError, DataFileError, DivergenceError, ExportError, InputError,
+    from .errors import (CaptureError, CheckpointError, CollapseError, DataFileError, DivergenceError, ExportError,
+                         InputError,
                          InternalError, ParityError, StripRefusedError, SugarizeError, SugarizeNote,
                          SugarizeWarning)
     from .files.checkpoint import load_checkpoint, save_checkpoint

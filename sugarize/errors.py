@@ -23,7 +23,8 @@ class SugarizeError(Exception):
     - ``CaptureError``: the model cannot be captured as asked (a graph is needed).
     - ``ExportError``: the exporter or a runtime cannot do it (an op, a dtype, an opset).
     - ``ParityError`` (exit 1): a check ran and failed (parity, structure).
-    - ``DivergenceError`` (exit 1): training ran and the loss stopped being finite.
+    - ``DivergenceError`` (exit 1): training ran and the loss stopped being finite;
+      ``CollapseError``: it collapsed against its start (the best weights are kept).
     - ``InternalError`` (exit 3): a bug of sugarize; please report it.
     """
 
@@ -100,6 +101,16 @@ class DivergenceError(SugarizeError):
     """The training loss stopped being finite."""
 
     exit_code = 1
+
+
+class CollapseError(DivergenceError):
+    """Fine-tuning fell off a cliff against its start (validation accuracy or loss): it stopped, and the
+    model holds the best weights seen (``best_epoch``, 0 = the start). ``history`` is what ran."""
+
+    def __init__(self, message: str = "", *, history=None, best_epoch: int = 0):
+        super().__init__(message)
+        self.history = list(history or [])
+        self.best_epoch = best_epoch
 
 
 class InternalError(SugarizeError):

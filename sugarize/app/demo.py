@@ -220,7 +220,7 @@ def _finetune_variant(model, name, seed, data, xt, val, epochs, lr, momentum):
 
     try:
         finetune(model, data, epochs=epochs, lr=lr, momentum=momentum, seed=seed, audit_dead=False,
-                 on_epoch=on_epoch)
+                 on_epoch=on_epoch, stop_on_collapse=False)  # the demo shows what each variant does
     except DivergenceError:  # the loss diverged: report it, do not hide it
         return Run(name, seed, float("nan"), float("nan"), model, curve), None
     report = audit(model, [xt])  # the model as it ends
@@ -239,7 +239,7 @@ def _seed(config: DemoConfig, seed: int, progress: Callable[[str], None] = lambd
     base = DeepMLP(config.depth, config.width)
     progress(f"seed {seed}: pretraining ReLU ({config.pretrain_optimizer}, lr {config.pretrain_lr})")
     finetune(base, data, epochs=config.pretrain_epochs, lr=config.pretrain_lr, optimizer=config.pretrain_optimizer,
-             momentum=config.momentum, seed=1000 + seed, audit_dead=False)
+             momentum=config.momentum, seed=1000 + seed, audit_dead=False, stop_on_collapse=False)
     out["pretrained"] = (evaluate(base, val)[1], _dead_fraction(base, xt))
     for name in config.variants:
         progress(f"seed {seed}: fine-tuning {name}")

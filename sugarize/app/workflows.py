@@ -386,12 +386,22 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
         load_state_into(src.sugar, load_weights(resume), f"weights {Path(resume).name}")
         optim_state = load_weights(resume, optimizer_state=True)
         start = _resume_epoch(resume)
-    history = finetune(src.sugar, spec, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, start_epoch=start,
-                       optimizer_state=optim_state, on_step=on_step, on_epoch=on_epoch)
-    meta = {"sugarize_finetune": json.dumps({"epoch": start + epochs, "seed": seed, "lr": lr,
-                                             "optimizer": optimizer, "checkpoint": Path(checkpoint).name,
-                                             "surrogate": read_recipe(checkpoint)["config"]["surrogate"]})}
-    save_weights({**src.sugar.state_dict(), **optim_state}, out, metadata=meta, force=force)
+    from ..errors import CollapseError
+
+    def write(epoch: int, state: dict) -> None:
+        meta = {"sugarize_finetune": json.dumps({"epoch": epoch, "seed": seed, "lr": lr,
+                                                 "optimizer": optimizer, "checkpoint": Path(checkpoint).name,
+                                                 "surrogate": read_recipe(checkpoint)["config"]["surrogate"]})}
+        save_weights({**src.sugar.state_dict(), **state}, out, metadata=meta, force=force)
+
+    try:
+        history = finetune(src.sugar, spec, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, start_epoch=start,
+                           optimizer_state=optim_state, on_step=on_step, on_epoch=on_epoch)
+    except CollapseError as exc:  # the model holds the best weights seen: they are what is written
+        write(exc.best_epoch or start, {})
+        raise CollapseError(f"{exc} (the best weights, without optimizer state, are in {Path(out).name})",
+                            history=exc.history, best_epoch=exc.best_epoch) from None
+    write(start + epochs, optim_state)
     if plot:
         from .plots import plot_history
 

@@ -394,7 +394,7 @@ def _run(cand: Candidate, seed: int, m: nn.Module, data: DataSpec, setup: _Setup
     n_epochs = epochs if steps is None else (math.ceil(steps / per_epoch) if per_epoch else steps)
     try:
         finetune(m, data, epochs=n_epochs, max_steps=steps, lr=lr, optimizer=optimizer, seed=seed,
-                 audit_dead=False, on_step=step)
+                 audit_dead=False, on_step=step, stop_on_collapse=False)  # a sweep measures collapses
     except DivergenceError:
         return RunResult(cand.name, seed, float("nan"), float("nan"), None, float("nan"), None,
                          done[0] - before, time.perf_counter() - t0, diverged=True)

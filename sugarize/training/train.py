@@ -16,12 +16,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DataFileError, DivergenceError, ParameterError, first_line
+from ..errors import CollapseError, DataFileError, DivergenceError, ParameterError, first_line
 from ..modes import eval_mode
 
 OPTIM_PREFIX = "__optim__."
 
-__all__ = ["DataSpec", "load_data", "finetune", "evaluate", "EpochResult", "seed_everything"]
+__all__ = ["DataSpec", "load_data", "finetune", "evaluate", "EpochResult", "seed_everything", "COLLAPSE_POINTS",
+           "COLLAPSE_LOSS_RATIO"]
+
+# A collapse: validation accuracy this many points below the start, or (without accuracy) the
+# validation loss this many times the start's. Healthy fine-tuning moves by a point or two; the
+# collapses the no-harm study records fall by 30 to 90 points.
+COLLAPSE_POINTS = 10.0
+COLLAPSE_LOSS_RATIO = 1.5
 
 
 @dataclass
@@ -180,6 +187,61 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
+class _Watch:
+    """The start's validation figures and the best weights seen, for collapse detection."""
+
+    def __init__(self, model: nn.Module, data: DataSpec):
+        self.model = model
+        self.start_loss, self.start_acc = evaluate(model, call_loader(data.val_loader, "val_loader", data.path),
+                                                   data.loss_fn)
+        self.best = (self.start_acc, -self.start_loss)
+        self.best_epoch = 0
+        self.best_state = _snapshot(model)
+
+    @property
+    def best_name(self) -> str:
+        return "the start's" if self.best_epoch == 0 else f"epoch {self.best_epoch}'s"
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.best_state)
+
+    def after(self, result: EpochResult, history: list, lr: float, optimizer: str) -> None:
+        acc, loss = result.val_accuracy or 0.0, result.val_loss
+        score = (acc, -loss if loss is not None and math.isfinite(loss) else -math.inf)
+        if score > self.best:
+            self.best, self.best_epoch, self.best_state = score, result.epoch, _snapshot(self.model)
+        has_acc = self.start_acc > 0 or acc > 0
+        fell = (100 * (self.start_acc - acc) >= COLLAPSE_POINTS if has_acc else
+                loss is None or not math.isfinite(loss) or loss > COLLAPSE_LOSS_RATIO * self.start_loss)
+        if not fell:
+            return
+        self.restore()
+        what = (f"validation accuracy fell from {100 * self.start_acc:.1f} % at the start to {100 * acc:.1f} % in "
+                f"epoch {result.epoch}" if has_acc else
+                f"validation loss rose from {self.start_loss:.4g} at the start to {loss:.4g} in epoch {result.epoch}")
+        raise CollapseError(f"{what}: fine-tuning stopped and the model holds {self.best_name} weights. "
+                            f"{_cause(self.model)} "
+                            f"Fix: lower the learning rate ({optimizer} at {lr:g}; try {lr / 3:g}), or convert with "
+                            "the default surrogate, which keeps ReLU's gradient at every unit that fires",
+                            history=history, best_epoch=self.best_epoch)
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _cause(model: nn.Module) -> str:
+    """The likely cause, from what the model runs."""
+    from ..passes.report import report_of
+
+    report = report_of(model)
+    surrogates = sorted({s.surrogate for s in (report.sites if report else []) if s.surrogate})
+    if not surrogates:
+        return "The likely cause: a learning rate too high for this model."
+    return (f"The likely cause: the surrogate gradient ({', '.join(surrogates)}) passes gradient through units "
+            "that do not fire, which raises the backward's gain layer by layer at a rate tuned for ReLU.")
+
+
 def finetune(
     model: nn.Module,
     data: DataSpec,
@@ -196,8 +258,15 @@ def finetune(
     max_steps: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    stop_on_collapse: bool = True,
 ) -> list[EpochResult]:
     """Trains ``model`` in place; the same seed gives the same weights.
+
+    With a validation loader, the start is measured first, and an epoch whose validation accuracy
+    falls ``COLLAPSE_POINTS`` (10) points below the start's (or, for a model without accuracy, whose
+    validation loss exceeds ``COLLAPSE_LOSS_RATIO`` (1.5) times the start's) stops training: the model
+    gets back the best weights seen (the start's included) and ``CollapseError`` names the likely cause
+    and the fix (``stop_on_collapse=False`` trains on).
 
     Each epoch reseeds with ``seed + epoch`` and rebuilds the loaders, so a run resumed at
     ``start_epoch`` from saved weights continues exactly as an uninterrupted one would.
@@ -212,6 +281,7 @@ def finetune(
         DataFileError: a loader fails or yields something that is not ``(x, y)``.
         ParameterError: an unknown optimizer or a learning rate that is not a positive number.
         DivergenceError: the loss is not finite (lower the learning rate).
+        CollapseError: validation collapsed against the start (a DivergenceError; exit 1).
     """
     if optimizer not in ("sgd", "adamw"):
         raise ParameterError(f"optimizer {optimizer!r} is not one of sgd, adamw")
@@ -232,6 +302,7 @@ def finetune(
                     opt.state[p][slot] = value.clone() if slot != "step" else value.clone().reshape(())
     history = []
     taken = 0
+    watch = _Watch(model, data) if stop_on_collapse and data.val_loader is not None else None
     for epoch in range(start_epoch, start_epoch + epochs):
         if max_steps is not None and taken >= max_steps:
             break
@@ -243,7 +314,11 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             _, loss = _forward_loss(model, data.loss_fn, x, y, "train_loader()")
             if not torch.isfinite(loss):
-                raise DivergenceError(f"loss became {float(loss.detach())} in epoch {epoch + 1}; lower --lr")
+                kept = ""
+                if watch is not None:  # the best weights seen, not the broken ones
+                    watch.restore()
+                    kept = f"; the model holds {watch.best_name} weights"
+                raise DivergenceError(f"loss became {float(loss.detach())} in epoch {epoch + 1}{kept}; lower --lr")
             if not loss.requires_grad:  # a constant: backward would fail inside torch
                 raise DataFileError("the data file's loss_fn returned a value that does not depend on the model's "
                                     "output (it has no gradient); compute the loss from loss_fn's first argument")
@@ -267,6 +342,8 @@ def finetune(
         history.append(result)
         if on_epoch:
             on_epoch(result)
+        if watch is not None:
+            watch.after(result, history, lr, optimizer)
     if optimizer_state is not None:
         optimizer_state.clear()
         for p, n in names.items():
