@@ -230,6 +230,18 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
+def _narrow_table(title: str, first: str, *columns: str) -> Table:
+    """A table that fits an 80-column terminal: no vertical rules, headers that wrap, and the first
+    column (the names a user copies, e.g. ``nelu:alpha=0.1:neg``) never cut or wrapped."""
+    from rich import box
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=0)
+    for col in (first, *columns):
+        table.add_column(col, no_wrap=True)
+    return table
+
+
 def _sites_table(report) -> Table:
     table = _table(f"activation sites (capture: {report.capture})",
                    "#", "module path", "spelling", "status", "surrogate", "note")
@@ -666,16 +678,16 @@ def sweep_cmd(
                            "plot": str(plot) if plot else None})
     pct = result.higher_is_better
     fmt = (lambda v: f"{100 * v:.2f}") if pct else (lambda v: f"{v:.4f}")
-    table = _table(f"{result.metric} after the fine-tune, mean ± std over {seeds} seed(s); paired with ReLU per seed",
-                   "candidate", result.metric + (" %" if pct else ""), "vs ReLU per seed", "better seeds",
-                   "dead at end %", "revived units", "verdict")
+    table = _narrow_table(f"{result.metric} after the fine-tune, mean±std over {seeds} seed(s); paired with "
+                          "ReLU per seed", "candidate", result.metric.replace(" ", "\n") + (" %" if pct else ""),
+                          "vs ReLU\nper seed", "better\nseeds", "dead at\nend %", "revived\nunits", "verdict")
     for s in result.summaries:
         if s.verdict == "diverged":
             table.add_row(s.name, "diverged", "-", "-", "-", "-", "diverged")
             continue
         diff = "" if s.verdict == "baseline" else (
-            f"{100 * s.diff_mean:+.2f} ± {100 * s.diff_std:.2f}" if pct else f"{-s.diff_mean:+.4f} ± {s.diff_std:.4f}")
-        table.add_row(s.name, f"{fmt(s.metric_mean)} ± {fmt(s.metric_std)}", diff,
+            f"{100 * s.diff_mean:+.2f}±{100 * s.diff_std:.2f}" if pct else f"{-s.diff_mean:+.4f}±{s.diff_std:.4f}")
+        table.add_row(s.name, f"{fmt(s.metric_mean)}±{fmt(s.metric_std)}", diff,
                       "" if s.verdict == "baseline" else f"{s.better_seeds}/{s.seeds}",
                       f"{100 * s.dead_end_mean:.1f}", f"{s.revived_mean:.1f}" if s.revived_mean is not None else "n/a", s.verdict)
     out.print(f"start: {result.metric} {fmt(result.start_metric)}, dead units {100 * result.dead_start:.1f}% "

@@ -176,3 +176,15 @@ def test_revived_units_not_counted_are_none_not_a_hidden_minus_one():
     assert relu.revived_mean == 0 and bsilu.revived_mean is None
     runs[3] = RunResult(cand.name, 1, 0.6, 0.9, 0.6, 0.1, 4, 1, 0.1)  # one counted run: its figure alone
     assert _summaries([RELU, cand], runs, True, 0.0)[1].revived_mean == 4
+
+
+def test_the_sweep_table_fits_80_columns_and_keeps_every_candidate_name_whole(tmp_path):
+    names = ["nelu:alpha=0.1", "nelu:alpha=0.1:neg", "bsilu:alpha=1.5:neg"]
+    res = run("sweep", DEAD, "--data", DIGITS, "--candidates", ",".join(names), "--seeds", "1", "--steps", "2",
+              "-o", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(line for line in lines if len(line) > 80)
+    rows = {line.split()[0] for line in lines if line.strip()}
+    assert set(names) <= rows, res.output  # each name whole, on its own row
+    assert "…" not in res.output  # nothing cut
