@@ -150,3 +150,21 @@ def test_a_tensor_added_to_the_fused_graph_itself_is_refused_naming_it():
         sugarize.strip(sm, copy=False)
     assert err.value.exit_code == 2
     assert islands.is_island(sm.model.layers[1].mlp) and _same_state(_state(sm), before)  # nothing changed
+
+
+def test_the_readme_lora_workflow_end_to_end(tmp_path):
+    """relufy, LoRA, train, strip, merge, export, verify: what the README's fine-tuning section shows."""
+    import onnx
+
+    model = sugarize.sugarize(_llama(), relufy=("silu",))                       # relufy: SiLU -> ReLU + SUGAR
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=LINEARS))  # LoRA on every Linear
+    _train_one_step(model)                                                      # train (the user's loop)
+    trained = _logits(model)
+    merged = sugarize.strip(model).merge_and_unload()                            # strip, then merge
+    assert same_bits(_logits(merged), trained) or torch.allclose(_logits(merged), trained, atol=1e-5)
+    assert type(merged).__name__ == "LlamaForCausalLM" and merged.config.hidden_act == "relu"
+    result = sugarize.export_onnx(merged, tmp_path / "llama.onnx", (IDS,))       # export
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert "Relu" in ops and not any("lora" in i.name for i in onnx.load(str(result.path)).graph.initializer)
+    report = sugarize.verify(result.path, merged, (IDS,))                       # verify in onnxruntime
+    assert report.passed
