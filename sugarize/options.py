@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 __all__ = ["DEFAULT_SURROGATE", "SAVE_MODES", "DEFAULT_SAVE", "OpOptions"]
 
-DEFAULT_SURROGATE = "bsilu"  # the paper's best surrogate
+# B-SiLU at dead units only, ReLU's exact gradient elsewhere: chosen by benchmarks/study.py (no harm on
+# a healthy model, revival on a dead one). The paper's form everywhere is surrogate="bsilu".
+DEFAULT_SURROGATE = "bsilu_dead"
 SAVE_MODES = ("full", "bfloat16", "uint8")
 DEFAULT_SAVE = "full"  # exact; the compressed modes are opt-in, their error stated by op.save_error
 

@@ -24,7 +24,9 @@ lowered the same way, so both fuse into the kernel producing ``x``; the backward
 code back.
 
 A user surrogate whose formula has an ATen op without an Inductor lowering runs as an extern
-(eager) kernel, with a one-time warning: correct, only slower. If Inductor's lowering API
+(eager) kernel, with a one-time warning: correct, only slower. A surrogate that is not elementwise
+(``bsilu_dead``, the default, reads each unit's batch) is traced at the input's rank: Inductor
+generates its reduction and its elementwise tail like any other kernels. If Inductor's lowering API
 moves, the op keeps a plain ``relu`` decomposition and its formulas run as extern kernels.
 Numbers never change, only speed.
 """
@@ -117,10 +119,14 @@ def prefer_recompute(x: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _formula(math_fn: Callable, n_inputs: int, options: tuple, dtype: torch.dtype) -> torch.fx.GraphModule | None:
+def _formula(math_fn: Callable, n_inputs: int, options: tuple, dtype: torch.dtype,
+             ndim: int = 0) -> torch.fx.GraphModule | None:
     """``math_fn(*inputs, *options)`` as a graph of ATen ops that all have Inductor lowerings, or None.
 
-    Traced on 0-d tensors: every op is elementwise, so the graph applies to any shape.
+    Traced on 0-d tensors for an elementwise surrogate: every op is elementwise, so the graph applies
+    to any shape. A surrogate that reads each unit's batch (``bsilu_dead``) is traced on tensors of
+    the input's rank (``ndim``): its reductions name dimensions, never sizes, so the graph applies to
+    any shape of that rank.
     """
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.lowering import lowerings
@@ -134,7 +140,7 @@ def _formula(math_fn: Callable, n_inputs: int, options: tuple, dtype: torch.dtyp
         with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
             gm = make_fx(torch.func.functionalize(f, remove="mutations_and_views"),
                          decomposition_table=select_decomp_table())(
-                *[torch.zeros((), dtype=dtype) for _ in range(n_inputs)])
+                *[torch.zeros((2,) * ndim, dtype=dtype) for _ in range(n_inputs)])
     except Exception:  # noqa: BLE001 - an untraceable user surrogate: the plain path
         return None
     for node in gm.graph.nodes:
@@ -174,9 +180,17 @@ def _extern(op, *args):
     return fallback_handler(op, add_to_fallback_set=False)(*args)
 
 
+def _rank(surrogate: str, x) -> int:
+    """0 for an elementwise surrogate (its formula is traced on 0-d tensors), else the input's rank."""
+    from .surrogates import get_surrogate
+
+    return 0 if get_surrogate(surrogate).elementwise else len(x.get_size())
+
+
 def _lower_forward(forward_op, forward_math: Callable, x, surrogate, params, negative_only, save):
     """Inductor lowering of ``sugar_forward``: relu(x) and the saved code, elementwise."""
-    gm = _formula(forward_math, 1, (surrogate, tuple(params), bool(negative_only), save), x.get_dtype())
+    gm = _formula(forward_math, 1, (surrogate, tuple(params), bool(negative_only), save), x.get_dtype(),
+                  _rank(surrogate, x))
     if gm is None:
         return _extern(forward_op, x, surrogate, params, negative_only, save)
     return _replay(gm, [x], x.get_device())
@@ -186,7 +200,7 @@ def _lower_grad(grad_op, grad_math: Callable, grad, x, surrogate, params, negati
     """Inductor lowering of ``sugar_grad``: grad * s'(x) as one elementwise expression."""
     if grad.get_dtype() != x.get_dtype():
         return _extern(grad_op, grad, x, surrogate, params, negative_only)
-    gm = _formula(grad_math, 2, (surrogate, tuple(params), bool(negative_only)), x.get_dtype())
+    gm = _formula(grad_math, 2, (surrogate, tuple(params), bool(negative_only)), x.get_dtype(), _rank(surrogate, x))
     if gm is None:
         return _extern(grad_op, grad, x, surrogate, params, negative_only)
     return _replay(gm, [grad, x], x.get_device())

@@ -198,10 +198,17 @@ def _run(key: tuple, make: Callable[[], Callable], *args: torch.Tensor, flat: bo
         return None
 
 
+def _elementwise(surrogate: str) -> bool:
+    """The kernels run on flattened (or channel) views: only for an elementwise surrogate."""
+    from .surrogates import get_surrogate
+
+    return get_surrogate(surrogate).elementwise
+
+
 def fused_encode(x: torch.Tensor, surrogate: str, params: Sequence[float], negative_only: bool, save: str,
                  grid: tuple[float, int] | None) -> torch.Tensor | None:
     """The saved derivative of ``x`` in one pass, or None where the fused kernel does not apply."""
-    if not _usable(x):
+    if not _usable(x) or not _elementwise(surrogate):
         return None
     key = ("encode", surrogate, tuple(params), negative_only, save, grid, x.dtype)
     out = _run(key, lambda: _encoder(surrogate, tuple(params), negative_only, save, grid, x.dtype), x)
@@ -222,7 +229,7 @@ def fused_grad(grad: torch.Tensor, x: torch.Tensor, surrogate: str, params: Sequ
     """``grad * s'(x)`` (exact) with the op's own encode and decode kernels, each run as the op runs
     it (the encoder below autograd, as in the op's forward: the kernels ``compile_for`` compiled),
     for a fused op's backward; None where they do not apply."""
-    if not _usable(grad, x):
+    if not _usable(grad, x) or not _elementwise(surrogate):
         return None
     with torch._C._AutoDispatchBelowAutograd():
         saved = fused_encode(x, surrogate, params, negative_only, "full", None)
@@ -264,7 +271,7 @@ def fused_bn_grad(grad, c, alpha, beta, residual, surrogate: str, params: Sequen
     """``grad * s'(x)`` with ``x = c * alpha + beta (+ residual)`` per channel (a BatchNorm's output
     rebuilt), in one pass; None where the kernel does not apply (``fused.py``'s eager formulas then)."""
     tensors = (grad, c) if residual is None else (grad, c, residual)
-    if not enabled() or traced(*tensors) or c.numel() < MIN_NUMEL or c.device.type not in ("cpu", "cuda") \
+    if not _elementwise(surrogate) or not enabled() or traced(*tensors) or c.numel() < MIN_NUMEL or c.device.type not in ("cpu", "cuda") \
             or c.dim() < 2 or any(t.shape != c.shape or t.stride() != c.stride() for t in tensors):
         return None
     views = [_channel_view(t) for t in tensors]

@@ -33,6 +33,8 @@ __all__ = [
     "get_surrogate",
     "list_surrogates",
     "resolve_params",
+    "unit_dims",
+    "dead_units",
 ]
 
 
@@ -80,6 +82,10 @@ class Surrogate:
     name: str = ""
     params: tuple[Param, ...] = ()
     source: str = ""
+    # False where s'(x) at one element depends on others (``bsilu_dead`` reads each unit's batch):
+    # such an entry is evaluated on the whole tensor, never on a flattened or 0-d stand-in (the opt-in
+    # fused kernels and Inductor's generated formula skip it; it runs as an eager kernel there).
+    elementwise: bool = True
 
     @staticmethod
     def primitive(x: torch.Tensor, **params: float) -> torch.Tensor:  # pragma: no cover
@@ -231,6 +237,58 @@ class BSiLU(Surrogate):
         t.add_(alpha)
         t.addcmul_(t, s, value=-1.0)  # (x + a) * (1 - s)
         return s.addcmul_(s, t)
+
+
+def unit_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions one unit spans: all but its channel (dim 1 of a 4-D or 5-D activation, a
+    convolution's) or its feature (the last dim otherwise: a Linear's, a transformer's). The same
+    rule as the dead-unit audit's (``training/deadunits.py``). A 1-D tensor: each element a unit."""
+    keep = 1 if x.dim() in (4, 5) else x.dim() - 1
+    return tuple(d for d in range(x.dim()) if d != keep)
+
+
+def dead_units(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` belongs to a unit that fires for no element of the batch (``x <= 0`` across
+    ``unit_dims``), broadcastable to ``x``. NaN counts as firing (ReLU's gradient stays there)."""
+    dims = unit_dims(x)
+    off = ~(x > 0)
+    return off.all(dim=dims, keepdim=True) & ~x.isnan() if dims else off & ~x.isnan()
+
+
+@register_surrogate(
+    "bsilu_dead",
+    params=[Param("alpha", 1.67, low=0.0, doc="shift a of B-SiLU")],
+    source="sugarize's default, chosen by benchmarks/study.py: B-SiLU (" + _PAPER + ") at dead units only",
+)
+class DeadUnitBSiLU(Surrogate):
+    """B-SiLU at dead units only (the default): s'(x) = B-SiLU's s'(x) at a unit that fires for no sample
+    of the batch, ReLU's exact 1 (x > 0) / 0 at every other unit; a = 1.67.
+
+    A unit is a channel of a 4-D/5-D activation, else a feature (the last dim); "fires" means x > 0
+    anywhere in the batch. A healthy model gets ReLU's own gradient, so fine-tuning it behaves as with
+    ReLU; a unit dead over the whole batch gets B-SiLU's gradient and can come back. Its primitive is
+    B-SiLU at dead units and ReLU elsewhere, the mask held fixed. Not elementwise: the mask is the
+    local batch's (a batch-sharded DTensor: each shard's own).
+    """
+
+    elementwise = False
+
+    @staticmethod
+    def primitive(x, alpha):
+        dead = dead_units(x.detach())
+        return torch.where(dead, BSiLU.primitive(x, alpha), torch.relu(x))
+
+    @staticmethod
+    def derivative(x, alpha):
+        dead = dead_units(x)
+        return torch.where(dead, BSiLU.derivative(x, alpha), (x > 0).to(x.dtype))
+
+    @classmethod
+    def fast_derivative(cls, x, alpha):
+        dead = dead_units(x)
+        if x.device.type == "cpu" and not bool(dead.any()):  # a healthy batch: ReLU's step, one pass
+            return _step(x)
+        return torch.where(dead, BSiLU.fast_derivative(x, alpha), _step(x))
 
 
 @register_surrogate(

@@ -19,6 +19,8 @@ _Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
 REFERENCE = {
     "bsilu": {0.0: 0.5 + 1.67 * 0.25, 1.5: _sig(1.5) + 3.17 * _sig(1.5) * (1 - _sig(1.5)),
               -4.0: _sig(-4) + (-4 + 1.67) * _sig(-4) * (1 - _sig(-4))},
+    # one element: its own unit, dead where x <= 0 (B-SiLU's s'), ReLU's 1 where it fires
+    "bsilu_dead": {0.0: 0.5 + 1.67 * 0.25, 1.5: 1.0, -4.0: _sig(-4) + (-4 + 1.67) * _sig(-4) * (1 - _sig(-4))},
     "nelu": {2.0: 1.0, -1 / math.sqrt(3): 2 * 0.01 * (-1 / math.sqrt(3)) / (4 / 3) ** 2, -1.0: -0.005},
     "leaky_relu": {3.0: 1.0, -3.0: 0.01},
     "elu": {2.0: 1.0, -1.0: math.exp(-1)},
@@ -36,11 +38,11 @@ def test_every_surrogate_has_reference_values():
     assert set(REFERENCE) == set(ALL), "add hand-computed values for new surrogates"
 
 
-def test_bsilu_is_the_default_and_matches_paper_numbers():
-    d = lambda x: sugarize.surrogate_grad(torch.tensor([x], dtype=torch.float64))[0].item()  # noqa: E731
+def test_the_papers_bsilu_matches_paper_numbers():
+    d = lambda x: sugarize.surrogate_grad(torch.tensor([x], dtype=torch.float64), "bsilu")[0].item()  # noqa: E731
     assert abs(d(0.0) - 0.92) < 0.005
     xs = torch.linspace(-10, 10, 20001, dtype=torch.float64)
-    ds = sugarize.surrogate_grad(xs)
+    ds = sugarize.surrogate_grad(xs, "bsilu")
     assert abs(ds.max().item() - 1.29) < 0.01 and abs(xs[ds.argmax()].item() - 1.5) < 0.2
     assert abs(ds.min().item() - (-0.024)) < 0.002
 
@@ -103,7 +105,7 @@ def test_every_entry_is_documented(name):
 
 
 def test_unknown_surrogate_lists_known_ones():
-    with pytest.raises(UnknownSurrogateError, match="known surrogates: bsilu, nelu"):
+    with pytest.raises(UnknownSurrogateError, match="known surrogates: bsilu, bsilu_dead, nelu"):
         get_surrogate("bslu")
 
 
