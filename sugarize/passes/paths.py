@@ -158,11 +158,13 @@ def _fusion_of(site: Site, found: dict, cfg: SugarConfig) -> Site:
     """A module-path site with what the islands pass fused it with, or why it was not."""
     from dataclasses import replace
 
-    if site.status != "converted" or cfg.save != "full" or not cfg.fuse_linear:
+    if site.status != "converted" or cfg.save != "full" or not (cfg.fuse_linear or cfg.fuse_bn):
         return site
-    if site.path in found:
+    if site.path in found:  # a BatchNorm fusion is reported with fuse_linear off too
         fused, unfused = found[site.path]
         return replace(site, fused=fused, unfused=unfused)
+    if not cfg.fuse_linear:
+        return site  # no consumer rule ran: nothing to say why not
     return replace(site, unfused="caught by module swap, and no submodule around it and its consumer traces "
                                  "on its own")
 

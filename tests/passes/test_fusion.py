@@ -397,3 +397,25 @@ def test_ddp_gives_the_same_gradients():
         assert torch.equal(g1[key], g2[name]), name
     for name in b2:
         assert torch.equal(b1["module." + name], b2[name]), name
+
+
+class _UntracedWithBlock(nn.Module):
+    """Does not trace as a whole (data-dependent branch); its conv-BN-ReLU block does, on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.block(x)
+        return self.head(y) if y.sum() > 0 else -self.head(y)
+
+
+def test_an_islands_batchnorm_fusion_is_reported_with_fuse_linear_off():
+    """paths._fusion_of returned early when fuse_linear was off: the BatchNorm fusion went unreported."""
+    sm = sugarize.sugarize(_UntracedWithBlock(), fuse_linear=False)
+    report = sugarize.report_of(sm)
+    assert report.capture == "modules" and [s.fused for s in report.sites] == ["BatchNorm2d"]
+    off = sugarize.report_of(sugarize.sugarize(_UntracedWithBlock(), fuse_linear=False, fuse_bn=False))
+    assert [s.fused for s in off.sites] == [""] and [s.unfused for s in off.sites] == [""]
