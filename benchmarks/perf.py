@@ -5,6 +5,7 @@
     python benchmarks/perf.py --scale-only [--repeats 5] [--compiled-repeats 8]
     python benchmarks/perf.py --conversion-only
     python benchmarks/perf.py --finetune-only [--repeats 5]
+    python benchmarks/perf.py --default-only [--repeats 5] [--compiled-repeats 8]
 
 Writes ``perf.md`` and ``perf.json`` (``--compiled-only``: the compiled rows alone, with
 more rounds, to ``perf_compiled.md`` and ``.json``). Every figure is a ratio to plain ReLU in the same run:
@@ -57,9 +58,11 @@ import sugarize  # noqa: E402
 import sugarize.method.kernels  # noqa: E402
 from sugarize.app.demo import DeepMLP  # noqa: E402
 
-DEFAULT = "sugarize B-SiLU (default: exact, fused)"
+DEFAULT = "sugarize default (dead-unit B-SiLU: exact, fused)"
+PAPER = "sugarize B-SiLU, the paper's form (exact, fused)"
 SUGAR_VARIANTS = {  # sugarize() options; "kernels": the opt-in fused kernels on (sugarize.warmup)
-    DEFAULT: {"surrogate": "bsilu"},
+    DEFAULT: {},
+    PAPER: {"surrogate": "bsilu"},
     "sugarize B-SiLU, exact, unfused (fuse_bn=False, fuse_linear=False)": {"surrogate": "bsilu", "fuse_bn": False,
                                                                            "fuse_linear": False},
     "sugarize B-SiLU, fused + opt-in kernels (warmup)": {"surrogate": "bsilu", "kernels": True},
@@ -69,7 +72,7 @@ SUGAR_VARIANTS = {  # sugarize() options; "kernels": the opt-in fused kernels on
     "sugarize B-SiLU, module path (default)": {"surrogate": "bsilu", "capture": "modules"},
 }
 VARIANTS = list(ACTIVATIONS) + list(SUGAR_VARIANTS)
-COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", DEFAULT,
+COMPILED = ["ReLU", "GELU", "SUGAR by FGI (B-SiLU)", DEFAULT, PAPER,
             "sugarize NeLU (default, exact)", "sugarize B-SiLU, opt-in save=uint8"]
 MODELS = {
     "ResNet-18 (32x32, batch 64)": (lambda act: ResNet18(act), (64, 3, 32, 32)),
@@ -467,6 +470,58 @@ def finetune_rows(repeats: int) -> dict:
     return out
 
 
+def default_rows(repeats: int, compiled_repeats: int, compile_: bool) -> dict:
+    """The default surrogate next to ReLU and the paper's B-SiLU (#40): eager step and saved bytes on the
+    three models (BatchNorm-fused ResNets, Linear-fused MLP), compiled on ResNet-18 and the MLP."""
+    out: dict = {}
+    names = ["ReLU", DEFAULT, PAPER]
+    for model_name in MODELS:
+        x, _ = batch(model_name)
+        rows = {v: {"saved_bytes": saved_bytes(build(model_name, v), x)} for v in names}
+        for v, r in timed_steps(model_name, names, repeats, compiled=False).items():
+            rows[v].update(r)
+        if compile_ and not model_name.startswith("ResNet-50"):
+            for v, r in timed_steps(model_name, names, compiled_repeats, compiled=True).items():
+                rows[v].update({f"compiled_{k}": val for k, val in r.items()})
+        out[model_name] = rows
+        print(f"  {model_name}: " + ", ".join(
+            f"{v}: {rows[v]['saved_bytes'] / rows['ReLU']['saved_bytes']:.3f}x saved, {rows[v]['ratio']:.3f}x step"
+            for v in names), flush=True)
+    return out
+
+
+def default_markdown(rows: dict) -> list[str]:
+    md = ["## The default surrogate (dead-unit B-SiLU) next to ReLU and the paper's B-SiLU (#40)", "",
+          "*saved ratio*: unique non-parameter bytes autograd keeps for the backward, to ReLU's; *step ratio*: "
+          "median of interleaved rounds (q1-q3), SGD; compiled: `torch.compile` (Inductor), its saved ratio the "
+          "compiled forward's. Targets: saved <= 1.02x, step <= 1.05x.", ""]
+    for model_name, r in rows.items():
+        def comp(v, key):
+            return f"{r[v][key]:.3f}" if key in r[v] else "-"
+
+        md += [f"### {model_name}", "",
+               md_table(["variant", "saved MiB", "saved ratio", "step ms", "step ratio (q1-q3)",
+                         "compiled step ratio (q1-q3)", "compiled saved ratio"],
+                        [[v, f"{r[v]['saved_bytes'] / 2**20:.1f}", f"{r[v]['saved_bytes'] / r['ReLU']['saved_bytes']:.3f}",
+                          f"{r[v]['step_ms']:.0f}", f"{r[v]['ratio']:.3f} ({r[v]['ratio_q1']:.3f}-{r[v]['ratio_q3']:.3f})",
+                          (f"{r[v]['compiled_ratio']:.3f} ({r[v]['compiled_ratio_q1']:.3f}-{r[v]['compiled_ratio_q3']:.3f})"
+                           if "compiled_ratio" in r[v] else "-"),
+                          (f"{r[v]['compiled_saved_bytes'] / r['ReLU']['compiled_saved_bytes']:.3f}"
+                           if "compiled_saved_bytes" in r[v] else "-")]
+                         for v in r]), ""]
+    return md
+
+
+def default_only(args) -> int:
+    start = time.perf_counter()
+    m = machine()
+    rows = default_rows(args.repeats, args.compiled_repeats, not args.no_compile)
+    md = ["# The default surrogate's cost next to ReLU", "",
+          f"`python benchmarks/perf.py --default-only --repeats {args.repeats} --compiled-repeats "
+          f"{args.compiled_repeats}` on {machine_line(m)}.", ""]
+    return finish("perf_default", md + default_markdown(rows), {"machine": m, "default": rows}, start, args.out)
+
+
 def finetune_markdown(rows: dict) -> list[str]:
     md = ["## Fine-tuning setups: LoRA, autocast, checkpointing (#37)", "",
           "A relufied Llama (hidden 256, gated MLP 688, 2 layers, seq 128, batch 4, eager attention), AdamW on "
@@ -606,6 +661,8 @@ def main(argv=None) -> int:
                     help="only the conversion-cost rows, re-measured into perf.md and perf.json")
     ap.add_argument("--scale-only", action="store_true",
                     help="only the transformer-scale rows (MLP 8x2048, relufied Llama), to perf_scale.md")
+    ap.add_argument("--default-only", action="store_true",
+                    help="only the default surrogate next to ReLU and the paper's B-SiLU, to perf_default.md")
     ap.add_argument("--finetune-only", action="store_true",
                     help="only the fine-tuning setups (LoRA, autocast, checkpointing), to perf_finetune.md")
     ap.add_argument("--out", type=Path, default=None)
@@ -620,6 +677,8 @@ def main(argv=None) -> int:
         return conversion_only(args)
     if args.finetune_only:
         return finetune_only(args)
+    if args.default_only:
+        return default_only(args)
     start = time.perf_counter()
     m = machine()
     data = {"machine": m, "training": {}, "compiled": {}, "memory": {}, "conversion": None, "inference": None}

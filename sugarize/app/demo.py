@@ -78,7 +78,8 @@ class DemoConfig:
     dead_bias: float = -0.75  # every hidden bias of case 2's initialisation
     dead_epochs: int = 20
     dead_lr: float = 0.01
-    variants: tuple[str, ...] = ("ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU")  # which to run
+    variants: tuple[str, ...] = ("ReLU", "SUGAR (default)", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU",
+                                 "GELU")  # which to run
 
 
 def _swap(model: nn.Module, act: Callable[[], nn.Module]) -> nn.Module:
@@ -94,14 +95,15 @@ def _variants(save: str):
 
     return {
         "ReLU": lambda m: copy.deepcopy(m),
-        "SUGAR B-SiLU": lambda m: sugarize(m, "bsilu", save=save),
+        "SUGAR (default)": lambda m: sugarize(m, save=save),  # B-SiLU at dead units, ReLU's gradient elsewhere
+        "SUGAR B-SiLU": lambda m: sugarize(m, "bsilu", save=save),  # the paper's form
         "SUGAR NeLU": lambda m: sugarize(m, "nelu", save=save),
         "LeakyReLU": lambda m: _swap(m, nn.LeakyReLU),
         "GELU": lambda m: _swap(m, nn.GELU),
     }
 
 
-VARIANTS = ("ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU")
+VARIANTS = ("ReLU", "SUGAR (default)", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU")
 
 
 @dataclass
@@ -131,7 +133,7 @@ class DemoResult:
         points = self.dead_start if dead_case else self.pretrained
         return (sum(a for a, _ in points) / len(points), sum(d for _, d in points) / len(points))
 
-    def paired(self, variant: str = "SUGAR B-SiLU", against: str = "ReLU", *, dead_case: bool = False) -> dict:
+    def paired(self, variant: str = "SUGAR (default)", against: str = "ReLU", *, dead_case: bool = False) -> dict:
         """Seed-by-seed differences ``variant - against`` (same starting weights per seed)."""
         by = {(r.variant, r.seed): r for r in (self.dead_runs if dead_case else self.runs)}
         pairs = [(by[(variant, s)], by[(against, s)]) for s in self.config.seeds

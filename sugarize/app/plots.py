@@ -114,7 +114,7 @@ def plot_demo(result, path, *, force: bool = True) -> Path:
             row[2].set_title("case 2: the revival, epoch by epoch (mean over seeds)")
             row[2].legend(fontsize=8)
         else:
-            for name in ("ReLU", "SUGAR B-SiLU"):
+            for name in ("ReLU", "SUGAR (default)", "SUGAR B-SiLU"):
                 if name in result.firing:
                     row[2].hist(result.firing[name], bins=40, alpha=0.6, label=name)
             row[2].set_xlabel("training inputs on which a unit fires (seed 0)")

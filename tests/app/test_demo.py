@@ -12,7 +12,7 @@ from sugarize.app.demo import DeepMLP, DemoConfig, _variants, body_dead_fraction
 from sugarize.training.deadunits import audit
 
 
-@pytest.mark.parametrize("variant", ["ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU"])
+@pytest.mark.parametrize("variant", ["ReLU", "SUGAR (default)", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU"])
 @pytest.mark.parametrize("bias", [0.0, -0.75])
 def test_the_per_epoch_dead_fraction_is_the_audits(variant, bias):
     torch.manual_seed(0)

@@ -175,7 +175,8 @@ def test_demo_runs_small_and_exports(tmp_path):
 
     result = run_demo(DemoConfig(seeds=(0,), pretrain_epochs=1, epochs=1, depth=3, width=16, dead_epochs=3),
                       out_dir=tmp_path)
-    assert [r["variant"] for r in result.rows()] == ["ReLU", "SUGAR B-SiLU", "SUGAR NeLU", "LeakyReLU", "GELU"]
+    assert [r["variant"] for r in result.rows()] == ["ReLU", "SUGAR (default)", "SUGAR B-SiLU", "SUGAR NeLU",
+                                                     "LeakyReLU", "GELU"]
     ex = result.export
     assert ex["op_types"] == ex["relu_op_types"] and ex["op_types"].count("Relu") == 3
     assert ex["parity"].passed
@@ -199,7 +200,7 @@ def test_demo_paired_compares_seed_by_seed():
     runs = [Run("ReLU", 0, 0.90, 0.20, None), Run("SUGAR B-SiLU", 0, 0.93, 0.10, None),
             Run("ReLU", 1, 0.95, 0.05, None), Run("SUGAR B-SiLU", 1, 0.94, 0.06, None),
             Run("ReLU", 2, 0.95, 0.05, None), Run("SUGAR B-SiLU", 2, float("nan"), float("nan"), None)]
-    p = DemoResult(DemoConfig(seeds=(0, 1, 2)), [], runs, {}).paired()
+    p = DemoResult(DemoConfig(seeds=(0, 1, 2)), [], runs, {}).paired("SUGAR B-SiLU")
     assert p["seeds"] == 2  # the diverged seed is not paired
     assert p["accuracy"] == pytest.approx((0.03 - 0.01) / 2) and p["dead"] == pytest.approx((-0.10 + 0.01) / 2)
     assert p["accuracy_not_worse"] == 1 and p["fewer_dead"] == 1
