@@ -33,11 +33,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(int_dtype), b.contiguous().view(int_dtype))
 
 
-def fgi(x: torch.Tensor, name: str = "bsilu", negative_only: bool = False, **params) -> torch.Tensor:
+def fgi(x: torch.Tensor, name: str | None = None, negative_only: bool = False, **params) -> torch.Tensor:
     """Reference SUGAR by forward gradient injection (the paper's form):
-    y = s(x) - sg(s(x)) + sg(relu(x)); its gradient is autograd of the primitive s."""
+    y = s(x) - sg(s(x)) + sg(relu(x)); its gradient is autograd of the primitive s. ``name``: the
+    surrogate, by default sugarize's default (for bsilu_dead, s is B-SiLU at dead units, relu elsewhere)."""
+    from sugarize.options import DEFAULT_SURROGATE
     from sugarize.method.surrogates import get_surrogate, resolve_params
 
+    name = name or DEFAULT_SURROGATE
     entry = get_surrogate(name)
     s = entry.primitive(x, **resolve_params(name, params))
     if negative_only:
@@ -48,7 +51,7 @@ def fgi(x: torch.Tensor, name: str = "bsilu", negative_only: bool = False, **par
 class FGI(torch.nn.Module):
     """The reference activation: relu forward, the surrogate's derivative backward (``fgi``)."""
 
-    def __init__(self, name: str = "bsilu"):
+    def __init__(self, name: str | None = None):
         super().__init__()
         self.name = name
 

@@ -280,7 +280,7 @@ def test_a_plain_autograd_function_loses_the_surrogate_when_retraced():
     assert torch.equal(eager, sugarize.surrogate_grad(x, "bsilu"))
     # and that is the surrogate's gradient, by an independent reference (autograd of the primitive)
     xr = x.clone().requires_grad_()
-    fgi(xr).sum().backward()
+    fgi(xr, "bsilu").sum().backward()
     assert torch.allclose(eager, xr.grad, rtol=1e-5, atol=1e-6) and not torch.equal(eager, (x > 0).float())
     for traced in (torch.fx.symbolic_trace(M()), torch.export.export(M(), (x,)).module()):
         assert torch.equal(_grad_of(traced, x), (x > 0).float())  # surrogate silently lost

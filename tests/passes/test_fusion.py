@@ -155,12 +155,12 @@ class _FGI(nn.Module):
         self.negative_only = negative_only
 
     def forward(self, x):
-        return fgi(x, "bsilu", self.negative_only)
+        return fgi(x, None, self.negative_only)
 
 
 def _fgi_block_forward(b, negative_only):
     def forward(x):
-        h = fgi(b.bn1(b.conv1(x)), "bsilu", negative_only)
+        h = fgi(b.bn1(b.conv1(x)), None, negative_only)
         h = b.bn2(b.conv2(h))
         return b.act(h + (x if b.down is None else b.down(x)))
     return forward
@@ -169,8 +169,8 @@ def _fgi_block_forward(b, negative_only):
 def _fgi_net_forward(n, negative_only):
     def forward(x):
         h = n.b2(n.b1(x)).flatten(2).mean(-1)
-        h = fgi(n.bn(n.fc(h)), "bsilu", negative_only)
-        return n.out(fgi(n.fc2(h), "bsilu", negative_only))
+        h = fgi(n.bn(n.fc(h)), None, negative_only)
+        return n.out(fgi(n.fc2(h), None, negative_only))
     return forward
 
 

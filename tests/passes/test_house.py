@@ -171,10 +171,10 @@ def test_relufy_surrogate_is_a_keyword_like_every_config_field():
 
 def test_an_unknown_keyword_is_named_as_such():
     with pytest.raises(sugarize.SugarizeError, match="unknown keyword 'relu_surrogate'.*no parameter of surrogate "
-                                                     "'bsilu' \\(alpha\\)"):
+                                                     "'bsilu_dead' \\(alpha\\)"):
         sugarize.sugarize(nn.Sequential(nn.ReLU()), relu_surrogate="nelu")
     sm = sugarize.sugarize(nn.Sequential(nn.ReLU()), alpha=1.5)  # a real parameter still works
-    assert sugarize.report_of(sm).sites[0].surrogate == "bsilu"
+    assert sugarize.report_of(sm).sites[0].surrogate == "bsilu_dead"
 
 
 def test_op_options_are_one_typed_record_read_back_from_every_kind_of_node():

@@ -31,7 +31,7 @@ def _mlp():
 
 def test_keywords_that_contradict_the_config_are_an_error_not_dropped():
     model = _mlp()
-    with pytest.raises(sugarize.SugarizeError, match="surrogate='nelu' contradicts config.surrogate='bsilu'"):
+    with pytest.raises(sugarize.SugarizeError, match="surrogate='nelu' contradicts config.surrogate='bsilu_dead'"):
         sugarize.sugarize(model, "nelu", config=SugarConfig())
     with pytest.raises(sugarize.SugarizeError, match="contradict config.params"):
         sugarize.sugarize(model, config=SugarConfig("nelu"), alpha=0.1)
