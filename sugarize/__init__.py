@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below
     from .method.saved import save_error
     from .method.surrogates import Param, Surrogate, get_surrogate, list_surrogates, register_surrogate
     from .passes.config import SugarConfig
-    from .passes.paths import warmup
+    from .passes.paths import register_capture_path, unregister_capture_path, warmup
     from .passes.report import Report, Site, report_of
     from .passes.rewrite import SugarizePass, inspect, sugarize
     from .passes.strip import StripPass, count_sugar, strip, strip_

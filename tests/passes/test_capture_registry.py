@@ -104,11 +104,11 @@ def copy_module(model):
 
 @pytest.fixture()
 def toy_path():
-    path = paths.register_capture_path(ToyPath(), before="fx")
+    path = sugarize.register_capture_path(ToyPath(), before="fx")  # the public name (#38 item 4)
     try:
         yield path
     finally:
-        paths.unregister_capture_path("toy")
+        sugarize.unregister_capture_path("toy")
 
 
 def test_a_registered_path_is_used_end_to_end(toy_path, tmp_path):
