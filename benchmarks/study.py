@@ -1,7 +1,7 @@
 """Which surrogate does no harm? Fine-tunes healthy and dead ReLU models with each candidate,
 5 seeds each, against each seed's ReLU twin; writes results/study.md and results/study.json.
 
-    python benchmarks/study.py            # the committed table (about 45 min on 2 cores)
+    python benchmarks/study.py            # the committed table (70 min on 2 cores here)
     python benchmarks/study.py --quick    # 2 seeds, one rate: a smoke run (minutes)
 
 Every candidate keeps relu in the forward pass; only the gradient through the activation

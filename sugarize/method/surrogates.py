@@ -248,11 +248,13 @@ def unit_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def dead_units(x: torch.Tensor) -> torch.Tensor:
-    """Where ``x`` belongs to a unit that fires for no element of the batch (``x <= 0`` across
-    ``unit_dims``), broadcastable to ``x``. NaN counts as firing (ReLU's gradient stays there)."""
+    """Where ``x`` belongs to a unit that fires for no element of the batch (its largest value across
+    ``unit_dims`` is <= 0), broadcastable to ``x``; one reduction pass. A NaN makes its unit count as
+    firing (ReLU's gradient stays there)."""
     dims = unit_dims(x)
-    off = ~(x > 0)
-    return off.all(dim=dims, keepdim=True) & ~x.isnan() if dims else off & ~x.isnan()
+    if not dims or x.numel() == 0:
+        return x <= 0
+    return x.amax(dim=dims, keepdim=True) <= 0
 
 
 @register_surrogate(
