@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import math
 import multiprocessing as mp
 import os
@@ -556,6 +557,23 @@ def summarise(rows: list[dict], mults: tuple) -> tuple[str, dict]:
     md.append(md_table(["candidate", "worst healthy seed vs ReLU (1x)", "no harm",
                         "dead pairs: min / mean of the best accuracy gain vs ReLU", "dead pairs: min units-revived gain",
                         "revives", "SGD stable up to", "AdamW stable up to"], vrows))
+    # the worst healthy seed against its twin at each rate, and how many seeds fell 2+ points below it
+    relu_acc = {(r["pair"], r["opt"], r["mult"], r["seed"]): r["acc"] for r in rows
+                if r["cand"] == "relu" and r["state"] == "healthy"}
+    wrows = []
+    for c in cands:
+        cells = [c]
+        counts = []
+        for m in mults:
+            mine = [r for r in rows if r["cand"] == c and r["state"] == "healthy" and r["mult"] == m]
+            diffs = [r["acc"] - relu_acc[(r["pair"], r["opt"], m, r["seed"])] for r in mine]
+            cells.append(f"{min(diffs):+.1f}" if diffs else "-")
+            counts.append(f"{sum(d < -2.0 for d in diffs)} of {len(diffs)}")
+        wrows.append(cells + [" / ".join(counts)])
+    md += ["", "The worst healthy seed against its ReLU twin at each rate, over every pair and both optimizers, "
+           "and how many seeds fell more than 2 points below their twin:", "",
+           md_table(["candidate"] + [f"worst at {m}x" for m in mults] +
+                    ["seeds > 2 points below (" + " / ".join(f"{m}x" for m in mults) + ")"], wrows)]
     for p in pairs:
         md += ["", f"## {p}", ""]
         for state in ("healthy", "dead"):
@@ -594,7 +612,17 @@ def main(argv=None):
     ap.add_argument("--pairs", nargs="*", default=None, help="a subset of the pairs (by name)")
     ap.add_argument("--candidates", nargs="*", default=None, help="a subset of the candidates (relu always runs)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--render", default=None, metavar="STUDY_JSON",
+                    help="write study.md again from a study.json's runs (no training)")
     args = ap.parse_args(argv)
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        md, data = summarise(payload["runs"], tuple(payload["mults"]))
+        data.update(wall_s=payload["wall_s"], seeds=payload["seeds"], mults=payload["mults"])
+        paths = write("study", md + f"\nWall time {payload['wall_s']:.0f} s (2 worker processes, one thread each).\n",
+                      data, Path(args.out) if args.out else None)
+        print("wrote", *paths)
+        return
     seeds, mults = (2, (1,)) if args.quick else (args.seeds, (1, 3, 10))
     pairs = args.pairs or [p.name for p in PAIRS]
     cands = ["relu"] + [c for c in (args.candidates or [c.name for c in CANDIDATES]) if c != "relu"]
