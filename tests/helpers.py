@@ -57,3 +57,17 @@ class FGI(torch.nn.Module):
 
     def forward(self, x):
         return fgi(x, self.name)
+
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(intermediate: int = 64, positions: int = 32):
+    """A small LlamaForCausalLM (SiLU gated MLP, eager attention, no cache), random weights, seeded."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
+                                   use_cache=False, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg)

@@ -12,20 +12,16 @@ import torch.nn as nn
 import sugarize
 from sugarize.passes import islands
 
-from helpers import same_bits
+from helpers import LLAMA_LINEARS, same_bits, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEARS = LLAMA_LINEARS
 
 
 def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                   use_cache=False, attn_implementation="eager")
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def _lora(model, dropout=0.0):

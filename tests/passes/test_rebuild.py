@@ -13,19 +13,17 @@ import torch.nn as nn
 
 import sugarize
 
+from helpers import LLAMA_LINEARS, tiny_llama
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEARS = LLAMA_LINEARS
 IDS = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   use_cache=False, attn_implementation="eager")
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(intermediate=256, positions=64)
 
 
 def _relu(model):
