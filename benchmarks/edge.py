@@ -3,15 +3,16 @@
     python benchmarks/edge.py [--repeats 200] [--out benchmarks/results]
 
 For each model (the demo's 10x32 MLP at batch 32, and the fixtures: a CNN with BatchNorm and
-residual adds, the 10-layer dead MLP, a 2-block transformer) and each target (ONNX, ORT format,
-ExecuTorch with XNNPACK), the SUGAR model is stripped and exported with the library's target
+residual adds, the 10-layer dead MLP, a 2-block transformer) and each registered target (ONNX,
+ORT format, ExecuTorch with XNNPACK, OpenVINO IR), the SUGAR model is stripped and exported with the library's target
 (``deploy.targets``), the original ReLU model exported the same way, and:
 - export seconds (the stripped model, once; torch.export and lowering included),
-- artifact bytes, stripped vs original, and whether they are byte-identical,
+- artifact bytes (with companions: OpenVINO's .bin), stripped vs original, and whether they are
+  byte-identical,
 - structure identical (``artifact.compare_structures``) and parity max abs vs the original,
 - median latency of one run in the target's runtime (1 thread where the runtime takes a
-  setting: onnxruntime; ExecuTorch's XNNPACK threadpool is its own), the stripped and the
-  original artifact interleaved.
+  setting: onnxruntime, OpenVINO's CPU plugin at f32; ExecuTorch's XNNPACK threadpool is its
+  own), the stripped and the original artifact interleaved.
 Writes ``edge.md`` and ``edge.json``.
 """
 
@@ -64,7 +65,7 @@ def latencies(runners, arrays, repeats: int, warmup: int = 10) -> list[float]:
 
 def main(argv=None) -> int:
     from sugarize.deploy.artifact import compare_structures
-    from sugarize.deploy.runtimes import OrtRunner
+    from sugarize.deploy.runtimes import OpenVinoRunner, OrtRunner
     from sugarize.deploy.targets import TARGETS, ExportOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     for label, model, example in models():
         stripped = sugarize.strip(sugarize.sugarize(model))
         arrays = [t.numpy() for t in example]
-        for name in ("onnx", "ort", "pte"):
+        for name in list(TARGETS):
             target = TARGETS[name]
             with tempfile.TemporaryDirectory() as tmp:
                 a, b = Path(tmp) / f"stripped{target.suffix}", Path(tmp) / f"original{target.suffix}"
@@ -85,15 +86,19 @@ def main(argv=None) -> int:
                 export_s = time.perf_counter() - t0
                 target.export(model, b, example, ExportOptions())
                 rep = compare_structures(target.describe(a), target.describe(b))
-                parity = sugarize.verify(a, model, example, reference_onnx=b, batches=2)
+                parity = sugarize.verify(a, model, example, reference_artifact=b, batches=2)
                 if name == "pte":
                     runners = [target.runner(a), target.runner(b)]
+                elif name == "openvino":  # one inference thread, f32 (the precision parity judges)
+                    runners = [OpenVinoRunner(p, "f32", threads=1) for p in (a, b)]
                 else:  # one intra-op thread, as on a phone's single big core
-                    fmt = "ORT" if name == "ort" else None
+                    fmt = "ORT" if name == "ort" else "ONNX"
                     runners = [OrtRunner(p, model_format=fmt, threads=1) for p in (a, b)]
                 lat = latencies(runners, arrays, args.repeats)
-                row = {"model": label, "target": name, "export_s": export_s, "bytes_stripped": a.stat().st_size,
-                       "bytes_original": b.stat().st_size, "byte_identical": rep.identical_bytes,
+                size = [p.stat().st_size + sum(c.stat().st_size for c in target.companions(p, ExportOptions())
+                                               if c.is_file()) for p in (a, b)]
+                row = {"model": label, "target": name, "export_s": export_s, "bytes_stripped": size[0],
+                       "bytes_original": size[1], "byte_identical": rep.identical_bytes,
                        "structure_identical": rep.passed, "parity_passed": parity.passed,
                        "max_abs": parity.max_abs, "latency_ms_stripped": 1e3 * lat[0],
                        "latency_ms_original": 1e3 * lat[1], "runtime": parity.runtime}
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
     md = ["# Deploy targets: export, size, structure, parity, latency", "",
           f"Machine: {machine_line(data['machine'])}. `python benchmarks/edge.py` "
           f"(--repeats {args.repeats}; latency is the median single run, stripped / original, "
-          "interleaved; onnxruntime at 1 thread, ExecuTorch's XNNPACK with its own threadpool).", "",
+          "interleaved; onnxruntime and OpenVINO (CPU plugin, f32) at 1 thread, ExecuTorch's XNNPACK with its own "
+          "threadpool; bytes include companions, OpenVINO's .bin).", "",
           md_table(["model", "target", "export s", "bytes stripped / original", "byte-identical", "structure",
                     "parity (max abs)", "latency ms stripped / original"], rows), ""]
     return finish("edge", md, data, start, args.out)

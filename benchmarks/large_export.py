@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         ref.parent.mkdir()
         timed("export the original (for the structure check)", lambda: sugarize.export_onnx(original, ref, x))
         report = timed("verify (1 batch, onnxruntime, structure incl. ORT_ENABLE_ALL)", lambda: sugarize.verify(
-            path, original, x, stripped=plain, reference_onnx=ref, batches=1, atol=1e-4, rtol=1e-4))
+            path, original, x, stripped=plain, reference_artifact=ref, batches=1, atol=1e-4, rtol=1e-4))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     m = machine()
     data = {"machine": m, "layers": args.layers, "width": args.width, "weight_bytes": weight_bytes, "files": files,

@@ -29,6 +29,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # pragma: no cover - the one list of public names (read below for the lazy imports)
     from .deploy.export import export_onnx
     from .deploy.parity import compare_graphs, verify
+    from .deploy.target import ExportOptions, Target, TargetOption
+    from .deploy.targets import register_target, unregister_target
     from .errors import (CaptureError, CheckpointError, CollapseError, DataFileError, DivergenceError, ExportError,
                          InputError,
                          InternalError, ParityError, StripRefusedError, SugarizeError, SugarizeNote,

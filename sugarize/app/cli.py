@@ -183,6 +183,12 @@ def _run_command(fn: Callable, args, kwargs):
             if _state["debug"]:
                 _traceback()
             raise typer.Exit(2) from None
+        if isinstance(exc, ValueError) and "null byte" in str(exc):  # os.* on a path with a NUL in it
+            err.print("[bold red]error:[/] a path holds a NUL byte, which no file name can (from a recipe, a config "
+                      "or an argument): check where it came from", highlight=False, soft_wrap=True)
+            if _state["debug"]:
+                _traceback()
+            raise typer.Exit(2) from None
         msg = " ".join(str(exc).split())
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(msg)} (rerun with --debug and report it)",
                   highlight=False, soft_wrap=True)
@@ -376,56 +382,44 @@ def convert_cmd(
     out.print(escape(f"wrote {res.path} (surrogate {cfg.surrogate} {dict(cfg.params)})"))
 
 
-@app.command("export")
-@command
-def export_cmd(
+def _export(
     source: str = typer.Argument(..., help="MODEL (model.py[:NAME]) or a SUGAR checkpoint (.safetensors)."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write: .onnx, .ort or .pte (see --format)."),
-    format: Optional[str] = typer.Option(None, "--format", "-f",
-                                         help="onnx (default), ort (ONNX Runtime Mobile: OUTPUT.ort and "
-                                         "OUTPUT.required_operators.config) or pte (ExecuTorch; the executorch extra). "
-                                         "Default: from OUTPUT's suffix, else onnx."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="pte only: xnnpack (default) or portable."),
+    output: Path = typer.Option(..., "--output", "-o", help="The artifact to write (its suffix names the format "
+                                "unless --format does)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="The deploy target (see `sugarize targets`); "
+                                         "default: from OUTPUT's suffix, else onnx."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = MODEL_FILE,
     trust_recipe: bool = TRUST_RECIPE,
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 13 to torch's maximum (its ONNX_MAX_OPSET, "
-                                        "23 with torch 2.13); default the exporter's own (18)."),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
-    dynamic_sequence: bool = typer.Option(False, "--dynamic-sequence",
-                                          help="Make dimension 1 of token inputs (integer tensors) dynamic: any "
-                                          "sequence length; parity is checked at two lengths."),
-    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
-                                                 help="Keep the weights in OUTPUT.data beside the file (default: "
-                                                 "when they are over 1.5 GiB; protobuf holds 2 GiB)."),
     input_shape: Optional[List[str]] = INPUT_SHAPE,
     atol: float = _tol_option("--atol"),
     rtol: float = _tol_option("--rtol"),
     batches: int = typer.Option(3, "--batches", min=1, max=MAX_BATCHES, help=f"Seeded parity batches, 1 to {MAX_BATCHES}."),
     seed: int = _seed_option(),
     allow_nonfinite: bool = ALLOW_NONFINITE,
-    int8: bool = typer.Option(False, "--int8", help="Also write OUTPUT.int8.onnx (static QDQ) or OUTPUT.int8.pte "
-                              "(PT2E, XNNPACK quantizer), checked against the quantised original."),
+    int8: bool = typer.Option(False, "--int8", help="Also write an int8 artifact beside OUTPUT (targets with an int8 "
+                              "path: see `sugarize targets`), checked against the quantised original."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file for --int8 calibration and accuracy."),
     calibration_batches: int = typer.Option(32, "--calibration-batches", min=1, max=MAX_BATCHES),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    **target_options,
 ):
-    """Strip SUGAR, export (ONNX, ORT format or ExecuTorch), then check parity and structure against the original."""
+    """Strip SUGAR, export to a deploy target, then check parity and structure against the original."""
+    from ..deploy.targets import get_target
     from .workflows import export_file, format_of_output
 
+    fmt = format_of_output(output, format)
     with err.status("exporting and checking parity..."):
-        res = export_file(source, str(output), format=format_of_output(output, format), backend=backend,
-                          weights=str(weights) if weights else None, model=model, opset=opset,
-                          dynamic_batch=dynamic_batch, input_shapes=input_shape, force=force, atol=atol, rtol=rtol,
-                          batches=batches, seed=seed, int8=int8, data=str(data) if data else None,
-                          calibration_batches=calibration_batches, allow_nonfinite=allow_nonfinite,
-                          trust_recipe=trust_recipe, dynamic_sequence=dynamic_sequence, external_data=external_data)
+        res = export_file(source, str(output), format=fmt, weights=str(weights) if weights else None, model=model,
+                          input_shapes=input_shape, force=force, atol=atol, rtol=rtol, batches=batches, seed=seed,
+                          int8=int8, data=str(data) if data else None, calibration_batches=calibration_batches,
+                          allow_nonfinite=allow_nonfinite, trust_recipe=trust_recipe, **target_options)
     e = res.export
+    target = get_target(fmt)
     if as_json:
-        _emit_json({"format": e.format, "path": str(e.path), **({"onnx": str(e.path)} if e.format == "onnx" else {}),
-                    "companions": [str(c) for c in e.companions], "backend": e.backend,
-                    "written": res.written, "opset": e.opset, "op_types": e.op_types,
+        _emit_json({"format": e.format, "path": str(e.path), "companions": [str(c) for c in e.companions],
+                    "backend": e.backend, "written": res.written, "opset": e.opset, "op_types": e.op_types,
                     "external_data": str(e.external_data) if e.external_data else None,
                     "stripped_sites": e.stripped_sites, "notes": res.notes + e.notes, "parity": res.parity.to_dict(),
                     "int8": res.int8.to_dict() if res.int8 else None})
@@ -434,12 +428,7 @@ def export_cmd(
             out.print(f"[yellow]note:[/] {escape(note)}")
         did = "wrote" if res.written else "checked, NOT written (a check failed; any previous file is untouched):"
         also = f" and {', '.join(c.name for c in e.companions)}" if e.companions and res.written else ""
-        what = f"{e.format}, {e.backend}" if e.backend else f"{e.format}, opset {e.opset}"
-        if e.format == "onnx":
-            what = f"opset {e.opset}, {len(e.op_types)} nodes, {e.op_types.count('Relu')} Relu"
-        else:
-            what += f", {len(e.op_types)} nodes"
-        out.print(escape(f"{did} {e.path}{also} ({what}, {e.stripped_sites} SUGAR sites stripped)"))
+        out.print(escape(f"{did} {e.path}{also} ({target.summary(e)}, {e.stripped_sites} SUGAR sites stripped)"))
         out.print(_parity_table(res.parity))
         out.print(escape(res.parity.summary()))
         if res.int8:
@@ -449,6 +438,61 @@ def export_cmd(
                           "(any previous file is untouched)")
     if res.int8 and not res.int8.passed:
         raise ParityError(f"the int8 check failed: {res.int8.path} differs from the quantised original")
+
+
+class _ExportCommand:
+    """``sugarize export``: ``_export``'s parameters, then one flag per option a registered
+    target declares (``Target.options``), read from the table each time the CLI is built, so a
+    target registered from outside (``register_target``, the ``sugarize.targets`` entry points)
+    has its flags on the stock command."""
+
+    __name__ = __qualname__ = "export"
+    __doc__ = _export.__doc__
+    __module__ = __name__
+
+    def __call__(self, **kwargs):
+        return command(_export)(**kwargs)
+
+    def _options(self):
+        import inspect
+
+        from ..deploy.targets import TARGETS
+        from ..deploy.target import DECLARED
+
+        base = inspect.signature(_export)
+        taken = set(base.parameters)
+        params, hints = [], {}
+        for o in DECLARED.values():
+            if o.name in taken:  # pragma: no cover - register_target refuses these names
+                continue
+            users = ", ".join(t.name for t in TARGETS.values() if o in t.options)
+            kind = o.type if not (o.type is bool and o.default is False) else bool
+            annotation = Optional[kind] if o.default is None else kind
+            params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=typer.Option(o.default, *o.flag.split(" "),
+                                                                 help=f"{o.help} (--format {users})")))
+            hints[o.name] = annotation
+        return base, params, hints
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        base, params, _ = self._options()
+        fixed = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed]
+        return base.replace(parameters=fixed + params)
+
+    @property
+    def __annotations__(self):
+        import typing
+
+        hints = typing.get_type_hints(_export)
+        hints.pop("target_options", None)
+        return {**hints, **self._options()[2]}
+
+
+app.command("export")(_ExportCommand())
 
 
 @app.command("verify")
@@ -486,6 +530,32 @@ def verify_cmd(
         out.print(escape(report.summary()))
     if not report.passed:
         raise ParityError(f"{onnx_file.name} failed the parity or structure check (table above)")
+
+
+@app.command("targets")
+@command
+def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")):
+    """The deploy targets (built in, registered, or installed as plug-ins): --format, suffix, options, runtimes."""
+    from ..deploy.targets import TARGETS
+    from ..errors import InputError
+
+    rows = []
+    for t in TARGETS.values():
+        try:
+            t.check_available()
+            ready = "yes"
+        except InputError:
+            ready = f"no: pip install 'sugarize[{t.extra}]'" if t.extra else "no"
+        rows.append({"format": t.name, "title": t.title, "suffix": t.suffix + ("/" if t.folder else ""),
+                     "options": [o.flag for o in t.options], "int8": t.int8, "runtimes": list(t.runtimes),
+                     "installed": ready, "module": type(t).__module__})
+    if as_json:
+        return _emit_json(rows)
+    table = Table("format", "artifact", "options", "--int8", "runtimes", "installed")
+    for r in rows:
+        table.add_row(r["format"], f"{r['title']} ({r['suffix']})", " ".join(r["options"]) or "-",
+                      r["int8"] or "-", ", ".join(r["runtimes"]), r["installed"])
+    out.print(table)
 
 
 @app.command("surrogates")
@@ -820,6 +890,17 @@ def _print_paired(p: dict) -> None:
 
 
 def main() -> None:  # console-script entry point
+    """The ``sugarize`` command: the deploy targets installed distributions declare (entry-point
+    group ``sugarize.targets``) are registered first, so their ``--format`` and flags are there."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from ..deploy.targets import load_entry_points
+
+        load_entry_points()
+    for w in caught:  # a broken plug-in: one warning line, and the command goes on
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
     app()
 
 

@@ -339,7 +339,7 @@ def _export_best(result: DemoResult, xt, out_dir, progress) -> dict:
     original.load_state_dict(best.model.state_dict())
     sugar_res = export_onnx(best.model, out / "sugar_stripped.onnx", example)
     relu_res = export_onnx(relu.model, out / "relu_original.onnx", example)
-    parity = verify(sugar_res.path, original, example, stripped=plain, reference_onnx=relu_res.path, batches=3)
+    parity = verify(sugar_res.path, original, example, stripped=plain, reference_artifact=relu_res.path, batches=3)
     lat = ort_latencies([sugar_res.path, relu_res.path], example[0], repeats=500)
     return {
         "variant": best.variant, "seed": best.seed, "path": str(sugar_res.path),

@@ -137,64 +137,44 @@ def _rechunk(batches, size: int | None, limit: int | None = None):
             yield x[i:i + step], y[i:i + step]
 
 
-def _int8(onnx_path: Path, q_path: Path, ref_path: Path, data: str, calibration_batches: int, force: bool):
-    """Quantises the export and the original's export; compares their QDQ graphs and accuracy."""
-    import onnx
-
-    from ..deploy.quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
-    from ..deploy.structure import compare_structure
-    from ..training.train import load_data
-
-    spec = load_data(data)
-    dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
-    static = dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
-
-    calib = [(x,) for x, _ in _rechunk(spec.batches("train"), static, calibration_batches)]
-    quantize_int8(onnx_path, q_path, calib, force=force)
-    q_ref = ref_path.with_name("original.int8.onnx")
-    quantize_int8(ref_path, q_ref, calib)
-    float_acc = int8_acc = None
-    if spec.val_loader is not None:
-        def val():
-            return _rechunk(spec.batches("val"), static)
-        float_acc, int8_acc = onnx_accuracy(onnx_path, val()), onnx_accuracy(q_path, val())
-    return Int8Report(str(q_path), len(calib), float_acc, int8_acc, qdq_count(q_path),
-                      compare_structure(q_path, q_ref))
-
-
 def export_file(source: str, out: str, *, weights: str | None = None, model: str | None = None,
-                opset: int | None = None, dynamic_batch: bool = False, input_shapes: Sequence[str] | None = None,
-                force: bool = False, atol: float = 1e-5, rtol: float = 1e-5, batches: int = 3,
-                seed: int = 0, int8: bool = False, data: str | None = None,
-                calibration_batches: int = 32, allow_nonfinite: bool = False,
-                trust_recipe: bool = False, dynamic_sequence: bool = False,
-                external_data: bool | None = None, format: str = "onnx", backend: str | None = None) -> ExportOutcome:
+                input_shapes: Sequence[str] | None = None, force: bool = False, atol: float = 1e-5,
+                rtol: float = 1e-5, batches: int = 3, seed: int = 0, int8: bool = False, data: str | None = None,
+                calibration_batches: int = 32, allow_nonfinite: bool = False, trust_recipe: bool = False,
+                format: str | None = None, **options: Any) -> ExportOutcome:
     """Strips, exports to a deploy target, checks the file and runs the parity check (``sugarize export``).
 
-    ``format`` names the target (``deploy.targets.TARGETS``: ``onnx``, ``ort``, ``pte``). The
-    original model is exported the same way, and the artifact must be structurally identical to
-    it; nothing is written unless every check passes. With ``int8`` it also writes
-    ``<out>.int8.onnx`` (ONNX: QDQ, calibrated on ``data``'s train_loader) or ``<out>.int8.pte``
-    (ExecuTorch: PT2E with the XNNPACK quantizer), compared with the quantised original and on
-    ``data``'s val_loader.
+    ``format`` names the target (``deploy.targets.TARGETS``; default ONNX); ``options`` are the export options
+    the target declares (``opset=17``, ``dynamic_batch=True``, ``backend="portable"``: see each
+    target's ``options``), refused by name where the target does not take them. The original
+    model is exported the same way, once, and the artifact must be structurally identical to
+    it; nothing is written unless every check passes. The shared part of every export is here:
+    eval mode, the KV cache off, strip, the count of sites. With ``int8`` (targets with an int8
+    path) it also writes the target's ``int8_path``, compared with the quantised original and
+    on ``data``'s val_loader.
     """
     from ..deploy.parity import verify
-    from ..deploy.targets import ExportOptions, get_target
+    from ..deploy.targets import DEFAULT_FORMAT, TARGETS, ExportOptions, get_target
     from ..files.fsutil import atomic_folder, check_outputs
+    from ..modes import eval_mode, without_kv_cache
     from ..passes.strip import count_sugar, strip
 
-    target = get_target(format)
-    options = target.check_options(ExportOptions(opset=opset, dynamic_batch=dynamic_batch,
-                                                 dynamic_sequence=dynamic_sequence, external_data=external_data,
-                                                 backend=backend))
-    if int8 and target.name not in ("onnx", "pte"):
-        raise InputError(f"--int8 applies to --format onnx and pte, not {target.name}")
+    target = get_target(format or DEFAULT_FORMAT)
+    opts = target.check_options(ExportOptions(**options))
+    if int8 and target.int8 is None:
+        takes = ", ".join(t.name for t in TARGETS.values() if t.int8)
+        raise InputError(f"--int8 applies to --format {takes}, not {target.name}")
     if int8 and not data:
         raise InputError("--int8 needs calibration data: pass --data DATA.py (a file with train_loader())")
-    companions = target.companions(Path(out), options)
-    q_path = _int8_path(out, target) if int8 else None
+    companions = target.companions(Path(out), opts)
+    q_path = target.int8_path(Path(out)) if int8 else None
     check_outputs([out, *companions, q_path], source, weights, model, data, force=force)
     target.check_available()
+    spec = None
+    if int8:
+        from ..training.train import load_data
+
+        spec = load_data(data)
     src = open_source(source, weights=weights, model=model, trust_recipe=trust_recipe)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
@@ -204,74 +184,65 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     # Once, in place (the checkpoint's model is not used again): exported below and compared
     # in the parity check.
     plain = strip(trained, copy=False) if src.sugar is not None else trained
+    notes = src.notes
     # Every check runs on a temporary file beside the output; it becomes the output only if
     # they all pass, so a failed check (or a kill) leaves a previous output as it was.
-    with tempfile.TemporaryDirectory() as refdir:
-        ref = target.export(reference, Path(refdir) / f"original{target.suffix}", inputs, options)
+    with eval_mode(plain, reference), without_kv_cache(plain, reference) as no_cache, \
+            tempfile.TemporaryDirectory() as refdir:
+        if no_cache:
+            notes.append("exported without the KV cache (use_cache=False for the export, as optimum's no-past "
+                         "export): the graph takes the tokens and returns the logits")
+        ref = target.export(reference, Path(refdir) / f"original{target.suffix}", inputs, opts)
         try:
-            with atomic_folder(out, force=force, companion_files=tuple(c.name for c in companions)) as folder:
+            # the int8 file is a companion too: written in the folder, placed with the rest (both or neither)
+            placed = tuple(c.name for c in companions) + ((q_path.name,) if q_path else ())
+            with atomic_folder(out, force=force, companion_files=placed) as folder:
                 tmp = folder / Path(out).name
-                result = target.export(plain, tmp, inputs, options)
+                result = target.export(plain, tmp, inputs, opts)
+                moved = Path(out).with_name
                 result = replace(result, path=Path(out), stripped_sites=sites,
-                                 external_data=Path(out + ".data") if result.external_data else None,
-                                 companions=[Path(out).with_name(c.name) for c in result.companions])
-                parity = verify(tmp, reference, inputs, stripped=plain, reference_onnx=ref.path, atol=atol,
+                                 external_data=moved(result.external_data.name) if result.external_data else None,
+                                 companions=[moved(c.name) for c in result.companions])
+                parity = verify(tmp, reference, inputs, stripped=plain, reference_artifact=ref.path, atol=atol,
                                 rtol=rtol, batches=batches, seed=seed, target=target,
-                                batch_sizes=(1, 8) if dynamic_batch else None, allow_nonfinite=allow_nonfinite,
-                                sequence_lengths=_lengths(inputs) if dynamic_sequence else None)
+                                batch_sizes=(1, 8) if opts.dynamic_batch else None, allow_nonfinite=allow_nonfinite,
+                                sequence_lengths=_lengths(inputs) if opts.dynamic_sequence else None)
                 if not parity.passed:
                     raise _ChecksFailed()
                 q = None
-                if int8 and target.name == "onnx":
-                    q = _int8(tmp, q_path, Path(ref.path), data, calibration_batches, force)
-                elif int8:
-                    q = _int8_pte(plain, reference, inputs, q_path, data, calibration_batches, force)
+                if int8:
+                    static = None if opts.dynamic_batch else int(inputs[0].shape[0])
+                    calib = [(x,) for x, _ in _rechunk(spec.batches("train"), static, calibration_batches)]
+                    validation = None
+                    if spec.val_loader is not None:
+                        def validation():
+                            return _rechunk(spec.batches("val"), static)
+                    q = target.quantize(plain, reference, inputs, tmp, Path(ref.path), folder / q_path.name, calib,
+                                        validation, True)
+                    q.path = str(q_path)
         except _ChecksFailed:
-            return ExportOutcome(result, parity, src.notes, None, written=False)
-    return ExportOutcome(result, parity, src.notes, q)
-
-
-def _int8_pte(plain: nn.Module, reference: nn.Module, inputs: tuple, q_path: Path, data: str,
-              calibration_batches: int, force: bool):
-    """Quantises the stripped model and the original to int8 ExecuTorch programs (PT2E, XNNPACK);
-    compares their structures and their accuracy on the val_loader."""
-    from ..deploy.artifact import compare_structures
-    from ..deploy.pte_target import PteRunner, describe_pte, quantize_nodes, quantize_pte
-    from ..deploy.quantize import Int8Report, runner_accuracy
-    from ..modes import eval_mode
-    from ..training.train import load_data
-
-    spec = load_data(data)
-    static = int(inputs[0].shape[0])
-    calib = [(x,) for x, _ in _rechunk(spec.batches("train"), static, calibration_batches)]
-    with eval_mode(plain, reference), tempfile.TemporaryDirectory() as work:
-        quantize_pte(plain, q_path, inputs, calib, force=force)
-        q_ref = quantize_pte(reference, Path(work) / "original.int8.pte", inputs, calib)
-        structure = compare_structures(describe_pte(q_path), describe_pte(q_ref))
-    float_acc = int8_acc = None
-    if spec.val_loader is not None:
-        from ..deploy.pte_target import export_pte
-
-        with tempfile.TemporaryDirectory() as work:
-            f_path = export_pte(plain, Path(work) / "float.pte", inputs).path
-            float_acc = runner_accuracy(PteRunner(f_path), _rechunk(spec.batches("val"), static))
-        int8_acc = runner_accuracy(PteRunner(q_path), _rechunk(spec.batches("val"), static))
-    return Int8Report(str(q_path), len(calib), float_acc, int8_acc, quantize_nodes(q_path), structure,
-                      scheme="PT2E, XNNPACK quantizer")
+            return ExportOutcome(result, parity, notes, None, written=False)
+    return ExportOutcome(result, parity, notes, q)
 
 
 def format_of_output(out, format: str | None) -> str:
-    """``--format`` if given, else the target whose suffix ``out`` has, else onnx."""
-    from ..deploy.targets import TARGETS, get_target
+    """``--format`` if given, else the target whose suffix ``out`` has, else the default (onnx).
 
-    if format is not None:
-        return get_target(format).name
+    Raises:
+        InputError: ``out`` has the suffix of another target's files than ``--format`` writes.
+    """
+    from ..deploy.targets import DEFAULT_FORMAT, TARGETS, get_target
+
     suffix = Path(str(out)).suffix.lower()
-    return next((t.name for t in TARGETS.values() if t.suffix == suffix), "onnx")
-
-
-def _int8_path(out: str, target) -> Path:
-    return Path(out).with_name(Path(out).stem + ".int8" + target.suffix)
+    by_suffix = next((t for t in TARGETS.values() if t.suffix == suffix), None)
+    if format is None:
+        return (by_suffix or get_target(DEFAULT_FORMAT)).name
+    target = get_target(format)
+    if by_suffix is not None and by_suffix is not target:
+        raise InputError(f"-o {Path(str(out)).name} is named as {by_suffix.title} ({suffix}) but --format "
+                         f"{target.name} writes {target.title}; name it {Path(str(out)).stem}{target.suffix}, or "
+                         "drop --format")
+    return target.name
 
 
 def _lengths(inputs: tuple) -> tuple[int, ...]:
@@ -306,7 +277,7 @@ def verify_file(path: str, against: str, *, weights: str | None = None, model: s
                 input_shapes: Sequence[str] | None = None, atol: float = 1e-5, rtol: float = 1e-5,
                 batches: int = 3, seed: int = 0, runtime: str | None = None, allow_nonfinite: bool = False,
                 trust_recipe: bool = False):
-    """Parity and structure of an artifact (``.onnx``, ``.ort``, ``.pte``, told by its bytes)
+    """Parity and structure of an artifact (any registered target's, told by its bytes)
     against a model file or checkpoint (``sugarize verify``): the original is exported the way
     the file was (opset, dynamic dimensions, backend) and compared with it."""
     from ..deploy.parity import verify
@@ -327,7 +298,7 @@ def verify_file(path: str, against: str, *, weights: str | None = None, model: s
     stripped = strip(src.sugar, copy=False) if src.sugar is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         ref = target.export(reference, Path(tmp) / f"original{target.suffix}", inputs, options)
-        return verify(path, reference, inputs, stripped=stripped, reference_onnx=ref.path, atol=atol,
+        return verify(path, reference, inputs, stripped=stripped, reference_artifact=ref.path, atol=atol,
                       rtol=rtol, batches=batches, seed=seed, batch_sizes=(1, 8) if options.dynamic_batch else None,
                       runtime=runtime, allow_nonfinite=allow_nonfinite, target=target,
                       sequence_lengths=_lengths(inputs) if options.dynamic_sequence else None)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError, first_line
 from .artifact import ExportResult, Runner, Structure
-from .target import ExportOptions, Target
+from .target import DYNAMIC_BATCH, DYNAMIC_SEQUENCE, EXTERNAL_DATA, OPSET, ExportOptions, Target
 
 __all__ = ["OnnxTarget", "load_onnx", "onnx_dynamic_dims"]
 
@@ -52,8 +52,9 @@ class OnnxTarget(Target):
     name = "onnx"
     title = "ONNX"
     suffix = ".onnx"
-    takes = ("opset", "dynamic_batch", "dynamic_sequence", "external_data")
+    options = (OPSET, DYNAMIC_BATCH, DYNAMIC_SEQUENCE, EXTERNAL_DATA)
     runtimes = ("onnxruntime", "openvino")
+    int8 = "OUTPUT.int8.onnx (static QDQ, onnxruntime)"
 
     def companions(self, path: Path, options: ExportOptions) -> list[Path]:
         return [path.with_name(path.name + ".data")]
@@ -61,12 +62,42 @@ class OnnxTarget(Target):
     def export(self, model, path: Path, example_args: Sequence[Any], options: ExportOptions) -> ExportResult:
         from .export import export_onnx
 
-        return export_onnx(model, path, example_args, opset=options.opset, dynamic_batch=options.dynamic_batch,
-                           dynamic_sequence=options.dynamic_sequence, external_data=options.external_data, force=True)
+        return export_onnx(model, path, example_args, opset=options.opset, dynamic_batch=bool(options.dynamic_batch),
+                           dynamic_sequence=bool(options.dynamic_sequence), external_data=options.external_data,
+                           force=True)
 
-    def sniff(self, head: bytes, path: Path) -> bool:
-        # protobuf has no magic number: the suffix, or a ModelProto's first field (ir_version, tag 0x08)
-        return path.suffix.lower() == ".onnx" or head[:1] == b"\x08"
+    def quantize(self, plain, reference, example_args, artifact, reference_artifact, out, calibration, validation,
+                 force):
+        """Static QDQ (onnxruntime) of the float export and of the original's; their QDQ graphs
+        compared, and the accuracy of float and int8 on the validation batches."""
+        from .quantize import Int8Report, onnx_accuracy, qdq_count, quantize_int8
+        from .structure import compare_structure
+
+        quantize_int8(artifact, out, calibration, force=force)
+        q_ref = Path(reference_artifact).with_name("original.int8.onnx")
+        quantize_int8(reference_artifact, q_ref, calibration)
+        float_acc = int8_acc = None
+        if validation is not None:
+            float_acc, int8_acc = onnx_accuracy(artifact, validation()), onnx_accuracy(out, validation())
+        return Int8Report(str(out), len(calibration), float_acc, int8_acc, qdq_count(out),
+                          compare_structure(out, q_ref))
+
+    def summary(self, result: ExportResult) -> str:
+        return f"opset {result.opset}, {len(result.op_types)} nodes, {result.op_types.count('Relu')} Relu"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        """A ModelProto, parsed: protobuf has no magic number, and a first byte of 0x08 (the
+        ir_version field's tag) is only where to start."""
+        if head[:1] != b"\x08" or path.stat().st_size >= 2 ** 31:  # protobuf holds 2 GiB
+            return False
+        import onnx
+
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(path.read_bytes())
+        except Exception:
+            return False
+        return proto.ir_version > 0 and len(proto.opset_import) > 0 and proto.HasField("graph")
 
     def check_file(self, path) -> None:
         load_onnx(path)

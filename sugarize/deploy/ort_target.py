@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from ..errors import ExportError, InputError, first_line
 from .artifact import ExportResult, Runner, Structure, file_digest
-from .target import ExportOptions, Target
+from .target import DYNAMIC_BATCH, DYNAMIC_SEQUENCE, OPSET, ExportOptions, Target
 
 __all__ = ["OrtTarget", "export_ort", "required_operators_path", "read_required_operators"]
 
@@ -241,18 +241,21 @@ class OrtTarget(Target):
     name = "ort"
     title = "ORT format (ONNX Runtime Mobile)"
     suffix = ".ort"
-    takes = ("opset", "dynamic_batch", "dynamic_sequence")
+    options = (OPSET, DYNAMIC_BATCH, DYNAMIC_SEQUENCE)
     runtimes = ("onnxruntime",)
 
     def companions(self, path: Path, options: ExportOptions) -> list[Path]:
         return [required_operators_path(path)]
 
     def export(self, model, path: Path, example_args: Sequence[Any], options: ExportOptions) -> ExportResult:
-        return export_ort(model, path, example_args, opset=options.opset, dynamic_batch=options.dynamic_batch,
-                          dynamic_sequence=options.dynamic_sequence)
+        return export_ort(model, path, example_args, opset=options.opset, dynamic_batch=bool(options.dynamic_batch),
+                          dynamic_sequence=bool(options.dynamic_sequence))
 
-    def sniff(self, head: bytes, path: Path) -> bool:
-        return head[4:8] == ORT_MAGIC or path.suffix.lower() == ".ort"
+    def summary(self, result: ExportResult) -> str:
+        return f"ort, opset {result.opset}, {len(result.op_types)} nodes"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return head[4:8] == ORT_MAGIC
 
     def check_file(self, path) -> None:
         path = Path(path)

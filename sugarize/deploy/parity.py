@@ -67,7 +67,7 @@ class ParityReport:
     format: str = "onnx"
 
     @property
-    def onnx_path(self) -> str:  # the name before the other targets came
+    def artifact(self) -> str:  # the name before the other targets came
         return self.path
 
     @property
@@ -181,12 +181,12 @@ def _compare(name, reference, ort_out: np.ndarray, torch_out: torch.Tensor, atol
 
 
 def verify(
-    onnx_path: str | os.PathLike,
+    artifact: str | os.PathLike,
     original: nn.Module,
     example_args: Sequence[torch.Tensor],
     *,
     stripped: nn.Module | None = None,
-    reference_onnx: str | os.PathLike | None = None,
+    reference_artifact: str | os.PathLike | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
     batches: int = 3,
@@ -207,7 +207,7 @@ def verify(
     ``batches`` seeded input batches (shaped like ``example_args``) goes through the runtime,
     the ``stripped`` model (if given) and the ``original`` model in eval mode; each output is
     judged elementwise by ``|runtime - torch| <= atol + rtol * |torch|``, with shape and dtype.
-    With ``reference_onnx`` (the original ReLU model's artifact, made the same way) the op
+    With ``reference_artifact`` (the original ReLU model's artifact, made the same way) the op
     types, in order, must be equal and every node one the stock runtime ships, and (with
     ``structure``) the two artifacts must be structurally identical (``artifact.compare_structures``:
     for ONNX before and after onnxruntime's full optimisation; for ExecuTorch instruction by
@@ -231,26 +231,26 @@ def verify(
     """
     from .targets import get_target, target_of_file
 
-    target = get_target(target) if isinstance(target, str) else (target or target_of_file(onnx_path))
+    target = get_target(target) if isinstance(target, str) else (target or target_of_file(artifact))
     target.check_available()
-    target.check_file(onnx_path)
+    target.check_file(artifact)
     graph = shape_report = None
-    if reference_onnx is not None:
-        target.check_file(reference_onnx)
-        mine = target.describe(onnx_path, full=structure)
-        theirs = target.describe(reference_onnx, full=structure)
+    if reference_artifact is not None:
+        target.check_file(reference_artifact)
+        mine = target.describe(artifact, full=structure)
+        theirs = target.describe(reference_artifact, full=structure)
         graph = graph_check(mine, theirs, target)
         if structure:
             from .artifact import compare_structures
 
             shape_report = compare_structures(mine, theirs)
-    runner = target.runner(onnx_path, runtime=runtime, optimization=optimization)
-    default_runner = target.informative_runner(onnx_path, runtime)
+    runner = target.runner(artifact, runtime=runtime, optimization=optimization)
+    default_runner = target.informative_runner(artifact, runtime)
     in_names, out_names = runner.inputs, runner.outputs
     example_args = tuple(example_args)
     if len(in_names) != len(example_args):
         raise InputError(
-            f"{Path(onnx_path).name} takes {len(in_names)} input(s) ({', '.join(in_names)}) but the model "
+            f"{Path(artifact).name} takes {len(in_names)} input(s) ({', '.join(in_names)}) but the model "
             f"was given {len(example_args)}; check --input-shape or example_inputs()"
         )
     references = [("original", original)] + ([("stripped", stripped)] if stripped is not None else [])
@@ -263,7 +263,7 @@ def verify(
     if default_runner is not None:
         notes.append(f"{default_runner.version}: max abs {default_worst:.2e} vs the original "
                      "(informative; the verdict is judged at f32)")
-    return ParityReport(str(onnx_path), runner.version, runner.providers, runner.optimization,
+    return ParityReport(str(artifact), runner.version, runner.providers, runner.optimization,
                         atol, rtol, runs, seed, merged, graph, notes, shape_report, target.name)
 
 

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import ExportError, InputError, first_line
 from .artifact import ExportResult, Runner, Structure, file_digest
-from .target import ExportOptions, Target
+from .target import DYNAMIC_BATCH, DYNAMIC_SEQUENCE, ExportOptions, Target, TargetOption
 
 __all__ = ["PteTarget", "export_pte", "describe_pte", "quantize_pte", "quantize_nodes", "BACKENDS", "MAX_DYNAMIC_BATCH"]
 
 BACKENDS = ("xnnpack", "portable")
+BACKEND = TargetOption("backend", "--backend", "pte: xnnpack (default) or portable.", str, None, BACKENDS)
 PTE_MAGIC = b"ET"  # the program flatbuffer's identifier is ET<version> at bytes 4..8
 # ExecuTorch plans memory for the largest shape: a dynamic batch is bounded (1..this).
 MAX_DYNAMIC_BATCH = 64
@@ -59,6 +59,7 @@ def _quiet():
 
 
 def _dynamic_shapes(example_args: tuple, batch: bool, sequence: bool):
+    import torch
     from .export import is_token_input
 
     if not (batch or sequence):
@@ -80,6 +81,7 @@ def _dynamic_shapes(example_args: tuple, batch: bool, sequence: bool):
 def lower(model: torch.nn.Module, example_args: Sequence[Any], *, backend: str = "xnnpack",
           dynamic_batch: bool = False, dynamic_sequence: bool = False, exported=None) -> bytes:
     """The ``.pte`` bytes of a plain model: torch.export, then lowering to ``backend``."""
+    import torch
     check_executorch()
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -131,6 +133,7 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, example_args: Se
         InputError: executorch is not installed (the line says what to install).
         ExportError: torch.export or the lowering failed.
     """
+    import torch
     from ..files.fsutil import atomic_path
     from ..modes import eval_mode, without_kv_cache
     from ..passes.strip import count_sugar, has_sugar, strip
@@ -268,6 +271,7 @@ def quantize_pte(model: torch.nn.Module, path: str | os.PathLike, example_args: 
         DataFileError: no calibration batches.
         ExportError: quantisation or lowering failed.
     """
+    import torch
     from ..errors import DataFileError
     from ..files.fsutil import atomic_path
 
@@ -341,6 +345,7 @@ class PteRunner:
         self.optimization = "as lowered"
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
         outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
         return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outs]
 
@@ -358,24 +363,40 @@ class PteTarget(Target):
     title = "ExecuTorch"
     suffix = ".pte"
     extra = "executorch"
-    takes = ("dynamic_batch", "dynamic_sequence", "backend")
+    options = (DYNAMIC_BATCH, DYNAMIC_SEQUENCE, BACKEND)
     runtimes = ("executorch",)
+    int8 = "OUTPUT.int8.pte (PT2E, XNNPACK quantizer)"
 
     def check_available(self) -> None:
         check_executorch()
 
-    def check_options(self, options: ExportOptions) -> ExportOptions:
-        options = super().check_options(options)
-        if options.backend is not None and options.backend not in BACKENDS:
-            raise InputError(f"--backend {options.backend!r} is not one of {', '.join(BACKENDS)}")
-        return options
+    def quantize(self, plain, reference, example_args, artifact, reference_artifact, out, calibration, validation,
+                 force):
+        """PT2E with the XNNPACK quantizer, of the stripped model and of the original; their
+        structures compared, and the accuracy of float and int8 on the validation batches."""
+        from .artifact import compare_structures
+        from .quantize import Int8Report, runner_accuracy
+
+        with tempfile.TemporaryDirectory() as work:
+            quantize_pte(plain, out, example_args, calibration, force=force)
+            q_ref = quantize_pte(reference, Path(work) / "original.int8.pte", example_args, calibration)
+            structure = compare_structures(describe_pte(out), describe_pte(q_ref))
+        float_acc = int8_acc = None
+        if validation is not None:
+            float_acc = runner_accuracy(PteRunner(artifact), validation())
+            int8_acc = runner_accuracy(PteRunner(out), validation())
+        return Int8Report(str(out), len(calibration), float_acc, int8_acc, quantize_nodes(out), structure,
+                          scheme="PT2E, XNNPACK quantizer")
+
+    def summary(self, result: ExportResult) -> str:
+        return f"pte, {result.backend}, {len(result.op_types)} nodes"
 
     def export(self, model, path: Path, example_args: Sequence[Any], options: ExportOptions) -> ExportResult:
         return export_pte(model, path, example_args, backend=options.backend or "xnnpack",
-                          dynamic_batch=options.dynamic_batch, dynamic_sequence=options.dynamic_sequence)
+                          dynamic_batch=bool(options.dynamic_batch), dynamic_sequence=bool(options.dynamic_sequence))
 
-    def sniff(self, head: bytes, path: Path) -> bool:
-        return head[4:6] == PTE_MAGIC or path.suffix.lower() == ".pte"
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return head[4:6] == PTE_MAGIC
 
     def check_file(self, path) -> None:
         check_executorch()

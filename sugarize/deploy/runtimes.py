@@ -20,14 +20,14 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 
 
 def ort_session(path, *, optimization: str = "all", optimized_path: str | None = None, threads: int | None = None,
-                model_format: str | None = None):
-    """An onnxruntime CPU session with an explicit optimisation level; ``model_format="ORT"``
-    reads the file as the ORT format whatever its name."""
+                model_format: str = "ONNX"):
+    """An onnxruntime CPU session with an explicit optimisation level, reading the file as
+    ``model_format`` ("ONNX" or "ORT") whatever its name: onnxruntime would go by the suffix,
+    and sugarize tells a file's kind by its bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if model_format:
-        opts.add_session_config_entry("session.load_model_format", model_format)
+    opts.add_session_config_entry("session.load_model_format", model_format)
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
     opts.log_severity_level = 3
     if threads:
@@ -43,7 +43,7 @@ def ort_session(path, *, optimization: str = "all", optimized_path: str | None =
 class OrtRunner:
     """An ONNX or ORT-format file in onnxruntime's CPU provider at an explicit optimisation level."""
 
-    def __init__(self, path, optimization: str = "all", model_format: str | None = None, threads: int | None = None,
+    def __init__(self, path, optimization: str = "all", model_format: str = "ONNX", threads: int | None = None,
                  timeout_s: float | None = None):
         import onnxruntime as ort
 
@@ -79,18 +79,56 @@ class OrtRunner:
             timer.cancel()
 
 
+# OpenVINO's CPU plugin cannot be stopped mid-run (``InferRequest.cancel`` does not stop a Loop,
+# and the process cannot exit while it runs): a file whose loops could run longer than a
+# parity run should is refused before it runs. No graph sugarize exports has a loop.
+MAX_LOOP_ITERATIONS = 10**6
+
+
+def _check_loops(model, name: str, bound: int = MAX_LOOP_ITERATIONS, outer: int = 1) -> None:
+    """InputError if a Loop or TensorIterator in ``model`` (nested ones multiplied) may iterate
+    more than ``bound`` times: its trip count is not a constant, is -1 (until a condition), or is
+    larger."""
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Loop", "TensorIterator"):
+            continue
+        trips = None
+        if kind == "TensorIterator":
+            trips = 1  # over a static axis of an input: bounded by the input's size
+        else:
+            src = op.input_value(0).get_node()
+            if src.get_type_name() == "Constant":
+                trips = int(np.asarray(src.get_data()).reshape(-1)[0])
+        if trips is None or trips < 0 or outer * trips > bound:
+            raise InputError(f"{name} holds a {kind} whose trip count is "
+                             f"{'not a constant' if trips is None else trips}: OpenVINO cannot be stopped mid-run, "
+                             f"so sugarize runs no loop over {bound:,} iterations in it; run the file in onnxruntime "
+                             "(--runtime onnxruntime, bounded by its run timeout) if it is an ONNX file")
+        body = op.get_function()
+        if body is not None:
+            _check_loops(body, name, bound, outer * max(trips, 1))
+
+
 class OpenVinoRunner:
     """An ONNX file in OpenVINO's CPU plugin; ``precision`` None keeps the plugin's default."""
 
-    def __init__(self, path, precision: str | None = None):
+    def __init__(self, path, precision: str | None = None, threads: int | None = None):
         try:
             import openvino as ov
         except ImportError:
             raise InputError("--runtime openvino needs the openvino extra: pip install 'sugarize[openvino]'") from None
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            model = core.read_model(str(path))
+        except Exception as exc:
+            raise ExportError(f"OpenVINO cannot read {path}: {first_line(exc)}") from exc
+        _check_loops(model, Path(str(path)).name)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot compile {path}: {first_line(exc)}") from exc
         self.inputs = [i.get_any_name() for i in self.compiled.inputs]

@@ -244,6 +244,11 @@ def model_file_of(path, recipe: dict[str, Any], *, model: str | None = None, tru
             "--trust-recipe to run the file the recipe names"
         )
     if model is None:
+        bad = next((k for k in ("path", "relpath", "name") if "\x00" in str(rec.get(k) or "")), None)
+        if bad is not None:
+            raise CheckpointError(f"{path.name}'s recipe names its model file with a NUL byte in {bad} "
+                                  f"({str(rec[bad])!r}), which no file name holds: the checkpoint is damaged or "
+                                  "crafted; pass --model path/to/model.py")
         candidates = [(path.resolve().parent / rec["relpath"]).resolve(), Path(rec["path"])]
         file = next((c for c in candidates if c.is_file()), None)
         if file is None:

@@ -220,10 +220,13 @@ def import_file(path: Path, expect_sha256: str | None = None, expect_closure: di
         raise ModelFileError(f"{path.name} called sys.exit({exc.code!r}) while it was imported; a model file "
                              "defines the model and returns: remove the exit (or guard it with "
                              "if __name__ == '__main__')") from None
-    except SyntaxError as exc:
+    except SyntaxError as exc:  # in the model file, or in a sibling it imports: the broken file is named
         sys.modules.pop(name, None)
+        broken = Path(exc.filename).name if exc.filename and exc.filename != "<string>" else path.name
+        line = f" line {exc.lineno}" if exc.lineno else ""
+        by = f" (imported by {path.name})" if broken != path.name else ""
         raise ModelFileError(
-            f"syntax error in {path.name} line {exc.lineno}: {exc.msg}; fix the file and try again"
+            f"syntax error in {broken}{line}{by}: {exc.msg}; fix the file and try again"
         ) from exc
     except ImportError as exc:
         sys.modules.pop(name, None)

@@ -236,9 +236,16 @@ def convert(model: nn.Module, cfg: SugarConfig, capture: str, *,
     return out, sites, path.NAME, reasons
 
 
-def inspect(model: nn.Module, cfg: SugarConfig, example_args=None) -> tuple[list[Site], list[str], str, dict]:
-    """``(sites, notes, capture taken, {path: why it did not apply})``: what ``convert`` would see."""
-    (sites, notes), path, reasons = _first_that_applies(list(PATHS), lambda p: p.inspect(model, cfg, example_args))
+def inspect(model: nn.Module, cfg: SugarConfig, example_args=None,
+            capture: str = "auto") -> tuple[list[Site], list[str], str, dict]:
+    """``(sites, notes, capture taken, {path: why it did not apply})``: what ``convert`` with
+    the same ``capture`` would see.
+
+    Raises:
+        CaptureError: the path asked for (or, with "auto", the last one) does not apply.
+    """
+    (sites, notes), path, reasons = _first_that_applies(_candidates(capture),
+                                                        lambda p: p.inspect(model, cfg, example_args))
     return sites, notes, path.NAME, reasons
 
 

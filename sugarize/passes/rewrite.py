@@ -193,8 +193,13 @@ def inspect(
     relufy: Iterable[str] | str = (),
     config: SugarConfig | None = None,
     example_args: tuple | None = None,
+    capture: str = "auto",
 ) -> Report:
     """Every activation site of ``model`` and what ``sugarize`` would do (or did) with it.
+
+    ``capture`` reads the model through one capture path (``sugarize(..., capture=)``'s names:
+    "fx", "modules", or a registered one); "auto" takes the first that applies, as ``sugarize``
+    does. A path that does not apply raises CaptureError with its reason.
 
     Works on the original, a converted and a stripped model alike: ReLU sites show as
     "convertible" or "skipped" with a reason, SUGAR sites as "sugar" with their surrogate.
@@ -204,7 +209,7 @@ def inspect(
     cfg = config or SugarConfig(
         surrogate=surrogate, include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy
     )
-    sites, notes, taken, reasons = paths.inspect(model, cfg, example_args)
+    sites, notes, taken, reasons = paths.inspect(model, cfg, example_args, capture)
     if taken == modulepath.NAME and fxpath.NAME in reasons:
         notes.insert(0, f"not traceable by torch.fx ({reasons[fxpath.NAME]}); activation modules listed by path")
     return Report(sites=sites + scripted_sites(model), capture=taken, notes=notes)

@@ -242,6 +242,19 @@ def _cause(model: nn.Module) -> str:
             "that do not fire, which raises the backward's gain layer by layer at a rate tuned for ReLU.")
 
 
+def check_lr(lr: float, params) -> None:
+    """ParameterError unless ``lr`` is a positive finite number that fits the parameters' dtype
+    (the optimizer's update multiplies in it: 1e308 overflows float32)."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ParameterError(f"learning rate {lr} must be a positive number")
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
+        top = torch.finfo(dtype).max
+        if lr > top:
+            raise ParameterError(f"learning rate {lr:g} does not fit the model's {str(dtype).removeprefix('torch.')} "
+                                 f"parameters (at most {top:.3g}); pass a learning rate such as 1e-3")
+
+
 def finetune(
     model: nn.Module,
     data: DataSpec,
@@ -285,9 +298,8 @@ def finetune(
     """
     if optimizer not in ("sgd", "adamw"):
         raise ParameterError(f"optimizer {optimizer!r} is not one of sgd, adamw")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ParameterError(f"learning rate {lr} must be a positive number")
     params = [p for p in model.parameters() if p.requires_grad]
+    check_lr(lr, params)
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:

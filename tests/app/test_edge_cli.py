@@ -88,7 +88,7 @@ def test_an_option_the_format_does_not_take_is_exit_2(tmp_path):
     res = run("export", MLP, "-o", tmp_path / "m.pte", "--opset", "17")
     assert res.exit_code == 2 and "--opset does not apply to --format pte" in res.output
     res = run("export", MLP, "-o", tmp_path / "m.onnx", "--format", "tflite")
-    assert res.exit_code == 2 and "is not one of onnx, ort, pte" in res.output
+    assert res.exit_code == 2 and "is not one of onnx, openvino, ort, pte" in res.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -112,3 +112,55 @@ def test_without_the_extra_pte_is_exit_2_naming_what_to_install(tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip() == "error: --format pte needs ExecuTorch: pip install 'sugarize[executorch]'"
     assert list(tmp_path.iterdir()) == []
+
+
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="the openvino extra is not installed")
+
+
+@needs_openvino
+def test_export_openvino_writes_the_ir_pair_and_verify_refuses_a_missing_or_altered_bin(tmp_path):
+    from sugarize.deploy.openvino_target import describe_openvino
+
+    out = tmp_path / "m.xml"
+    res = run("export", MLP, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["format"] == "openvino" and data["companions"] == [str(tmp_path / "m.bin")]
+    assert data["parity"]["passed"] and data["parity"]["runtime"].startswith("openvino ")
+    assert "inference precision f32" in data["parity"]["runtime"]
+    assert data["parity"]["structure"]["passed"] and data["parity"]["structure"]["sections"] == \
+        ["CPU plugin's executed graph"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
+    ir = describe_openvino(out)  # read back from the IR: ten ReLUs, fused into the FullyConnected layers
+    assert [n[0] for n in ir.nodes].count("Relu") == 10
+    assert all(n[0] == "FullyConnected" for n in dict(ir.sections)["CPU plugin's executed graph"])
+    res = run("verify", out, "--against", MLP)
+    assert res.exit_code == 0 and "parity PASS (openvino" in res.stdout, res.output
+    assert "(informative; the verdict is judged at f32)" in " ".join(res.stdout.split())
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "m.xml").write_bytes(out.read_bytes())
+    res = run("verify", lone / "m.xml", "--against", MLP)
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "m.bin (the weights of m.xml) not found beside it" in res.output
+    weights = bytearray((tmp_path / "m.bin").read_bytes())
+    weights[100] ^= 0xFF
+    (lone / "m.bin").write_bytes(bytes(weights))  # same size, one byte changed
+    res = run("verify", lone / "m.xml", "--against", MLP)
+    assert res.exit_code == 2 and "m.bin is not the weights file m.xml was exported with" in res.output
+    (lone / "m.bin").write_bytes(bytes(weights[:1000]))
+    res = run("verify", lone / "m.xml", "--against", MLP)
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "Incorrect weights in bin file" in res.output
+
+
+@needs_openvino
+def test_an_existing_bin_is_refused_before_any_work_and_a_contradicting_suffix_is_exit_2(tmp_path):
+    (tmp_path / "m.bin").write_bytes(b"mine")
+    res = run("export", MLP, "-o", tmp_path / "m.xml")
+    assert res.exit_code == 2 and "m.bin already exists" in res.output
+    res = run("export", MLP, "-o", tmp_path / "x.onnx", "--format", "openvino")
+    assert res.exit_code == 2 and "-o x.onnx is named as ONNX (.onnx) but --format openvino writes OpenVINO IR" \
+        in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"] and (tmp_path / "m.bin").read_bytes() == b"mine"

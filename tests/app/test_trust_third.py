@@ -4,6 +4,7 @@ names the function, no output eats an input or another output, and what the user
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sugarize.app.cli import app
+from sugarize.errors import InputError
 
 from helpers import FIXTURES, ROOT
 
@@ -387,15 +389,10 @@ def _onnx(tmp_path: Path) -> Path:
     return out
 
 
-def test_an_onnx_loop_with_a_huge_trip_count_is_stopped_by_the_run_timeout(tmp_path):
-    import time
-
-    import numpy as np
+def _loop_file(tmp_path, trips: int, name: str = "loop.onnx"):
+    """An ONNX graph whose Loop adds 1, ``trips`` times."""
     import onnx
     from onnx import TensorProto, helper
-
-    from sugarize.deploy.runtimes import OrtRunner
-    from sugarize.errors import ExportError
 
     body = helper.make_graph(
         [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
@@ -406,15 +403,43 @@ def test_an_onnx_loop_with_a_huge_trip_count_is_stopped_by_the_run_timeout(tmp_p
          helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
         [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["n"], value=helper.make_tensor("n", TensorProto.INT64, [], [2**62])),
+        [helper.make_node("Constant", [], ["n"], value=helper.make_tensor("n", TensorProto.INT64, [], [trips])),
          helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
          helper.make_node("Loop", ["n", "c", "x"], ["y"], body=body)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    path = tmp_path / "loop.onnx"
+    path = tmp_path / name
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_an_onnx_loop_with_a_huge_trip_count_is_stopped_by_the_run_timeout(tmp_path):
+    import time
+
+    import numpy as np
+
+    from sugarize.deploy.runtimes import OrtRunner
+    from sugarize.errors import ExportError
+
+    path = _loop_file(tmp_path, 2**62)
     runner = OrtRunner(path, timeout_s=1.0)
     start = time.perf_counter()
     with pytest.raises(ExportError, match="did not finish one run of loop.onnx in 1 s"):
         runner.run([np.zeros(1, np.float32)])
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the openvino extra is not installed")
+def test_an_onnx_loop_with_a_huge_trip_count_is_refused_before_it_runs_in_openvino(tmp_path):
+    """OpenVINO's CPU plugin cannot be stopped mid-run (cancel does not stop a Loop): the loop's
+    trip count bounds it before it runs; a small one runs."""
+    import numpy as np
+
+    from sugarize.deploy.runtimes import MAX_LOOP_ITERATIONS, OpenVinoRunner
+
+    path = _loop_file(tmp_path, 2**62)
+    with pytest.raises(InputError, match="holds a Loop whose trip count is 4611686018427387904: OpenVINO cannot"):
+        OpenVinoRunner(path)
+    small = OpenVinoRunner(_loop_file(tmp_path, 5, "small.onnx"))
+    assert small.run([np.zeros(1, np.float32)])[0].tolist() == [5.0]
+    assert MAX_LOOP_ITERATIONS == 10**6

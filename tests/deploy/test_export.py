@@ -106,7 +106,7 @@ def test_a_different_graph_is_reported_with_its_first_differing_node(exported, t
     rep = compare_structure(leaky, e["original"])
     assert not rep.passed and not rep.nodes_equal
     assert "LeakyRelu" in rep.first_difference and "reference: Relu" in rep.first_difference
-    report = sugarize.verify(leaky, e["model"], e["args"], reference_onnx=e["original"])
+    report = sugarize.verify(leaky, e["model"], e["args"], reference_artifact=e["original"])
     assert not report.passed and "structure DIFFERS" in report.summary()
 
 
@@ -151,7 +151,7 @@ def test_every_opset_from_13_to_torchs_maximum_is_the_file_s_opset_and_passes_pa
         ref = export_onnx(e["model"], tmp_path / f"{name}.{opset}.orig.onnx", e["args"], opset=opset)
         assert res.op_types.count("Relu") == ref.op_types.count("Relu") == onnx_op_types(e["original"]).count("Relu")
         report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
-                                 reference_onnx=ref.path, batches=1)
+                                 reference_artifact=ref.path, batches=1)
         assert report.passed, report.summary()
 
 
@@ -159,7 +159,7 @@ def test_opset_13_with_a_dynamic_batch(exported, tmp_path):
     e = exported["tiny_resnet"]
     res = export_onnx(e["sugar"], tmp_path / "dyn13.onnx", e["args"], opset=13, dynamic_batch=True)
     ref = export_onnx(e["model"], tmp_path / "dyn13.orig.onnx", e["args"], opset=13, dynamic_batch=True)
-    report = sugarize.verify(res.path, e["model"], e["args"], reference_onnx=ref.path, batch_sizes=(1, 8), batches=1)
+    report = sugarize.verify(res.path, e["model"], e["args"], reference_artifact=ref.path, batch_sizes=(1, 8), batches=1)
     assert report.passed, report.summary()
     assert res.opset == 13 and report.batches == 2
 
@@ -217,7 +217,7 @@ def test_dynamic_batch_export_passes_parity_at_batch_1_and_8(exported, tmp_path)
     e = exported["tiny_resnet"]
     res = export_onnx(e["sugar"], tmp_path / "dyn.onnx", e["args"], dynamic_batch=True)
     ref = export_onnx(e["model"], tmp_path / "dyn.orig.onnx", e["args"], dynamic_batch=True)
-    report = sugarize.verify(res.path, e["model"], e["args"], reference_onnx=ref.path, batch_sizes=(1, 8), batches=1)
+    report = sugarize.verify(res.path, e["model"], e["args"], reference_artifact=ref.path, batch_sizes=(1, 8), batches=1)
     assert report.passed, report.summary()
     assert sorted({o.shape[0] for o in report.outputs}) == [1, 8]
     assert report.batches == 2 and report.structure.inputs_equal
@@ -310,7 +310,7 @@ def test_strip_gives_back_each_spelling_so_the_export_is_the_originals_op_for_op
     assert onnx_op_types(res.path) == onnx_op_types(orig.path)
     if name == "relu_in_all_but_name":
         assert onnx_op_types(orig.path).count("Relu") == 1  # the others are not spelled Relu in ONNX
-    report = sugarize.verify(res.path, model, args, stripped=plain, reference_onnx=orig.path, batches=1)
+    report = sugarize.verify(res.path, model, args, stripped=plain, reference_artifact=orig.path, batches=1)
     assert report.passed, report.summary()
 
 
@@ -360,7 +360,7 @@ def test_external_data_is_written_beside_the_file_and_read_by_verify_and_structu
                                            if t.dims and len(t.raw_data) == 0)
     assert (tmp_path / "m.onnx.data").stat().st_size > 0 and (tmp_path / "m.onnx").stat().st_size < 100_000
     report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
-                             reference_onnx=e["original"], batches=1)
+                             reference_artifact=e["original"], batches=1)
     assert report.passed, report.summary()
     assert compare_structure(res.path, e["original"]).passed
     # both files or neither: a data file in the way (no --force) stops the pair before anything is written
@@ -381,7 +381,7 @@ def test_a_dynamic_sequence_passes_parity_at_several_lengths_and_batch_sizes(exp
     dims = [d for d in onnx.load(str(res.path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims[0].dim_param and dims[1].dim_param  # read back: batch and sequence are dynamic in the file
     report = sugarize.verify(res.path, e["model"], e["args"], stripped=sugarize.strip(e["sugar"]),
-                             reference_onnx=ref.path, batches=1, batch_sizes=(1, 3), sequence_lengths=(5, ids.shape[1]))
+                             reference_artifact=ref.path, batches=1, batch_sizes=(1, 3), sequence_lengths=(5, ids.shape[1]))
     assert report.passed, report.summary()
     assert report.batches == 4  # every batch size at every length (the model pools over the sequence)
     assert {tuple(o.shape) for o in report.outputs} == {(1, 5), (3, 5)}  # 5 classes

@@ -27,13 +27,15 @@ from helpers import MODELS, load_fixture
 
 HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 needs_executorch = pytest.mark.skipif(not HAS_EXECUTORCH, reason="the executorch extra is not installed")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
 
 MODEL_FIXTURES = ["tiny_resnet", "dead_mlp", "relu_transformer"]  # CNN+BN+residual, MLP, transformer block
-FORMATS = ["onnx", "ort", "pte"]
+FORMATS = ["onnx", "ort", "pte", "openvino"]
 
 
 def _marks(fmt):
-    return [needs_executorch] if fmt == "pte" else []
+    return {"pte": [needs_executorch], "openvino": [needs_openvino]}.get(fmt, [])
 
 
 CASES = [pytest.param(f, m, marks=_marks(f), id=f"{f}-{m}") for f in FORMATS for m in MODEL_FIXTURES]
@@ -120,8 +122,10 @@ def _model(name):
 def test_stripped_artifact_passes_parity_and_is_structurally_identical(artifacts, fmt, name):
     paths = artifacts[(fmt, name)]
     model, args = _model(name)
-    stripped = sugarize.strip(sugarize.sugarize(model))
-    report = sugarize.verify(paths["stripped"], model, args, stripped=stripped, reference_onnx=paths["original"])
+    sm = sugarize.sugarize(model)
+    assert sugarize.count_sugar(sm) >= 2, "the parity below is of a model that had SUGAR sites, stripped"
+    stripped = sugarize.strip(sm)
+    report = sugarize.verify(paths["stripped"], model, args, stripped=stripped, reference_artifact=paths["original"])
     assert report.format == fmt and report.passed, report.summary()
     assert report.max_abs < 1e-5 and {o.reference for o in report.outputs} == {"original", "stripped"}
     # read back from the files: the structure as each target describes it
@@ -150,9 +154,11 @@ def test_one_leaky_relu_fails_structure_naming_the_first_differing_node(artifact
     if fmt == "pte":  # in a delegate's graph: a ReLU fused as output_min 0.0 gone, or an XNNLeakyReLU node
         assert re.match(r"delegate \d+ \(XnnpackBackend\) node \d+: xnnpack::", first), first
         assert "LeakyReLU" in first or "output_min=0.0" in first, first
+    elif fmt == "openvino":  # OpenVINO's opset has no LeakyRelu: torch's leaky_relu converts to PRelu
+        assert "PRelu" in first and "node" in first, first
     else:
         assert "LeakyRelu" in first and "node" in first, first
-    report = sugarize.verify(paths["leaky"], model, args, reference_onnx=paths["original"])
+    report = sugarize.verify(paths["leaky"], model, args, reference_artifact=paths["original"])
     assert not report.passed and "structure DIFFERS" in report.summary()
 
 
@@ -207,9 +213,9 @@ def test_a_corrupt_file_is_an_input_error_with_one_line(artifacts, tmp_path, fmt
 def test_an_unknown_kind_of_file_and_an_unknown_format_are_input_errors(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("hello")
-    with pytest.raises(InputError, match="not an ONNX, ORT-format or ExecuTorch file"):
+    with pytest.raises(InputError, match="is not ONNX, ExecuTorch, ORT format .* or OpenVINO IR .by its bytes"):
         target_of_file(f)
-    with pytest.raises(InputError, match="is not one of onnx, ort, pte"):
+    with pytest.raises(InputError, match="is not one of onnx, openvino, ort, pte"):
         get_target("tflite")
 
 
@@ -227,7 +233,7 @@ def test_every_target_in_the_table_is_tested():
     assert sorted(TARGETS) == sorted(FORMATS)
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=_marks(f)) for f in ("ort", "pte")])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=_marks(f)) for f in ("ort", "pte", "openvino")])
 def test_a_failed_export_leaves_nothing_and_an_old_file_untouched(tmp_path, monkeypatch, fmt):
     """Atomic: the artifact and its companions are both written or neither."""
     t = get_target(fmt)
@@ -290,7 +296,7 @@ def test_pte_portable_backend_keeps_the_kernels_in_the_program(tmp_path):
     sa = t.describe(a.path)
     assert "relu.out" in [n[0] for n in sa.nodes] and not sa.sections
     assert compare_structures(sa, t.describe(b.path)).passed
-    assert sugarize.verify(a.path, model, args, reference_onnx=b.path).passed
+    assert sugarize.verify(a.path, model, args, reference_artifact=b.path).passed
     c = export_pte(leaky_one(model), tmp_path / "c.pte", args, backend="portable")
     rep = compare_structures(t.describe(c.path), t.describe(b.path))
     assert not rep.passed and "leaky_relu.out" in rep.first_difference
@@ -299,7 +305,7 @@ def test_pte_portable_backend_keeps_the_kernels_in_the_program(tmp_path):
 @pytest.mark.filterwarnings("ignore:sugarize. weights hold NaN")
 def test_verify_fails_on_nan_in_every_target(artifacts, tmp_path):
     """Parity's non-finite rule is the same for every target: NaN weights fail."""
-    for fmt in [f for f in FORMATS if f != "pte" or HAS_EXECUTORCH]:
+    for fmt in [f for f in FORMATS if (f != "pte" or HAS_EXECUTORCH) and (f != "openvino" or HAS_OPENVINO)]:
         model, args = _model("dead_mlp")
         poisoned = copy.deepcopy(model)
         with torch.no_grad():

@@ -67,7 +67,7 @@ def test_zoo_stripped_export_matches_the_original(name, tmp_path):
     orig = export_onnx(model, tmp_path / "orig.onnx", args)
     res = export_onnx(sm, tmp_path / "sugar.onnx", args)
     assert onnx_op_types(res.path) == onnx_op_types(orig.path)
-    report = sugarize.verify(res.path, model, args, stripped=sugarize.strip(sm), reference_onnx=orig.path,
+    report = sugarize.verify(res.path, model, args, stripped=sugarize.strip(sm), reference_artifact=orig.path,
                              batches=1, structure=False)
     assert report.passed, report.summary()
 
@@ -265,6 +265,6 @@ def test_hugging_face_bert_on_the_runtime_path_exports_like_the_original(tmp_pat
     orig = export_onnx(model, tmp_path / "bert.orig.onnx", (ids,))
     res = export_onnx(sm, tmp_path / "bert.sugar.onnx", (ids,))
     assert onnx_op_types(res.path) == onnx_op_types(orig.path) and onnx_op_types(res.path).count("Relu") == 2
-    report = sugarize.verify(res.path, model, (ids,), stripped=sugarize.strip(sm), reference_onnx=orig.path,
+    report = sugarize.verify(res.path, model, (ids,), stripped=sugarize.strip(sm), reference_artifact=orig.path,
                              batches=2)
     assert report.passed, report.summary()

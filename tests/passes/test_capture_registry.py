@@ -161,6 +161,9 @@ def test_registering_twice_or_before_an_unknown_path_is_refused(toy_path):
 
 
 def test_unregistered_it_is_gone():
+    sugarize.register_capture_path(ToyPath(), before="fx")
+    assert "toy" in paths.captures() and sugarize.report_of(sugarize.sugarize(Toy(), capture="toy")).capture == "toy"
+    sugarize.unregister_capture_path("toy")
     assert "toy" not in paths.captures()
     with pytest.raises(sugarize.SugarizeError, match="capture='toy' is not one of auto, fx, modules"):
         sugarize.sugarize(Toy(), capture="toy")
@@ -176,3 +179,19 @@ def test_the_fx_path_explains_why_it_does_not_apply():
     assert paths.get_path("fx").explain(nn.Sequential(nn.ReLU())) is None
     sm = sugarize.sugarize(Dynamic())
     assert sugarize.report_of(sm).notes[0].startswith("not traceable by torch.fx (torch.fx.symbolic_trace cannot trace")
+
+
+def test_inspect_takes_the_capture_path_sugarize_would():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert sugarize.inspect(mlp).capture == "fx"
+    report = sugarize.inspect(mlp, capture="modules")
+    assert report.capture == "modules" and [(s.path, s.status) for s in report.sites] == [("1", "convertible")]
+
+    class Dynamic(nn.Module):
+        def forward(self, x):
+            return x.relu() if x.sum() > 0 else x
+
+    with pytest.raises(CaptureError, match="cannot trace Dynamic"):
+        sugarize.inspect(Dynamic(), capture="fx")
+    with pytest.raises(sugarize.SugarizeError, match="capture='nope' is not one of"):
+        sugarize.inspect(mlp, capture="nope")

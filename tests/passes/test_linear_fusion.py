@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import sugarize
 from sugarize.method.fused_linear import linear_sugar
 from sugarize.passes import islands
-from sugarize.passes.opnodes import FusedLinear, fused_of, options_of
+from sugarize.passes.opnodes import FusedLinear, fused_of, is_sugar, options_of
 
 from helpers import same_bits
 
@@ -95,8 +95,9 @@ def test_the_report_names_each_fused_site_and_why_the_others_are_not():
         sm = sugarize.sugarize(MODELS[name][0]())
         report = sugarize.report_of(sm)
         assert [s.fused for s in report.sites] == want, name
-        nodes = sm.graph.find_nodes(op="call_function", target=linear_sugar)
-        assert [isinstance(fused_of(n), FusedLinear) for n in nodes] == [True] * len(want)  # the graph says so too
+        # the graph says so too: of every SUGAR node (the plain op included), each is a fused Linear
+        nodes = [n for n in sm.graph.nodes if is_sugar(n)]
+        assert [n.target is linear_sugar and isinstance(fused_of(n), FusedLinear) for n in nodes] == [True] * len(want)
         assert "fused with" in str(report)
     report = sugarize.report_of(sugarize.sugarize(Mixed()))
     assert [s.fused for s in report.sites] == ["", "Linear", "", ""]

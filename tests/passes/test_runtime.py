@@ -132,6 +132,6 @@ def test_causal_lms_relufy_forward_relu_backward_the_activations_own_derivative(
     res = sugarize.export_onnx(plain, tmp_path / "lm.onnx", (ids,))
     ref = sugarize.export_onnx(relu_model, tmp_path / "lm.ref.onnx", (ids,))
     assert res.op_types.count("Relu") == ref.op_types.count("Relu") == 2
-    report = sugarize.verify(res.path, relu_model, (ids,), stripped=plain, reference_onnx=ref.path, batches=1,
+    report = sugarize.verify(res.path, relu_model, (ids,), stripped=plain, reference_artifact=ref.path, batches=1,
                              atol=1e-4, rtol=1e-4)
     assert report.passed, report.summary()
