@@ -1,4 +1,4 @@
-"""Careless and hostile inputs through the CLI, before and after the trust work (issues #22, #32).
+"""Careless and hostile inputs through the CLI, before and after the trust work (issues #22, #32, #39).
 
     python benchmarks/trust_battery.py [--before CHECKOUT] [--out benchmarks/results]
 
@@ -160,6 +160,143 @@ def _opset99(d: Path):
     onnx.save(m, str(d / "future.onnx"))
 
 
+# -- the fourth pass (#39): code that runs late, files the model reads, bounds ----------------------
+MARK = "import pathlib\npathlib.Path({marker!r}).write_text('unhashed code ran')\n"
+
+
+def _converted(d: Path, name: str, source: str, change, ck: str = "ck4.safetensors"):
+    """``name`` (in ``d``) holding ``source``, converted to ``ck``; then ``change(d)``, the edit
+    after the checkpoint was made."""
+    (d / name).parent.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(source)
+    _cli(d, "convert", str(d / name), "-o", str(d / ck))
+    change(d)
+
+
+def _mark(d: Path) -> str:
+    return MARK.format(marker=str(d / "marker"))
+
+
+def _late(kind: str):
+    """A model whose code imports or reads helper.py by ``kind``, converted; then helper.py
+    changed to write the marker."""
+    head = {"symlink": "import helper",
+            "forward-import": "",
+            "thread": "import threading\n_go = threading.Event()\ndef _late():\n    _go.wait()\n    import helper\n"
+                      "_t = threading.Thread(target=_late)\n_t.start()",
+            "exec": "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'helper.py')).read())",
+            "runpy": "import os, runpy\nrunpy.run_path(os.path.join(os.path.dirname(__file__), 'helper.py'))",
+            "pickle": "import os, pickle\nwith open(os.path.join(os.path.dirname(__file__), 'state.pkl'), 'rb') as f:\n"
+                      "    STATE = pickle.load(f)"}[kind]
+    forward = {"forward-import": "        import sys, os\n        sys.path.insert(0, os.path.dirname(__file__))\n"
+                                 "        import helper",
+               "thread": "        _go.set()\n        _t.join()"}.get(kind, "        pass")
+
+    def setup(d: Path):
+        import pickle
+
+        target = d / "helper.py"
+        if kind == "symlink":
+            (d / "elsewhere").mkdir()
+            target = d / "elsewhere" / "helper.py"
+            target.write_text("X = 1\n")
+            (d / "late").mkdir()
+            (d / "late" / "helper.py").symlink_to(target)
+        elif kind == "pickle":
+            (d / "late").mkdir()
+            (d / "late" / "state.pkl").write_bytes(pickle.dumps({"width": 16}))
+        else:
+            (d / "late").mkdir()
+            target = d / "late" / "helper.py"
+            target.write_text("X = 1\n")
+
+        def change(d: Path):
+            if kind == "pickle":
+                cmd = f"touch {d / 'marker'}".encode()
+                (d / "late" / "state.pkl").write_bytes(b"cos\nsystem\n(S'" + cmd + b"'\ntR.")
+            else:
+                target.write_text("X = 1\n" + _mark(d))
+        _converted(d, "late/lm.py", FORWARD_MODEL.format(head=head, forward=forward), change)
+    return setup
+
+
+def _package_parent(d: Path):
+    (d / "pkg").mkdir()
+    (d / "pkg" / "__init__.py").write_text("")
+    (d / "shared.py").write_text("W = 16\n")
+    _converted(d, "pkg/pm.py", FORWARD_MODEL.format(head="import shared", forward="        pass"),
+               lambda d: (d / "shared.py").write_text("W = 16\n" + _mark(d)))
+
+
+def _package_relative(d: Path):
+    (d / "pkgr").mkdir()
+    (d / "pkgr" / "__init__.py").write_text("")
+    (d / "pkgr" / "sub.py").write_text("Z = 3\n")
+    (d / "pkgr" / "rm.py").write_text(FORWARD_MODEL.format(head="", forward="        from . import sub"))
+
+
+def _helper_sibling(d: Path):
+    (d / "helper.py").write_text("X = 1\n")
+    _converted(d, "hm4.py", FORWARD_MODEL.format(head="import helper", forward="        pass"), lambda d: None)
+
+
+def _broken_sibling(d: Path):
+    (d / "helper.py").write_bytes((d / "m.onnx").read_bytes()[:200])  # an artifact written over it
+    (d / "model2.py").write_text(FORWARD_MODEL.format(head="import helper", forward="        pass"))
+
+
+def _zipped(d: Path):
+    import zipfile
+
+    with zipfile.ZipFile(d / "lib.zip", "w") as z:
+        z.writestr("zmod.py", "Q = 1\n")
+    (d / "zm.py").write_text(FORWARD_MODEL.format(
+        head="import os, sys\nsys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib.zip'))\nimport zmod",
+        forward="        pass"))
+
+
+def _nul_recipe(d: Path):
+    _recipe(d / "ck.safetensors", d / "nul.safetensors", lambda r: r["model"].update(relpath="m\x00.py"))
+
+
+def _renamed_onnx(d: Path):
+    import shutil
+
+    shutil.copy(d / "m.onnx", d / "m.pte")
+
+
+def _symlink_loop(d: Path):
+    (d / "loop.py").symlink_to(d / "loop.py")
+
+
+def _huge_loop(d: Path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [4, 10])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [4, 10])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["n"], value=helper.make_tensor("n", TensorProto.INT64, [], [2**62])),
+         helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+         helper.make_node("Gemm", ["x", "w"], ["h"]), helper.make_node("Loop", ["n", "c", "h"], ["y"], body=body)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 10])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [0.0] * 640)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(d / "loop.onnx"))
+
+
+def _sleeper(d: Path):
+    (d / "sleeper.py").write_text(FORWARD_MODEL.format(
+        head="import threading, time\nthreading.Thread(target=time.sleep, args=(600,), name='sleeper').start()",
+        forward="        pass"))
+
+
 # (name, class, setup(folder) or None, args (with {d} for the folder), checks: {kind: file name})
 CASES = [
     ("recipe names another function of the file, --model FILE", "1 code not named",
@@ -282,6 +419,47 @@ CASES = [
      ["convert", "{d}/m.py", "-o", "{d}/" + "n" * 240 + ".safetensors"], {}),
     ("a dangling symlink as the output", "11 smaller", lambda d: (d / "link.safetensors").symlink_to(d / "gone" / "x"),
      ["convert", "{d}/m.py", "-o", "{d}/link.safetensors"], {}),
+    # the fourth pass (#39)
+    ("symlinked sibling whose target changed after convert", "12 code that runs late", _late("symlink"),
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("package model importing from the package's parent folder, changed", "12 code that runs late", _package_parent,
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/pkg/pm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("import in forward() after the file put its folder on sys.path", "12 code that runs late",
+     _late("forward-import"), ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"],
+     {"not_created": "marker"}),
+    ("a thread the model started imports a sibling late", "12 code that runs late", _late("thread"),
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("exec(open('helper.py').read()) of a changed file", "12 code that runs late", _late("exec"),
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("runpy.run_path of a changed file", "12 code that runs late", _late("runpy"),
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("pickle.load of a changed file in the model's folder", "12 code that runs late", _late("pickle"),
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/late/lm.py", "-o", "{d}/x.onnx"], {"not_created": "marker"}),
+    ("export -o helper.py --force (the model's own sibling)", "13 output over the model's files", _helper_sibling,
+     ["export", "{d}/ck4.safetensors", "--model", "{d}/hm4.py", "-o", "{d}/helper.py", "--force"],
+     {"intact": "helper.py"}),
+    ("finetune --lr 1e308", "14 bounds and messages", None,
+     ["finetune", "{d}/ck.safetensors", "--model", "{d}/m.py", "--data", "{d}/data.py", "-o", "{d}/w.safetensors",
+      "--lr", "1e308"], {"not_created": "w.safetensors"}),
+    ("recipe model path with a NUL byte, --trust-recipe", "14 bounds and messages", _nul_recipe,
+     ["export", "{d}/nul.safetensors", "--trust-recipe", "-o", "{d}/x.onnx"], {"not_created": "x.onnx"}),
+    ("a valid .onnx renamed .pte, verify", "14 bounds and messages", _renamed_onnx,
+     ["verify", "{d}/m.pte", "--against", "{d}/m.py"], {}),
+    ("a sibling clobbered by an artifact, convert", "14 bounds and messages", _broken_sibling,
+     ["convert", "{d}/model2.py", "-o", "{d}/b.safetensors"], {"not_created": "b.safetensors"}),
+    ("from . import sub in forward() of a package model, convert", "14 bounds and messages", _package_relative,
+     ["convert", "{d}/pkgr/rm.py", "-o", "{d}/r.safetensors"], {}),
+    ("a model importing from lib.zip in its folder", "14 bounds and messages", _zipped,
+     ["convert", "{d}/zm.py", "-o", "{d}/z.safetensors"], {"not_created": "z.safetensors"}),
+    ("a symlink loop as the model file", "14 bounds and messages", _symlink_loop, ["inspect", "{d}/loop.py"], {}),
+    ("-o x.onnx --format pte", "14 bounds and messages", None,
+     ["export", "{d}/m.py", "-o", "{d}/x.onnx", "--format", "pte"], {"not_created": "x.onnx"}),
+    ("an ONNX Loop of 2**62 trips, verify --runtime openvino", "14 bounds and messages", _huge_loop,
+     ["verify", "{d}/loop.onnx", "--against", "{d}/m.py", "--runtime", "openvino"], {}),
+    ("--backend portable prints cpuinfo lines", "15 noise", None,
+     ["export", "{d}/m.py", "-o", "{d}/p.pte", "--backend", "portable"], {}),
+    ("a model file leaving a non-daemon thread running", "16 the CLI ends", _sleeper, ["inspect", "{d}/sleeper.py"],
+     {}),
 ]
 
 
@@ -332,11 +510,12 @@ def main(argv=None) -> int:
     ap.add_argument("--before", type=Path, default=None, help="an older checkout to compare with")
     ap.add_argument("--before-label", default="before")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--cases", default=None, help="run only the cases whose name holds this text; the other "
-                    "rows are taken from the committed results")
+    ap.add_argument("--cases", default=None, help="run only the cases whose name holds this text, or whose class "
+                    "starts with it (comma-separated); the other rows are taken from the committed results")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    chosen = [c for c in CASES if args.cases is None or args.cases in c[0]]
+    chosen = [c for c in CASES if args.cases is None or any(w in c[0] or c[1].startswith(w)
+                                                            for w in args.cases.split(","))]
     after = {c[0]: run_case(c, ROOT) for c in chosen}
     before = {c[0]: run_case(c, args.before) for c in chosen} if args.before else None
     if args.cases is not None:  # the rest from the last full run
@@ -357,8 +536,9 @@ def main(argv=None) -> int:
         if before:
             b = before[i]
             row += [str(b["exit"]) + (" +traceback" if b["traceback"] else ""), f"`{b['first_line'][:90]}`",
-                    b["checks"]]
-        row += [str(a["exit"]) + (" +traceback" if a["traceback"] else ""), f"`{a['first_line'][:120]}`", a["checks"]]
+                    b["checks"] or f"{b['stderr_lines']} stderr line(s)"]
+        row += [str(a["exit"]) + (" +traceback" if a["traceback"] else ""), f"`{a['first_line'][:120]}`",
+                a["checks"] or f"{a['stderr_lines']} stderr line(s)"]
         rows.append(row)
     head = ["class", "input"]
     if before:

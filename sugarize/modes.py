@@ -5,7 +5,26 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-__all__ = ["eval_mode", "without_kv_cache"]
+__all__ = ["eval_mode", "without_kv_cache", "tool_output", "showing_tool_output"]
+
+_TOOLS = {"show": False}
+
+
+@contextlib.contextmanager
+def tool_output(show: bool) -> Iterator[None]:
+    """While active, what third-party tools print at the file-descriptor level (flatc's usage,
+    ExecuTorch's cpuinfo lines) is shown (``show``) or kept off the terminal (the default; the
+    CLI's ``--verbose`` shows it). Given back as it was after."""
+    before = _TOOLS["show"]
+    _TOOLS["show"] = bool(show)
+    try:
+        yield
+    finally:
+        _TOOLS["show"] = before
+
+
+def showing_tool_output() -> bool:
+    return _TOOLS["show"]
 
 
 @contextlib.contextmanager

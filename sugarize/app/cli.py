@@ -62,7 +62,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 
 def _version(value: bool):
@@ -75,8 +75,11 @@ def _version(value: bool):
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show what third-party tools print (flatc, ExecuTorch's "
+                                 "cpuinfo), kept off the terminal otherwise."),
 ):
     _state["debug"] = debug
+    _state["verbose"] = verbose
 
 
 class Terminated(BaseException):
@@ -151,10 +154,16 @@ def _run_command(fn: Callable, args, kwargs):
     import signal
     import threading
 
+    from ..files.closure import session
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return fn(*args, **kwargs)
+        from ..modes import tool_output
+
+        # the model's closure stays in force while its code is in use: the whole command
+        with session(), tool_output(_state["verbose"]):
+            return fn(*args, **kwargs)
     except Terminated:
         err.print("terminated")
         raise typer.Exit(143) from None
@@ -901,7 +910,30 @@ def main() -> None:  # console-script entry point
         load_entry_points()
     for w in caught:  # a broken plug-in: one warning line, and the command goes on
         err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exits with ``code`` when the command is done: a thread the user's code started and left
+    running (not a daemon) would otherwise keep the process alive after its work ended, and
+    Python waits for such threads at exit. They are named on stderr and not waited for."""
+    import os
+    import threading
+
+    left = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        sys.exit(code)
+    names = ", ".join(t.name for t in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    err.print(f"[yellow]note:[/] {len(left)} thread(s) started by the model's code were still running ({escape(names)}); "
+              "sugarize exits without waiting for them", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # python -m sugarize.app.cli

@@ -33,6 +33,33 @@ def resolve_inputs(example: tuple | None, input_shapes: Sequence[str] | None, wh
     )
 
 
+def check_not_model_code(outs, loaded: LoadedModel) -> None:
+    """Refuses an output that is the model file or a file of its closure (a module it imports, a
+    file it reads), even with --force: the artifact would replace the code the checkpoint's hash
+    vouches for.
+
+    Raises:
+        OutputPathError: naming the output and the file of the model's code it is.
+    """
+    import os
+
+    from ..errors import OutputPathError
+
+    code = [(loaded.path.name, loaded.path)] + [(rel, loaded.path.parent / rel) for rel in sorted(loaded.closure)]
+    for out in outs:
+        if out is None or not Path(str(out)).exists():
+            continue
+        for rel, file in code:
+            try:
+                same = file.exists() and os.path.samefile(str(out), file)
+            except OSError:
+                same = False
+            if same:
+                raise OutputPathError(f"{out} is {rel}, a file of the model's own code ({loaded.path.name} "
+                                      f"{'is the model file' if file == loaded.path else 'imports or reads it'}): "
+                                      "sugarize never writes over it, --force or not; give another -o")
+
+
 @dataclass
 class Source:
     """A model file or a SUGAR checkpoint, opened: the original model with its weights."""
@@ -103,6 +130,7 @@ def convert_file(model: str, out: str, *, config: SugarConfig, input_shapes: Seq
 
     check_output(out, model, config_file, force=force)
     loaded = load_model(model)
+    check_not_model_code([out], loaded)
     inputs = None
     if input_shapes or loaded.example_inputs is not None:
         inputs = resolve_inputs(loaded.example_inputs, input_shapes, loaded.path.name)
@@ -155,9 +183,9 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
     """
     from ..deploy.parity import verify
     from ..deploy.targets import DEFAULT_FORMAT, TARGETS, ExportOptions, get_target
-    from ..files.fsutil import atomic_folder, check_outputs
+    from ..files.fsutil import atomic_folder, check_outputs, scratch_beside
     from ..modes import eval_mode, without_kv_cache
-    from ..passes.strip import count_sugar, strip
+    from ..passes.strip import strip_
 
     target = get_target(format or DEFAULT_FORMAT)
     opts = target.check_options(ExportOptions(**options))
@@ -176,19 +204,20 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
 
         spec = load_data(data)
     src = open_source(source, weights=weights, model=model, trust_recipe=trust_recipe)
+    check_not_model_code([out, *companions, q_path], src.loaded)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
-    trained = src.sugar if src.sugar is not None else src.original
+    check_not_model_code([out, *companions, q_path], src.loaded)  # and what its forward imported or read
     reference = _reference(src)
-    sites = count_sugar(trained)
     # Once, in place (the checkpoint's model is not used again): exported below and compared
-    # in the parity check.
-    plain = strip(trained, copy=False) if src.sugar is not None else trained
+    # in the parity check; its report counts the sites.
+    plain = src.sugar if src.sugar is not None else src.original
+    sites = len(strip_(plain).sites)
     notes = src.notes
     # Every check runs on a temporary file beside the output; it becomes the output only if
     # they all pass, so a failed check (or a kill) leaves a previous output as it was.
     with eval_mode(plain, reference), without_kv_cache(plain, reference) as no_cache, \
-            tempfile.TemporaryDirectory() as refdir:
+            scratch_beside(out) as refdir:
         if no_cache:
             notes.append("exported without the KV cache (use_cache=False for the export, as optimum's no-past "
                          "export): the graph takes the tokens and returns the logits")
@@ -314,6 +343,7 @@ def audit_file(model: str, data: str, *, weights: str | None = None, split: str 
     if plot:  # before the audit runs: an existing plot is replaced only with --force, never an input
         _check_plot(plot, model, data, weights, model_file, force=force)
     src = open_source(model, weights=weights, model=model_file, trust_recipe=trust_recipe)
+    check_not_model_code([plot], src.loaded)
     spec = load_data(data)
     report = audit(src.sugar if src.sugar is not None else src.original, spec.batches(split))
     if plot:
@@ -348,6 +378,7 @@ def finetune_file(checkpoint: str, data: str, out: str, *, epochs: int, lr: floa
         _check_plot(plot, checkpoint, data, model, resume, out, force=force)
     spec = load_data(data)
     src = open_source(checkpoint, model=model, trust_recipe=trust_recipe)
+    check_not_model_code([out, plot], src.loaded)
     if src.sugar is None:
         from ..errors import CheckpointError
 
@@ -456,6 +487,7 @@ def sweep_file(model: str, data: str, *, candidates: str | None = None, seeds: i
     cands = parse_candidates(candidates) if candidates else None  # a bad spec fails before anything runs
     spec = load_data(data)
     src = open_source(model, model=model_file, trust_recipe=trust_recipe)
+    check_not_model_code([output, plot], src.loaded)
     if config is None and src.sugar is not None:
         config = SugarConfig.from_dict(read_recipe(model)["config"])
     result = sweep(src.original, spec, candidates=cands, seeds=seeds, epochs=epochs, steps=steps, lr=lr,

@@ -115,12 +115,48 @@ def quiet(loggers: tuple[str, ...] = EXPORTER_LOGGERS):
         lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), quiet_fds():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_fds():
+    """What native code and child processes write to file descriptors 1 and 2 (flatc's usage,
+    ExecuTorch's cpuinfo lines) goes to a temporary file for the block, unless the CLI's
+    ``--verbose`` (``modes.tool_output``) shows it. The descriptors are the process's: while the
+    block runs, another thread's output to them is held back too; they are given back after."""
+    import sys
+    import tempfile
+
+    from ..modes import showing_tool_output
+
+    if showing_tool_output():
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no descriptors 1 and 2 (a service): nothing to keep quiet
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def interrupted(exc: BaseException) -> bool:

@@ -346,7 +346,11 @@ class PteRunner:
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import torch
-        outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+
+        from .export import quiet_fds
+
+        with quiet_fds():  # ExecuTorch's cpuinfo lines on first use
+            outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
         return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outs]
 
 

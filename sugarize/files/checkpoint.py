@@ -70,6 +70,9 @@ def read_recipe(path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.exists():
+        from .fsutil import check_loop
+
+        check_loop(path, "checkpoint", CheckpointError)
         raise CheckpointError(f"checkpoint {path} not found")
     from .fsutil import regular_file
 
@@ -150,8 +153,10 @@ def validate_recipe(recipe: Any, path) -> None:
         raise bad("model.closure", f"must be an object, not {type(closure).__name__}")
     for rel, digest in closure.items():
         parts = rel.split("/")
-        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or not rel.endswith(".py"):
-            raise bad("model.closure", f"names {rel!r}: each key is a .py file's path inside the model's folder")
+        if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or "" in parts or "." in parts or \
+                ".." in parts[1:] or (parts[0] == ".." and len(parts) != 2):
+            raise bad("model.closure", f"names {rel!r}: each key is a file's path inside the model's folder (or, "
+                      "for a model in a package, ../NAME in the package's parent folder)")
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
             raise bad("model.closure", f"{rel!r} must map to 64 lowercase hex digits")
     inputs = recipe.get("inputs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,12 +34,29 @@ def regular_file(path: str | os.PathLike, what: str, error=None) -> Path:
     except FileNotFoundError:
         raise error(f"{what} {path} not found") from None
     except OSError as exc:
+        check_loop(path, what, error)
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
             "a device or socket"
         raise error(f"{what} {path} is {kind}, not a regular file; give the file itself")
     return path
+
+
+def check_loop(path: str | os.PathLike, what: str, error=None) -> None:
+    """Raises ``error`` (InputError by default) naming ``path`` as a symlink loop when it is one
+    (``os.stat`` says ELOOP): a loop is not a missing file, and "not found" would send the user
+    looking for one."""
+    import errno
+
+    from ..errors import InputError
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise (error or InputError)(f"{what} {path} is a symlink loop (a link that leads back to itself); give "
+                                        "the file itself") from None
 
 
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
@@ -182,7 +200,10 @@ def _storage_failure(exc: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def _storage_errors(path: Path) -> Iterator[None]:
-    """A write the disk refused is the environment's: ``OutputPathError`` naming the folder."""
+    """A write the disk refused is the environment's: ``OutputPathError`` naming the user's
+    file and folder: the outermost write in progress (a target's inner writes, such as the ORT
+    target's intermediate ``.onnx`` in a private folder, are not what the user asked for)."""
+    _WRITES.stack.append(Path(path))
     try:
         yield
     except OutputPathError:
@@ -191,11 +212,22 @@ def _storage_errors(path: Path) -> Iterator[None]:
         why = _storage_failure(exc)
         if why is None:
             raise
-        folder = path.parent if str(path.parent) else Path(".")
+        user = _WRITES.stack[0]
+        folder = user.parent if str(user.parent) else Path(".")
         while TEMP_MARK in folder.name and folder.parent != folder:  # a write nested in one of our temp folders
             folder = folder.parent
-        raise OutputPathError(f"cannot write {path.name}: {why} in folder {folder} (nothing was written); free "
+        raise OutputPathError(f"cannot write {user.name}: {why} in folder {folder} (nothing was written); free "
                               "space there or choose another -o") from None
+    finally:
+        _WRITES.stack.pop()
+
+
+class _Writes(threading.local):
+    def __init__(self):
+        self.stack: list[Path] = []
+
+
+_WRITES = _Writes()  # this thread's writes in progress, outermost first
 
 
 def _umask() -> int:
@@ -228,6 +260,22 @@ def atomic_path(path: str | os.PathLike, *, force: bool) -> Iterator[Path]:
             _place(tmp, path, force)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_beside(path: str | os.PathLike) -> Iterator[Path]:
+    """A private temporary folder beside the user's output ``path`` for work files (the original
+    model's reference artifact): on the output's disk, removed on every exit path; a write the
+    disk refuses in it names the user's file and folder."""
+    import shutil
+
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with _storage_errors(path):
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _temp_beside(path: Path) -> Path:

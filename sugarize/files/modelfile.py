@@ -14,9 +14,11 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import InputError, ModelFileError, first_line
+from .closure import TOOL_MODULES, ImportClosure, check_closure, forget_closure, keep
+from .closure import inside as _inside
 from .inputs import as_tuple
 
-__all__ = ["LoadedModel", "load_model", "CONVENTIONAL_NAMES"]
+__all__ = ["LoadedModel", "load_model", "CONVENTIONAL_NAMES", "check_closure", "TOOL_MODULES"]
 
 
 CONVENTIONAL_NAMES = ("model", "build_model", "get_model", "create_model")
@@ -40,116 +42,6 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
         path, _, name = text.rpartition(":")
         return Path(path), name or None
     return Path(text), None
-
-
-# Modules sugarize itself imports, now or later (optional dependencies included): a file of the
-# user's folder must never stand in for one of them, installed or not.
-TOOL_MODULES = frozenset({"torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "openvino", "numpy", "safetensors",
-                          "typer", "rich", "click", "matplotlib", "sklearn", "transformers", "accelerate", "peft",
-                          "sugarize"})
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
-class ImportClosure:
-    """The modules of a model's folder that its code imports, each run from the bytes that were
-    hashed: a meta-path finder in front of Python's own while the user's code runs (and only
-    then: ``user_folders`` puts it in and takes it out). Each such file is read once, hashed,
-    checked against ``expected`` (a checkpoint's record: a file not in it, or with another hash,
-    is refused before any of it runs) and executed from those bytes, never from a bytecode cache.
-    ``seen`` is what ran: relative path (POSIX) -> sha256."""
-
-    def __init__(self, folder: Path, main: Path, expected: dict[str, str] | None = None):
-        self.folder, self.main, self.expected = folder.resolve(), main.resolve(), expected
-        self.seen: dict[str, str] = {}
-
-    def find_spec(self, fullname, path=None, target=None):
-        import importlib.machinery
-        import importlib.util
-
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or not spec.has_location or not spec.origin:
-            return None
-        origin = Path(spec.origin).resolve()
-        if not _inside(origin, self.folder) or origin == self.main:
-            return None
-        rel = origin.relative_to(self.folder).as_posix()
-        if origin.suffix != ".py":
-            raise ModelFileError(f"{self.main.name} imports {fullname} from {rel}, a compiled module in its folder: "
-                                 "sugarize runs only Python source it has hashed; install that module as a package")
-        return importlib.util.spec_from_file_location(fullname, origin, loader=_HashedSource(self, origin, rel),
-                                                      submodule_search_locations=spec.submodule_search_locations)
-
-    def admit(self, rel: str, digest: str) -> None:
-        from ..errors import CheckpointError
-
-        if self.expected is not None:
-            if rel not in self.expected:
-                raise CheckpointError(f"{self.main.name} imports {rel}, which it did not import when the checkpoint "
-                                      "was made (it is not in the recipe); nothing of it was run: convert the model "
-                                      "again with that file")
-            if self.expected[rel] != digest:
-                raise CheckpointError(f"{rel} changed since the checkpoint was made (its sha256 is {digest[:12]}..., "
-                                      f"the recipe's {self.expected[rel][:12]}...); nothing of it was run: give the "
-                                      "file the checkpoint was made from, or convert again")
-        self.seen[rel] = digest
-
-
-class _HashedSource:
-    """Loads one module of the model's folder from the bytes it hashed (``ImportClosure``)."""
-
-    def __init__(self, closure: ImportClosure, path: Path, rel: str):
-        self.closure, self.path, self.rel = closure, path, rel
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module) -> None:
-        source = self.path.read_bytes()
-        digest = hashlib.sha256(source).hexdigest()
-        self.closure.admit(self.rel, digest)
-        module.__sugarize_sha256__ = digest
-        module.__sugarize_closure_module__ = True
-        exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
-
-
-def check_closure(folder: Path, expected: dict[str, str], what: str) -> None:
-    """Every file a recipe records as imported is there with its hash, before anything runs.
-
-    Raises:
-        CheckpointError: naming the first file that is gone or changed.
-    """
-    from ..errors import CheckpointError
-
-    for rel, digest in sorted(expected.items()):
-        file = folder / rel
-        if not file.is_file():
-            raise CheckpointError(f"{rel}, which {what} imported when the checkpoint was made, is gone from "
-                                  f"{folder}; nothing was run: put it back, or convert again")
-        now = file_sha256(file)
-        if now != digest:
-            raise CheckpointError(f"{rel} changed since the checkpoint was made (its sha256 is {now[:12]}..., the "
-                                  f"recipe's {digest[:12]}...); nothing was run: give the file the checkpoint was "
-                                  "made from, or convert again")
-
-
-def _forget_closure() -> None:
-    """Modules an earlier run imported through an ``ImportClosure`` (of this folder or another
-    model's: a ``helper`` of another folder must not stand in for this one's) are imported, hashed
-    and checked again, not served from ``sys.modules``."""
-    for mod_name, mod in list(sys.modules.items()):
-        try:  # the module's own dict: a user module's __getattr__ may raise anything
-            ours = object.__getattribute__(mod, "__dict__").get("__sugarize_closure_module__", False)
-        except Exception:
-            ours = False
-        if ours is True:
-            del sys.modules[mod_name]
 
 
 def import_file(path: Path, expect_sha256: str | None = None, expect_closure: dict[str, str] | None = None):
@@ -206,7 +98,8 @@ def import_file(path: Path, expect_sha256: str | None = None, expect_closure: di
     module.__file__, module.__package__, module.__sugarize_sha256__ = str(path), package, digest
     closure = ImportClosure(folder, path, expect_closure)
     module.__sugarize_closure__ = closure.seen
-    _forget_closure()
+    keep(closure)  # inside a session: what the file reads as it runs is recorded too
+    forget_closure()
     before = set(sys.modules)
     sys.modules[name] = module
     try:
@@ -377,6 +270,9 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
     """
     path, name = split_spec(str(spec))
     if not path.exists():
+        from .fsutil import check_loop
+
+        check_loop(path, "model file", ModelFileError)
         raise ModelFileError(f"model file {path} not found; give a path like model.py or model.py:build_model")
     if path.suffix != ".py":
         hint = " (that looks like a checkpoint: use `sugarize export`)" if path.suffix == ".safetensors" else ""
@@ -405,4 +301,6 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{path.name}:{name} is on the meta device (its weights hold no data): build it on the "
                              "CPU, or give it real weights (model.to_empty(device='cpu') and load_state_dict) first")
-    return LoadedModel(model, path.resolve(), name, example, digest, module, dict(module.__sugarize_closure__))
+    keep(closure)  # inside a session (every CLI command), in force for as long as the command runs
+    # the live record: what the forward imports or reads before the checkpoint is saved joins it
+    return LoadedModel(model, path.resolve(), name, example, digest, module, module.__sugarize_closure__)

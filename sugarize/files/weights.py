@@ -47,6 +47,9 @@ def load_weights(path, *, optimizer_state: bool = False) -> dict[str, torch.Tens
     """
     path = Path(path)
     if not path.exists():
+        from .fsutil import check_loop
+
+        check_loop(path, "weights file", CheckpointError)
         raise CheckpointError(f"weights file {path} not found")
     from .fsutil import regular_file
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .kernels import enabled, fused_bn_grad, scoped, traced
 from .op import OP
-from .saved import decode_mul, surrogate_derivative, encode_saved
+from .saved import derivative_times
 
 __all__ = ["bn_sugar", "fusable_module", "has_hooks"]
 
@@ -53,16 +53,27 @@ def has_hooks(module: nn.Module) -> bool:
                 or m._global_forward_pre_hooks or getattr(m, "_global_forward_hooks_always_called", None))
 
 
-def _fuse_now(bn: nn.Module, c, residual, save: str, shortcut: nn.Module | None) -> bool:
-    if torch.compiler.is_compiling() or save != "full" or not torch.is_grad_enabled() \
-            or isinstance(c, torch.fx.Proxy):
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a second operand (a residual, a gate) has the first's shape, dtype and device."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def fusable_call(tensors, modules, fusable) -> bool:
+    """The gate every fused eager op shares before it fuses: gradients on (nothing is kept
+    without them), no fx tracer's Proxy among ``tensors``, and each of ``modules`` one that
+    ``fusable`` accepts (its forward the stock one) and free of hooks (a fused call skips them).
+    Where it says no, the op runs its unfused calls."""
+    if not torch.is_grad_enabled() or any(isinstance(t, torch.fx.Proxy) for t in tensors):
         return False
+    return all(fusable(m) and not has_hooks(m) for m in modules)
+
+
+def _fuse_now(bn: nn.Module, c, residual, save: str, shortcut: nn.Module | None) -> bool:
     tensors = (c,) if residual is None else (c, residual)
     modules = (bn,) if shortcut is None else (bn, shortcut)
-    if traced(*tensors) or any(has_hooks(m) or not fusable_module(m) for m in modules):
+    if torch.compiler.is_compiling() or save != "full" or not fusable_call(tensors, modules, fusable_module):
         return False
-    if residual is not None and (residual.shape != c.shape or residual.dtype != c.dtype
-                                 or residual.device != c.device):
+    if traced(*tensors) or (residual is not None and not same_layout(residual, c)):
         return False
     return any(t.requires_grad for t in tensors) or any(
         p.requires_grad for m in modules for p in (m.weight, m.bias) if p is not None)
@@ -195,13 +206,8 @@ class _BNSugar(torch.autograd.Function):
                 x = _rebuild(saved[0], alpha, beta, dtype)
                 if residual is not None:
                     x = x.add_(residual)
-                d = surrogate_derivative(x, surrogate, params, negative_only)
+                g = derivative_times(grad, x, surrogate, params, negative_only)
                 del x
-                if d.dtype == grad.dtype and d.shape == grad.shape:
-                    g = d.mul_(grad)  # grad * s'(x), in s'(x)'s own buffer: one allocation less
-                else:
-                    g = decode_mul(grad, encode_saved(d, dtype, "full", None), "full", None)
-                del d
             del residual
             grads["c"], grads["weight"], grads["bias"] = _bn_backward(
                 saved, meta, g, (needs["c"], needs["weight"], needs["bias"]))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import sharding
 from ..errors import SugarizeWarning
-from .fused import has_hooks
+from .fused import fusable_call, same_layout
 from .kernels import enabled, traced
 from .op import GRAD_OP, OP
 from .rebuild import TRACED, input_grad, sugar_into, why_not
@@ -52,14 +52,12 @@ def fusable_linear(module: nn.Module) -> bool:
 
 
 def _fuse_now(x, other, linear: nn.Module) -> bool:
-    if not torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy) or isinstance(other, torch.fx.Proxy):
-        return False
-    if not fusable_linear(linear) or has_hooks(linear):
+    if not fusable_call((x, other), (linear,), fusable_linear):
         return False
     tensors = [x, linear.weight] + [t for t in (other, linear.bias) if t is not None]
     if any(type(t) not in _PLAIN for t in tensors) or torch.is_autocast_enabled(x.device.type):
         return False
-    if other is not None and (other.shape != x.shape or other.dtype != x.dtype or other.device != x.device):
+    if other is not None and not same_layout(other, x):
         return False
     w = linear.weight
     if x.dim() == 0 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype or x.device != w.device:

@@ -25,7 +25,7 @@ import torch
 
 from .kernels import enabled, fused_grad, scoped, traced
 from .op import OP
-from .saved import decode_mul, encode_saved, surrogate_derivative
+from .saved import derivative_times
 
 __all__ = ["sugar_into", "why_not", "input_grad", "TRACED"]
 
@@ -37,12 +37,7 @@ def input_grad(g: torch.Tensor, x: torch.Tensor, formula: tuple, kernels: bool) 
     negative_only), in eager mode; the fused kernels where the model turned them on."""
     with scoped(kernels):
         out = fused_grad(g, x, *formula)
-    if out is not None:
-        return out
-    d = surrogate_derivative(x, *formula)
-    if d.dtype == g.dtype and d.shape == g.shape:
-        return d.mul_(g)  # g * s'(x) in s'(x)'s own buffer (the unfused op's value: x * y == y * x)
-    return decode_mul(g, encode_saved(d, x.dtype, "full", None), "full", None)
+    return out if out is not None else derivative_times(g, x, *formula)
 
 
 class _KeepX(torch.autograd.Function):

@@ -22,7 +22,7 @@ from ..errors import ParameterError
 from ..options import SAVE_MODES, OpOptions
 from .surrogates import get_surrogate, keep_positive_one, resolve_params
 
-__all__ = ["save_error", "check_options", "op_options", "MAX_NEGATIVE_SIDE_ERROR"]
+__all__ = ["save_error", "check_options", "op_options", "MAX_NEGATIVE_SIDE_ERROR", "derivative_times"]
 
 
 # A compressed mode is refused where its worst error on x <= 0 exceeds this share of the
@@ -153,3 +153,14 @@ def op_options(surrogate: str, params, negative_only: bool, save: str) -> OpOpti
 
         params = dict(zip([p.name for p in _get(surrogate).params], params))
     return OpOptions(surrogate, tuple(check_options(surrogate, params, negative_only, save)), negative_only, save)
+
+
+def derivative_times(g: torch.Tensor, x: torch.Tensor, surrogate: str, params, negative_only: bool) -> torch.Tensor:
+    """``g * s'(x)`` as the exact op's backward computes it with the eager formulas: ``s'(x)`` in
+    its own buffer, multiplied by ``g`` in place (or through the saved form where dtypes differ).
+    Every fused op's backward ends here (``fused.py``, ``rebuild.py``), so their gradients are the
+    unfused op's bit for bit."""
+    d = surrogate_derivative(x, surrogate, params, negative_only)
+    if d.dtype == g.dtype and d.shape == g.shape:
+        return d.mul_(g)  # g * s'(x) in s'(x)'s own buffer (the unfused op's value: x * y == y * x)
+    return decode_mul(g, encode_saved(d, x.dtype, "full", None), "full", None)

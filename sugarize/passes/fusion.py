@@ -12,6 +12,11 @@ for the backward, with the same values and gradients:
   wrapper: "Conv2d (output rebuilt)") becomes the same node; there the consumer keeps what it
   keeps, but its copy of ``relu(x)`` (or the product) is rebuilt from x (``method/rebuild.py``).
 
+The rules are one table, ``RULES``: each ``FusionRule`` holds its match-and-rewrite, its undo, the
+``SugarConfig`` switch that turns it on (``fuse_bn``, ``fuse_linear``) and its warm-up hook.
+``fuse(graph, modules, enabled)`` runs the table at each SUGAR node, in order (a producer rule
+before a consumer rule); ``unfuse`` finds a fused node's rule by its call target.
+
 ``fuse`` runs after the SUGAR rewrite, on exact (``save="full"``) SUGAR nodes. The fused node is
 the SUGAR node itself (its name and report record), moved to where the consumer was for the
 Linear rule. The modules stay in the module tree (a ``get_attr`` node reads them), so
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.fx
@@ -38,7 +44,8 @@ from ..method.op import OP
 from ..options import OpOptions
 from .opnodes import FusedBN, FusedLinear, fused_nodes, fused_of, is_fused, options_of, sugar_args
 
-__all__ = ["fuse", "unfuse", "unfuse_all", "is_fused", "fused_nodes", "FusedRecord", "Fusion", "record_of"]
+__all__ = ["fuse", "unfuse", "unfuse_all", "is_fused", "fused_nodes", "FusedRecord", "Fusion", "record_of",
+           "FusionRule", "RULES", "enabled", "rule_of"]
 
 
 @dataclass(frozen=True)
@@ -105,17 +112,19 @@ def _operands(node, names: tuple) -> tuple | None:
     return None
 
 
-def _fuse_bn(graph, node, x, modules, options: OpOptions, step: int) -> str | None:
+def _fuse_bn(graph, node, x, modules, options: OpOptions, step: int) -> tuple[str | None, str]:
+    if len(x.users) != 1:
+        return None, ""
     add, residual, order = None, None, 0
     if _bn(x, modules):
         bn = x
     else:
         operands = _operands(x, "add")
         if operands is None:
-            return None
+            return None, ""
         index = next((i for i, a in enumerate(operands) if _bn(a, modules)), None)
         if index is None or not isinstance(operands[1 - index], torch.fx.Node):
-            return None
+            return None, ""
         add, bn, residual, order = x, operands[index], operands[1 - index], index
     # a downsampling shortcut's BatchNorm on the other side: fused too, so that its output
     # (kept by no layer of the ReLU model) is rebuilt rather than kept
@@ -135,7 +144,7 @@ def _fuse_bn(graph, node, x, modules, options: OpOptions, step: int) -> str | No
     for gone in (add, shortcut, bn):
         if gone is not None:
             graph.erase_node(gone)
-    return _recorded(node, FusedRecord(what, tuple(erased), step))
+    return _recorded(node, FusedRecord(what, tuple(erased), step)), ""
 
 
 def _linear_consumer(node, modules) -> tuple[torch.fx.Node | None, torch.fx.Node | None, str]:
@@ -204,13 +213,14 @@ def _recorded(node, record: FusedRecord) -> str:
     return record.what
 
 
-def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module], *, bn: bool = True, linear: bool = True) -> Fusion:
-    """Fuses, in place, each exact SUGAR node fed by a BatchNorm (``bn``), directly or through a
-    residual add, or read only by a Linear, directly or through a product (``linear``).
+def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module], enabled: Iterable[str] | None = None) -> Fusion:
+    """Runs the rules of ``RULES`` named in ``enabled`` (default: all), in place, at each exact
+    SUGAR node: the first rule that matches fuses it.
 
     Returns what was fused at each fused node ("BatchNorm2d", "BatchNorm2d + add",
     "BatchNorm2d + add + shortcut BatchNorm2d", "Linear", "mul + Linear") and why each other
-    exact node was not fused with a consumer."""
+    exact node was not fused (a rule that looked at it and said why)."""
+    on = [r for r in RULES if enabled is None or r.name in set(enabled)]
     fused: dict[str, str] = {}
     unfused: dict[str, str] = {}
     # each fusion's step, after those a graph holds already (unfuse_all undoes them last first)
@@ -220,14 +230,15 @@ def fuse(graph: torch.fx.Graph, modules: dict[str, nn.Module], *, bn: bool = Tru
         x = node.args[0]
         if options.save != "full" or not isinstance(x, torch.fx.Node):
             continue
-        what = _fuse_bn(graph, node, x, modules, options, step + 1) if bn and len(x.users) == 1 else None
-        if what is None and linear:
-            what, why = _fuse_linear(graph, node, x, modules, options, step + 1)
-            if what is None:
+        for rule in on:
+            what, why = rule.apply(graph, node, x, modules, options, step + 1)
+            if what is not None:
+                fused[node.name] = what
+                unfused.pop(node.name, None)
+                step += 1
+                break
+            if why:
                 unfused[node.name] = why
-        if what is not None:
-            fused[node.name] = what
-            step += 1
     return Fusion(fused, unfused)
 
 
@@ -264,8 +275,10 @@ def unfuse(graph: torch.fx.Graph, node: torch.fx.Node, names: dict | None = None
     record = info.pop("fused", None)
     record = record if isinstance(record, FusedRecord) else FusedRecord("", ())
     names = {n.name: n for n in graph.nodes} if names is None else names
-    if isinstance(parts, FusedLinear):
-        return _unfuse_linear(graph, node, parts, record, names, info)
+    return rule_of(node).undo(graph, node, parts, record, names, info)
+
+
+def _unfuse_bn(graph, node, parts: FusedBN, record: FusedRecord, names, info) -> torch.fx.Node:
     gone = record.get("bn") or Erased("call_module", parts.bn.target, "", "", {})
     x = _restore(graph, names, gone, parts.bn.target, (parts.c,), node)
     residual = parts.residual
@@ -305,3 +318,45 @@ def _unfuse_linear(graph, node, parts: FusedLinear, record: FusedRecord, names, 
         names.pop(parts.linear.name, None)
         graph.erase_node(parts.linear)
     return node
+
+
+def _warm_bn(options: OpOptions, dtype, device: str) -> bool:
+    """The BatchNorm-fused backward's kernel (``kernels.compile_bn_grad_for``)."""
+    from ..method import kernels
+
+    return kernels.compile_bn_grad_for(options.surrogate, options.params, options.negative_only, dtype=dtype,
+                                       device=device)
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """One fusion, as ``fuse``, ``unfuse``, the config and ``warmup`` see it.
+
+    ``apply(graph, node, x, modules, options, step)`` fuses the SUGAR ``node`` (its input ``x``) in
+    place and returns ``(what was fused, "")``, or ``(None, why not)`` (``""``: not its kind of
+    site). ``undo(graph, node, parts, record, names, info)`` puts it back. ``config_key`` is the
+    ``SugarConfig`` field (and ``sugarize()`` keyword) that turns it on. ``warm(options, dtype,
+    device)`` compiles the kernels its fused op's backward uses (None: the op's own)."""
+
+    name: str
+    config_key: str
+    target: object  # the fused node's call target (a key of ``opnodes.FUSED_TARGETS``)
+    apply: Callable
+    undo: Callable
+    warm: Callable | None = None
+
+
+RULES: tuple[FusionRule, ...] = (
+    FusionRule("bn", "fuse_bn", FusedBN.TARGET, _fuse_bn, _unfuse_bn, _warm_bn),
+    FusionRule("linear", "fuse_linear", FusedLinear.TARGET, _fuse_linear, _unfuse_linear),
+)
+
+
+def enabled(cfg) -> frozenset[str]:
+    """The names of the rules ``cfg`` (a ``SugarConfig``) turns on."""
+    return frozenset(r.name for r in RULES if getattr(cfg, r.config_key))
+
+
+def rule_of(node: torch.fx.Node) -> FusionRule:
+    """The rule that made a fused node, by its call target."""
+    return next(r for r in RULES if r.target is node.target)

@@ -129,8 +129,8 @@ def convert_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module], cfg: Sug
         )
     if rewired:  # in-place sites add nodes or move uses; a site rewritten in place cannot break the graph
         graph.lint()
-    if cfg.fuse_bn or cfg.fuse_linear:
-        done = fusion.fuse(graph, modules, bn=cfg.fuse_bn, linear=cfg.fuse_linear)
+    if fusion.enabled(cfg):
+        done = fusion.fuse(graph, modules, fusion.enabled(cfg))
         sites = [replace(s, fused=done.fused.get(s.node, ""), unfused=done.unfused.get(s.node, ""))
                  if s.status == "converted" else s for s in sites]
     return Report(sites=sites)

@@ -91,7 +91,7 @@ def _island(module: nn.Module, path: str, cfg: SugarConfig) -> tuple[torch.fx.Gr
         full = f"{path}.{node.target}" if path else str(node.target)
         node.op, node.target, node.args = "call_function", OP, sugar_args(node.args[0], act.options)
         node.meta["sugarize"] = {"path": full, "spelling": act.spelling, "kind": act.kind, "call": None}
-    done = fusion.fuse(graph, modules, bn=cfg.fuse_bn, linear=cfg.fuse_linear)
+    done = fusion.fuse(graph, modules, fusion.enabled(cfg))
     if not done.fused:
         return None, {}
     gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -110,7 +110,7 @@ def _island(module: nn.Module, path: str, cfg: SugarConfig) -> tuple[torch.fx.Gr
 def convert_(root: nn.Module, cfg: SugarConfig) -> dict[str, tuple[str, str]]:
     """In place on a module-path model: each traceable submodule with a fusable site becomes a fused
     GraphModule (module docstring). Returns ``{activation path: (what was fused, why not)}``."""
-    if not (cfg.fuse_linear or cfg.fuse_bn):
+    if not fusion.enabled(cfg):
         return {}
     counts: dict[int, int] = {}
     for _, m in root.named_modules(remove_duplicate=False):

@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from ..errors import CaptureError, ParameterError
 from ..options import OpOptions
-from . import callpath, fxpath, islands, modulepath
-from .opnodes import FusedBN, fused_nodes, fused_of, options_of
+from . import callpath, fusion, fxpath, islands, modulepath
+from .opnodes import fused_nodes, options_of
 from .config import SugarConfig
 from .report import Site
 
@@ -158,12 +158,13 @@ def _fusion_of(site: Site, found: dict, cfg: SugarConfig) -> Site:
     """A module-path site with what the islands pass fused it with, or why it was not."""
     from dataclasses import replace
 
-    if site.status != "converted" or cfg.save != "full" or not (cfg.fuse_linear or cfg.fuse_bn):
+    on = fusion.enabled(cfg)
+    if site.status != "converted" or cfg.save != "full" or not on:
         return site
     if site.path in found:  # a BatchNorm fusion is reported with fuse_linear off too
         fused, unfused = found[site.path]
         return replace(site, fused=fused, unfused=unfused)
-    if not cfg.fuse_linear:
+    if "linear" not in on:
         return site  # no consumer rule ran: nothing to say why not
     return replace(site, unfused="caught by module swap, and no submodule around it and its consumer traces "
                                  "on its own")
@@ -249,9 +250,16 @@ def inspect(model: nn.Module, cfg: SugarConfig, example_args=None,
     return sites, notes, path.NAME, reasons
 
 
-def strip_(model: nn.Module) -> list[Site]:
-    """In place: every path strips what it left in ``model``."""
-    return [site for path in PATHS for site in path.strip_(model)]
+def strip_(model: nn.Module) -> tuple[list[Site], list[str]]:
+    """In place: every path strips what it left in ``model``. ``(sites, names of the paths that
+    stripped any)``: each path reports for itself."""
+    sites, taken = [], []
+    for path in PATHS:
+        found = path.strip_(model)
+        if found:
+            sites += found
+            taken.append(path.NAME)
+    return sites, taken
 
 
 def count(model: nn.Module) -> int:
@@ -337,12 +345,11 @@ def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:
                 done += 1
             else:
                 failed += 1
-    fused = {(o.surrogate, o.params, o.negative_only) for gm in model.modules() if isinstance(gm, torch.fx.GraphModule)
-             for node in fused_nodes(gm.graph) if isinstance(fused_of(node), FusedBN)
-             for o in (options_of(node),)}
-    for surrogate, params, negative_only in sorted(fused, key=repr):  # BatchNorm-fused sites' backward
+    hooks = {(rule.warm, options_of(node)) for gm in model.modules() if isinstance(gm, torch.fx.GraphModule)
+             for node in fused_nodes(gm.graph) for rule in (fusion.rule_of(node),) if rule.warm is not None}
+    for warm, options in sorted(hooks, key=repr):  # each fusion rule's own backward kernels
         for dtype in dtypes or (torch.float32,):
-            if kernels.compile_bn_grad_for(surrogate, params, negative_only, dtype=dtype, device=device):
+            if warm(options, dtype, device):
                 done += 1
             else:
                 failed += 1

@@ -36,8 +36,9 @@ def strip_(model: nn.Module) -> Report:
     Raises:
         StripError: if SUGAR is left (postcondition).
     """
-    sites = paths.strip_(model)
-    report = Report(sites=sites, capture="fx" if any(s.capture == "fx" for s in sites) else "modules")
+    sites, taken = paths.strip_(model)
+    # the report's capture: the first registered path that stripped anything, by its own name
+    report = Report(sites=sites, capture=taken[0] if taken else "modules")
     for m in model.modules():  # a converted model's record, and any converted submodel's, as plain data
         meta = getattr(m, "meta", None)
         if isinstance(meta, dict) and "sugarize" in meta:

@@ -59,6 +59,9 @@ def load_data(path) -> DataSpec:
 
     path = Path(path)
     if not path.exists():
+        from ..files.fsutil import check_loop
+
+        check_loop(path, "data file", DataFileError)
         raise DataFileError(f"data file {path} not found; give a .py file with a train_loader() function")
     if path.suffix != ".py":
         raise DataFileError(f"data file {path} is not a Python file; give a .py file with train_loader()")
