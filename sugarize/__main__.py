@@ -3,8 +3,10 @@
 ``python -m`` puts the current folder first on ``sys.path``; a user's folder holds model and
 data files, and an ``openvino.py`` or ``onnx.py`` there must never stand in for a module the
 tool imports later. So it comes off the path first, as ``python -m pip`` does (sugarize itself
-is imported already). The model's own folder is on the path only while its code runs
-(``files/modelfile.user_folders``).
+is imported already). The model's own folder is on the path only while its file is imported
+and its factory runs (``files/modelfile.user_folders``); later imports of its modules go through
+the closure's finder (``files/closure.py``), which never serves a module named like one the tool
+imports.
 """
 
 import os

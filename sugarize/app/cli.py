@@ -925,12 +925,15 @@ def _exit_now(code: int) -> None:
     import os
     import threading
 
-    left = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    # an idle ThreadPoolExecutor's workers (a library's) end at exit on their own: not waited on here
+    left = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+            and t.is_alive() and not t.name.startswith("ThreadPoolExecutor-")]
     if not left:
         sys.exit(code)
     names = ", ".join(t.name for t in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
-    err.print(f"[yellow]note:[/] {len(left)} thread(s) started by the model's code were still running ({escape(names)}); "
-              "sugarize exits without waiting for them", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]note:[/] {len(left)} thread(s) were still running when the command ended ({escape(names)}: "
+              "the model's code, or a library it called, started them); sugarize exits without waiting for them",
+              highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

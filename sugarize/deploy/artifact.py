@@ -57,7 +57,7 @@ class StructureReport:
     nodes: int
     optimized_nodes: int | None
     differences: list[str] = field(default_factory=list)
-    kind: str = "onnx"
+    kind: str = ""  # the target's name (``Structure.kind``)
     sections: list[str] = field(default_factory=list)
     operators_equal: bool | None = None  # None: the target describes no operator set
     operators: list[str] = field(default_factory=list)
@@ -190,7 +190,7 @@ class ExportResult:
     """What a target's export wrote: the artifact, its companions, and what it holds."""
 
     path: Path
-    opset: int | None
+    opset: int | None  # the ONNX opset for ONNX-based targets; None for the others
     op_types: list[str]
     inputs: list[str]
     outputs: list[str]
@@ -199,6 +199,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     dynamic_sequence: bool = False
     external_data: Path | None = None  # ONNX: the weights file beside the .onnx, when they are kept outside it
-    format: str = "onnx"
+    format: str = ""  # the target's name
     companions: list[Path] = field(default_factory=list)  # every file written beside ``path``
     backend: str | None = None

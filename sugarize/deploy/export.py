@@ -347,6 +347,7 @@ def _export(plain: nn.Module, path, example_args: tuple, stripped_sites: int, op
         notes=notes,
         dynamic_sequence=dynamic_sequence,
         external_data=Path(str(path) + ".data") if external else None,
+        format="onnx",
         companions=[Path(str(path) + ".data")] if external else [],
     )
 

@@ -155,6 +155,20 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, example_args: Se
                         backend=backend)
 
 
+def _check_bounded(program, name: str) -> None:
+    """InputError if a method of ``program`` jumps back (a ``JumpFalseCall`` to an instruction at
+    or before its own): a loop. ExecuTorch's runtime cannot be stopped mid-run, and no program
+    sugarize exports has one, so such a file is refused before it runs."""
+    for plan in program.execution_plan:
+        for chain in plan.chains:
+            for i, instruction in enumerate(chain.instructions):
+                args = instruction.instr_args
+                if type(args).__name__ == "JumpFalseCall" and args.destination_instruction <= i:
+                    raise InputError(f"{name} holds a loop (instruction {i} of {plan.name} jumps back to "
+                                     f"{args.destination_instruction}): ExecuTorch cannot be stopped mid-run, so "
+                                     "sugarize runs no program with one; export it again")
+
+
 def _program(data: bytes):
     with _quiet():
         from executorch.exir._serialize._program import deserialize_pte_binary
@@ -179,8 +193,13 @@ def _xnn_graph(payload: bytes) -> dict:
     with tempfile.TemporaryDirectory(prefix="sugarize-xnn-") as d:
         Path(d, "schema.fbs").write_bytes(schema)
         Path(d, "graph.bin").write_bytes(fb)
-        with _quiet():
-            _flatc_decompile(d, str(Path(d, "schema.fbs")), str(Path(d, "graph.bin")))
+        import subprocess
+
+        try:
+            with _quiet():  # flatc prints its usage on a damaged buffer: kept off the terminal
+                _flatc_decompile(d, str(Path(d, "schema.fbs")), str(Path(d, "graph.bin")))
+        except subprocess.CalledProcessError:
+            raise ValueError("its XNNPACK delegate's graph is damaged: flatc could not decode it") from None
         text = Path(d, "graph.json").read_bytes()
     return json.loads(_NONFINITE.sub(rb'"\1\2"', text))
 
@@ -317,6 +336,12 @@ class PteRunner:
     def __init__(self, path):
         check_executorch()
         data = Path(path).read_bytes()
+        try:
+            program = _program(data)
+        except Exception as exc:
+            raise InputError(f"{Path(path).name} is not a readable ExecuTorch program ({first_line(exc)}); "
+                             "export it again") from None
+        _check_bounded(program, Path(path).name)
         try:
             with _quiet():
                 from executorch.runtime import Runtime

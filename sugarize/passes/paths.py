@@ -59,11 +59,18 @@ class CapturePath(Protocol):  # pragma: no cover - the interface, for readers an
 
     def explain(self, model: nn.Module) -> str | None: ...
 
+    # Optional (a path without them adds no notes, no run-time rows, no op configurations):
+    # notes(converted, reasons, capture) -> list[str]: the notes a conversion through it reports;
+    # with_calls(report, before, after, cfg) -> (sites, notes): the report once example inputs ran
+    #     (``callpath`` counts, ``before`` on the original, ``after`` on the converted model);
+    # op_options(model) -> set[OpOptions]: the SUGAR configurations its sites run (for warmup).
+
 
 class FxCapture:
     """torch.fx: the model traced into one graph, each site a node (``fxpath``)."""
 
     NAME = fxpath.NAME
+    NOT_APPLYING = "not traceable by torch.fx"  # how a report says it did not apply
 
     def find(self, model, cfg, status="convertible"):
         return fxpath.find(model, cfg, status)
@@ -85,6 +92,16 @@ class FxCapture:
 
     def instrument(self, model, record):
         return fxpath.instrument(model, record)
+
+    def op_options(self, model):
+        """Every SUGAR node's configuration, fused ones included, in every GraphModule inside
+        ``model`` (an fx-converted model, or a module-path model's islands)."""
+        import torch.fx
+
+        from ..method.op import OP
+
+        return {options_of(node) for m in model.modules() if isinstance(m, torch.fx.GraphModule)
+                for node in m.graph.find_nodes(op="call_function", target=OP) + fused_nodes(m.graph)}
 
     def explain(self, model):
         from .capture import trace_graph
@@ -147,6 +164,33 @@ class ModuleCapture:
     def explain(self, model):
         return None if isinstance(model, nn.Module) else f"not a torch.nn.Module but a {type(model).__name__}"
 
+    def notes(self, converted, reasons, capture):
+        why = reasons.get(fxpath.NAME) or f"capture={capture!r} was asked for"
+        notes = [f"not traceable by torch.fx ({why}); activation modules are swapped for SugarActivation at their "
+                 "paths" if "asked for" not in why else "module capture, as asked: activation modules are swapped "
+                 "for SugarActivation at their paths"]
+        roots = [r for c in callpath.catchers(converted) for r in c.roots]
+        if roots:
+            notes.append(f"functional activation calls in the forward of {', '.join(r or '<model>' for r in roots)} "
+                         f"are converted as they run; {_LISTED_LATER}")
+        return notes
+
+    def with_calls(self, report, before, after, cfg):
+        """The swapped modules with their call counts, then each functional call site the run
+        found; the note that said they would be listed is dropped."""
+        modules = callpath.with_calls([s for s in report.sites if s.capture == self.NAME], before)
+        notes = [n for n in report.notes if not n.endswith(_LISTED_LATER)]
+        return modules + callpath.call_sites(before, cfg, "converted", after), notes
+
+    def op_options(self, model):
+        from ..method.module import SugarActivation
+
+        found = {m.options for m in model.modules() if isinstance(m, SugarActivation)}
+        for catcher in callpath.catchers(model):
+            if not catcher.relu_only:
+                found.update(catcher.config.op_options(kind) for kind in ("relu",) + catcher.config.relufy)
+        return found
+
     def _check(self, model):
         why = self.explain(model)
         if why is not None:
@@ -169,6 +213,8 @@ def _fusion_of(site: Site, found: dict, cfg: SugarConfig) -> Site:
     return replace(site, unfused="caught by module swap, and no submodule around it and its consumer traces "
                                  "on its own")
 
+
+_LISTED_LATER = "they are listed once example inputs are given"
 
 PATHS: list[CapturePath] = [FxCapture(), ModuleCapture()]  # the order capture="auto" tries them in
 
@@ -291,23 +337,22 @@ def instrument(model: nn.Module, record: Callable):
 
 
 def op_options(model: nn.Module) -> set[OpOptions]:
-    """The SUGAR op configurations ``model`` runs."""
-    import torch.fx
+    """The SUGAR op configurations ``model`` runs: each registered path says its own."""
+    return {o for path in PATHS if hasattr(path, "op_options") for o in path.op_options(model)}
 
-    from ..method.module import SugarActivation
-    from ..method.op import OP
 
-    found: set[OpOptions] = set()
-    for module in model.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.find_nodes(op="call_function", target=OP) + fused_nodes(module.graph):
-                found.add(options_of(node))
-        elif isinstance(module, SugarActivation):
-            found.add(module.options)
-    for catcher in callpath.catchers(model):
-        if not catcher.relu_only:
-            found.update(catcher.config.op_options(kind) for kind in ("relu",) + catcher.config.relufy)
-    return found
+def notes(name: str, converted: nn.Module, reasons: dict[str, str], capture: str) -> list[str]:
+    """The notes the path ``name`` reports for a conversion it made (none for a path without ``notes``)."""
+    path = get_path(name)
+    return list(path.notes(converted, reasons, capture)) if hasattr(path, "notes") else []
+
+
+def with_calls(name: str, report, before, after, cfg: SugarConfig) -> tuple[list[Site], list[str]]:
+    """The report's sites and notes once example inputs ran, as the path ``name`` tells them."""
+    path = get_path(name)
+    if hasattr(path, "with_calls"):
+        return path.with_calls(report, before, after, cfg)
+    return report.sites, report.notes
 
 
 def warmup(model: nn.Module, dtypes=None, device: str = "cpu") -> dict:

@@ -11,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .config import SugarConfig, resolve_options
 from ..errors import CaptureError, InternalError, ParameterError
 from ..options import DEFAULT_SAVE, DEFAULT_SURROGATE
-from . import callpath, fxpath, modulepath, paths
+from . import callpath, fxpath, paths
 from .match import scripted_sites
 from .report import Report
 
@@ -107,17 +107,7 @@ def sugarize(
     if capture not in paths.captures():
         raise ParameterError(f"capture={capture!r} is not one of {', '.join(paths.captures())}")
     out, sites, taken, reasons = paths.convert(model, cfg, capture, copy=copy)
-    notes = []
-    if taken == modulepath.NAME:
-        why = reasons.get(fxpath.NAME) or f"capture={capture!r} was asked for"
-        notes.append(f"not traceable by torch.fx ({why}); activation modules are swapped for SugarActivation at "
-                     "their paths" if "asked for" not in why else "module capture, as asked: activation modules are "
-                     "swapped for SugarActivation at their paths")
-        roots = [r for c in callpath.catchers(out) for r in c.roots]
-        if roots:
-            notes.append(f"functional activation calls in the forward of {', '.join(r or '<model>' for r in roots)} "
-                         "are converted as they run; they are listed once example inputs are given")
-    report = Report(sites=sites, capture=taken, notes=notes)
+    report = Report(sites=sites, capture=taken, notes=paths.notes(taken, out, reasons, capture))
     meta = {"sugarize": {"config": cfg.to_dict(), "report": report}}
     if isinstance(out, torch.fx.GraphModule):
         out.meta.update(meta)
@@ -173,11 +163,8 @@ def _count_calls(original: nn.Module, converted: nn.Module, args: tuple, kwargs:
     report.runtime = {"relu_calls": before.calls("relu"), "converted_calls": after.sugar,
                       "unconverted_calls": sum(left.values()), "unconverted": unconverted,
                       "unconverted_sites": [f"{p or '<model>'}: {sp} x{n}" for (p, sp, _, _), n in left.items()]}
-    if report.capture == modulepath.NAME:
-        cfg = SugarConfig.from_dict(converted.meta["sugarize"]["config"])
-        modules = callpath.with_calls([s for s in report.sites if s.capture == modulepath.NAME], before)
-        report.sites = modules + callpath.call_sites(before, cfg, "converted", after)
-        report.notes = [n for n in report.notes if "listed once example inputs" not in n]
+    cfg = SugarConfig.from_dict(converted.meta["sugarize"]["config"])
+    report.sites, report.notes = paths.with_calls(report.capture, report, before, after, cfg)
     if left:
         names = ", ".join(report.runtime["unconverted_sites"])
         report.notes.append(f"{sum(left.values())} of {before.calls('relu')} ReLU calls at runtime are NOT converted "
@@ -210,8 +197,9 @@ def inspect(
         surrogate=surrogate, include=tuple(include or ()), exclude=tuple(exclude or ()), relufy=relufy
     )
     sites, notes, taken, reasons = paths.inspect(model, cfg, example_args, capture)
-    if taken == modulepath.NAME and fxpath.NAME in reasons:
-        notes.insert(0, f"not traceable by torch.fx ({reasons[fxpath.NAME]}); activation modules listed by path")
+    for name, why in reversed(list(reasons.items())):  # each path that did not apply, in its own words
+        said = getattr(paths.get_path(name), "NOT_APPLYING", f"capture {name!r} does not apply")
+        notes.insert(0, f"{said} ({why}); sites listed by the {taken} path")
     return Report(sites=sites + scripted_sites(model), capture=taken, notes=notes)
 
 

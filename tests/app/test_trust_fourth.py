@@ -5,6 +5,7 @@ sweep, with the canary, lost-file or exit-code check that failed before."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import hashlib
 import json
 import subprocess
@@ -263,4 +264,39 @@ def test_the_cli_exits_when_its_work_is_done_though_the_model_left_a_thread_runn
     res = subprocess.run([sys.executable, "-m", "sugarize", "inspect", str(model)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "1 thread(s) started by the model's code were still running (model-sleeper)" in res.stderr
+    assert "1 thread(s) were still running when the command ended (model-sleeper:" in res.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="the executorch extra is not installed")
+def test_an_executorch_program_with_a_loop_is_refused_before_it_runs(tmp_path):
+    """ExecuTorch's runtime cannot be stopped mid-run: a backward jump is refused; the same
+    program without it runs (the negative control)."""
+    import torch
+    from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
+    from executorch.exir.schema import Instruction, JumpFalseCall
+
+    from sugarize.deploy.pte_target import PteRunner, export_pte
+    from sugarize.errors import InputError
+
+    good = export_pte(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), tmp_path / "g.pte",
+                      (torch.randn(2, 4),), backend="portable").path
+    assert PteRunner(good).run([torch.randn(2, 4).numpy()])[0].shape == (2, 4)
+    pte = deserialize_pte_binary(good.read_bytes())
+    pte.program.execution_plan[0].chains[0].instructions.append(Instruction(JumpFalseCall(0, 0)))
+    (tmp_path / "loop.pte").write_bytes(bytes(serialize_pte_binary(pte)))
+    with pytest.raises(InputError, match=r"loop.pte holds a loop \(instruction \d+ of forward jumps back to 0\)"):
+        PteRunner(tmp_path / "loop.pte")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="the executorch extra is not installed")
+def test_third_party_tools_output_is_kept_off_the_terminal_unless_verbose(tmp_path):
+    """ExecuTorch prints cpuinfo lines from C++ straight to file descriptor 2 on first run."""
+    def export(*flags):
+        return subprocess.run([sys.executable, "-m", "sugarize", *flags, "export", str(MODELS / "dead_mlp.py"), "-o",
+                               str(tmp_path / "p.pte"), "--backend", "portable", "--force"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    quiet = export()
+    assert quiet.returncode == 0 and "cpuinfo" not in quiet.stderr + quiet.stdout, quiet.stderr
+    loud = export("--verbose")
+    assert loud.returncode == 0 and "cpuinfo" in loud.stderr  # the negative control: they are there to hide

@@ -195,3 +195,19 @@ def test_inspect_takes_the_capture_path_sugarize_would():
         sugarize.inspect(Dynamic(), capture="fx")
     with pytest.raises(sugarize.SugarizeError, match="capture='nope' is not one of"):
         sugarize.inspect(mlp, capture="nope")
+
+
+def test_a_registered_path_says_its_own_notes_call_rows_and_op_configurations(toy_path):
+    """notes, the rows once example inputs ran, and warmup's configurations come from the path."""
+    from sugarize.options import OpOptions
+
+    toy_path.notes = lambda converted, reasons, capture: ["converted by the toy path"]
+    toy_path.with_calls = lambda report, before, after, cfg: (report.sites, report.notes + ["toy counted calls"])
+    toy_path.op_options = lambda model: {OpOptions("nelu", (0.01,), False, "full")}
+    try:
+        sm = sugarize.sugarize(Toy(), example_args=(torch.randn(2, 6),))
+        assert sugarize.report_of(sm).notes == ["converted by the toy path", "toy counted calls"]
+        assert OpOptions("nelu", (0.01,), False, "full") in paths.op_options(sm)
+    finally:
+        for name in ("notes", "with_calls", "op_options"):
+            delattr(toy_path, name)
