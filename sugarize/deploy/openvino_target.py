@@ -66,11 +66,31 @@ def _convert(plain, example_args: tuple):
             model = ov.convert_model(exported)
         tensors = [a for a in example_args if isinstance(a, torch.Tensor)]
         model.reshape({i: ov.PartialShape(list(t.shape)) for i, t in enumerate(tensors)})
+        _stable_names(model)
         return model
     except Exception as exc:
         if interrupted(exc):
             raise KeyboardInterrupt from exc
         raise ExportError(f"OpenVINO conversion failed: {_reason(exc)}") from exc
+
+
+_NUMBERED = re.compile(r"^[A-Za-z]+_\d+$")
+
+
+def _stable_names(model) -> None:
+    """OpenVINO numbers unnamed ops and models from process-wide counters (``Constant_3212``,
+    ``Model8``), and torch.export adds bare numbers to tensor names: ops are renamed by their
+    place in the graph and the bare numbers dropped (where a tensor keeps a name), so one model
+    exported twice, or the stripped model and the original, write the same ``.xml`` byte for byte."""
+    model.set_friendly_name("sugarize")
+    for i, op in enumerate(model.get_ordered_ops()):
+        if _NUMBERED.match(op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{i}")
+        for out in op.outputs():  # torch.export's bare numbers ("5") beside a tensor's own name
+            names = out.get_names()
+            kept = {n for n in names if not n.isdigit()}
+            if kept and kept != names:
+                out.get_tensor().set_names(kept)
 
 
 def export_openvino(model, path: str | os.PathLike, example_args: Sequence[Any], *, force: bool = True) -> ExportResult:

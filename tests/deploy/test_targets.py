@@ -141,6 +141,8 @@ def test_stripped_artifact_passes_parity_and_is_structurally_identical(artifacts
             assert [n[0] for n in mine.nodes] == ["delegate"]
     if fmt == "ort":
         assert report.structure.operators_equal and mine.operators == theirs.operators
+    if fmt == "openvino":  # the .xml and the .bin, byte for byte (OpenVINO's numbered names made stable)
+        assert report.structure.identical_bytes
 
 
 @pytest.mark.parametrize("fmt,name", CASES)
