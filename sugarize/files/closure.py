@@ -76,8 +76,9 @@ class ImportClosure:
         import zipimport
 
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None and path is None and fullname.split(".")[0] not in TOOL_MODULES:
-            # the model's folders, searched last: no entry of sys.path is needed for them
+        if spec is None and path is None and fullname.split(".")[0] not in TOOL_MODULES and self._importer_is_model():
+            # the model's folders, searched last and for the model's own imports only (a library's
+            # optional import, "import triton", is never served from them): no sys.path entry needed
             spec = importlib.machinery.PathFinder.find_spec(fullname, [str(r) for r in self.roots])
         if spec is None:
             return None
@@ -99,6 +100,20 @@ class ImportClosure:
                                  "sugarize runs only Python source it has hashed; install that module as a package")
         return importlib.util.spec_from_file_location(fullname, origin, loader=_HashedSource(self, origin, rel),
                                                       submodule_search_locations=spec.submodule_search_locations)
+
+    def _importer_is_model(self) -> bool:
+        """Whether the frame that asked for the import (past the import machinery) is the model's
+        own code: the model file or one of its hashed modules."""
+        mine = self.code_files()
+        f = sys._getframe(2)
+        for _ in range(32):
+            if f is None:
+                return False
+            name = f.f_code.co_filename
+            if not (name.startswith("<frozen importlib") or name.endswith(os.path.join("importlib", "__init__.py"))):
+                return str(_located(name)) in mine
+            f = f.f_back
+        return False
 
     def relative(self, path: Path) -> str:
         return Path(os.path.relpath(path, self.folder)).as_posix()
