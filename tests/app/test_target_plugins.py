@@ -245,3 +245,12 @@ def test_an_onnx_file_whose_producer_name_looks_like_a_magic_number_is_onnx(tmp_
         head = path.read_bytes()[:8]
         assert head[4:6] == b"ET" or head[4:8] == b"ORTM"
         assert target_of_file(path).name == "onnx"
+
+
+def test_sugarize_targets_lists_the_table_a_registered_target_included(toy):
+    rows = json.loads(run("targets", "--json").stdout)
+    assert [r["format"] for r in rows] == ["onnx", "pte", "ort", "openvino", "toy"]
+    toy_row = rows[-1]
+    assert toy_row["options"] == ["--toy-precision"] and toy_row["int8"] is None and toy_row["installed"] == "yes"
+    assert next(r for r in rows if r["format"] == "onnx")["options"] == [
+        "--opset", "--dynamic-batch", "--dynamic-sequence", "--external-data/--no-external-data"]
