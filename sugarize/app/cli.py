@@ -507,7 +507,8 @@ app.command("export")(_ExportCommand())
 @app.command("verify")
 @command
 def verify_cmd(
-    onnx_file: Path = typer.Argument(..., help="The file to check: .onnx, .ort or .pte (told by its bytes)."),
+    onnx_file: Path = typer.Argument(..., help="The artifact to check, of any registered target (`sugarize targets`): "
+                                     "told by its bytes, whatever its name."),
     against: str = typer.Option(..., "--against", help="MODEL (model.py[:NAME]) or a SUGAR checkpoint."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Fine-tuned state dict (safetensors or torch)."),
     model: Optional[str] = MODEL_FILE,
@@ -518,11 +519,12 @@ def verify_cmd(
     batches: int = typer.Option(3, "--batches", min=1, max=MAX_BATCHES, help=f"Seeded parity batches, 1 to {MAX_BATCHES}."),
     seed: int = _seed_option(),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="ONNX files: onnxruntime (default) or openvino "
-                                          "(the openvino extra); .ort: onnxruntime; .pte: executorch."),
+                                          "(the openvino extra); .ort: onnxruntime; .pte: executorch; OpenVINO IR: "
+                                          "openvino (`sugarize targets` lists each target's)."),
     allow_nonfinite: bool = ALLOW_NONFINITE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Parity and structural identity: an .onnx, .ort or .pte file vs the model in PyTorch and the original's export."""
+    """Parity and structural identity: an artifact (ONNX, ORT, ExecuTorch, OpenVINO IR, ...) vs the model in PyTorch and the original's."""
     from .workflows import verify_file
 
     report = verify_file(str(onnx_file), against, weights=str(weights) if weights else None, model=model,
