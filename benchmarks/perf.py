@@ -512,14 +512,20 @@ def default_markdown(rows: dict) -> list[str]:
     return md
 
 
-def default_only(args) -> int:
+def _alone(args, name: str, key: str, title: str, flags: str, rows, markdown) -> int:
+    """One section measured alone into ``results/NAME.md`` and ``.json``: its title, the command
+    that made it (``flags``), then ``markdown(rows())``; the JSON holds the rows under ``key``."""
     start = time.perf_counter()
     m = machine()
-    rows = default_rows(args.repeats, args.compiled_repeats, not args.no_compile)
-    md = ["# The default surrogate's cost next to ReLU", "",
-          f"`python benchmarks/perf.py --default-only --repeats {args.repeats} --compiled-repeats "
-          f"{args.compiled_repeats}` on {machine_line(m)}.", ""]
-    return finish("perf_default", md + default_markdown(rows), {"machine": m, "default": rows}, start, args.out)
+    data = rows()
+    md = [f"# {title}", "", f"`python benchmarks/perf.py {flags}` on {machine_line(m)}.", ""]
+    return finish(name, md + markdown(data), {"machine": m, key: data}, start, args.out)
+
+
+def default_only(args) -> int:
+    return _alone(args, "perf_default", "default", "The default surrogate's cost next to ReLU",
+                  f"--default-only --repeats {args.repeats} --compiled-repeats {args.compiled_repeats}",
+                  lambda: default_rows(args.repeats, args.compiled_repeats, not args.no_compile), default_markdown)
 
 
 def finetune_markdown(rows: dict) -> list[str]:
@@ -537,12 +543,8 @@ def finetune_markdown(rows: dict) -> list[str]:
 
 
 def finetune_only(args) -> int:
-    start = time.perf_counter()
-    m = machine()
-    rows = finetune_rows(args.repeats)
-    md = ["# SUGAR under the fine-tuning setups people use, next to ReLU", "",
-          f"`python benchmarks/perf.py --finetune-only --repeats {args.repeats}` on {machine_line(m)}.", ""]
-    return finish("perf_finetune", md + finetune_markdown(rows), {"machine": m, "finetune": rows}, start, args.out)
+    return _alone(args, "perf_finetune", "finetune", "SUGAR under the fine-tuning setups people use, next to ReLU",
+                  f"--finetune-only --repeats {args.repeats}", lambda: finetune_rows(args.repeats), finetune_markdown)
 
 
 def scale_markdown(scale: dict) -> list[str]:
@@ -603,13 +605,9 @@ def conversion_only(args) -> int:
 
 
 def scale_only(args) -> int:
-    start = time.perf_counter()
-    m = machine()
-    scale = scale_rows(args.repeats, args.compiled_repeats, not args.no_compile)
-    md = ["# SUGAR at transformer scale next to ReLU", "",
-          f"`python benchmarks/perf.py --scale-only --repeats {args.repeats} --compiled-repeats "
-          f"{args.compiled_repeats}` on {machine_line(m)}.", ""] + scale_markdown(scale)
-    return finish("perf_scale", md, {"machine": m, "scale": scale}, start, args.out)
+    return _alone(args, "perf_scale", "scale", "SUGAR at transformer scale next to ReLU",
+                  f"--scale-only --repeats {args.repeats} --compiled-repeats {args.compiled_repeats}",
+                  lambda: scale_rows(args.repeats, args.compiled_repeats, not args.no_compile), scale_markdown)
 
 
 KERNEL_NOTE = ("*compiled kernels*: kernels Inductor generated for one training step (forward and "

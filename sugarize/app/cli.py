@@ -459,8 +459,10 @@ class _ExportCommand:
     __doc__ = _export.__doc__
     __module__ = __name__
 
+    run = staticmethod(command(_export))
+
     def __call__(self, **kwargs):
-        return command(_export)(**kwargs)
+        return self.run(**kwargs)
 
     def _options(self):
         import inspect

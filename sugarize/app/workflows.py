@@ -41,20 +41,13 @@ def check_not_model_code(outs, loaded: LoadedModel) -> None:
     Raises:
         OutputPathError: naming the output and the file of the model's code it is.
     """
-    import os
-
     from ..errors import OutputPathError
+    from ..files.fsutil import same_file
 
     code = [(loaded.path.name, loaded.path)] + [(rel, loaded.path.parent / rel) for rel in sorted(loaded.closure)]
     for out in outs:
-        if out is None or not Path(str(out)).exists():
-            continue
         for rel, file in code:
-            try:
-                same = file.exists() and os.path.samefile(str(out), file)
-            except OSError:
-                same = False
-            if same:
+            if out is not None and same_file(str(out), file):
                 raise OutputPathError(f"{out} is {rel}, a file of the model's own code ({loaded.path.name} "
                                       f"{'is the model file' if file == loaded.path else 'imports or reads it'}): "
                                       "sugarize never writes over it, --force or not; give another -o")
@@ -204,10 +197,10 @@ def export_file(source: str, out: str, *, weights: str | None = None, model: str
 
         spec = load_data(data)
     src = open_source(source, weights=weights, model=model, trust_recipe=trust_recipe)
-    check_not_model_code([out, *companions, q_path], src.loaded)
     inputs = resolve_inputs(src.inputs, input_shapes, src.label)
     run_model(src.original, inputs)
-    check_not_model_code([out, *companions, q_path], src.loaded)  # and what its forward imported or read
+    # nothing is written before this: the closure includes what the forward imported or read
+    check_not_model_code([out, *companions, q_path], src.loaded)
     reference = _reference(src)
     # Once, in place (the checkpoint's model is not used again): exported below and compared
     # in the parity check; its report counts the sites.

@@ -130,12 +130,13 @@ def target_of_file(path: str | os.PathLike) -> Target:
         InputError: the path is missing, a symlink loop, of no known kind, or a folder no
             target makes.
     """
+    from ..files.fsutil import check_loop
+
     path = Path(path)
     try:
         st = os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InputError(f"{path} is a symlink loop (it points back to itself); give the file itself") from None
+        check_loop(path, "artifact")
         if exc.errno == errno.ENOENT:
             raise InputError(f"{path} not found") from None
         raise InputError(f"cannot read {path} ({exc.strerror})") from None

@@ -239,7 +239,8 @@ def keep(closure: ImportClosure) -> bool:
             return False
         if closure not in sys.meta_path:
             sys.meta_path.insert(0, closure)
-        _SESSIONS[-1].append(closure)
+        if closure not in _SESSIONS[-1]:
+            _SESSIONS[-1].append(closure)
         if not _HOOKED:
             sys.addaudithook(_audit)
             _HOOKED = True

@@ -47,8 +47,6 @@ def check_loop(path: str | os.PathLike, what: str, error=None) -> None:
     """Raises ``error`` (InputError by default) naming ``path`` as a symlink loop when it is one
     (``os.stat`` says ELOOP): a loop is not a missing file, and "not found" would send the user
     looking for one."""
-    import errno
-
     from ..errors import InputError
 
     try:
@@ -97,13 +95,17 @@ def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -
         src = Path(str(given))
         if not src.exists() and ":" in src.name:  # model.py:NAME
             src = src.with_name(src.name.rpartition(":")[0])
-        try:
-            same = src.exists() and os.path.samefile(out, src)
-        except OSError:
-            same = False
-        if same:
+        if same_file(out, src):
             raise OutputPathError(f"{out} is the input {src.name}: writing it would destroy what this command reads, "
                                   "--force or not; give another -o")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` both exist and are one file (symlinks and hard links included)."""
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None, force: bool) -> Path:

@@ -98,6 +98,7 @@ def import_file(path: Path, expect_sha256: str | None = None, expect_closure: di
     module.__file__, module.__package__, module.__sugarize_sha256__ = str(path), package, digest
     closure = ImportClosure(folder, path, expect_closure)
     module.__sugarize_closure__ = closure.seen
+    module.__sugarize_finder__ = closure  # load_model's factory and example_inputs() import through it too
     keep(closure)  # inside a session: what the file reads as it runs is recorded too
     forget_closure()
     before = set(sys.modules)
@@ -154,13 +155,14 @@ def user_folders(path: Path, closure: ImportClosure | None = None):
     folders = [str(path.parent)] + ([str(path.parent.parent)] if (path.parent / "__init__.py").exists() else [])
     added = [f for f in folders if f not in sys.path]
     sys.path.extend(added)
-    if closure is not None:
+    inserted = closure is not None and closure not in sys.meta_path  # a session may hold it already
+    if inserted:
         sys.meta_path.insert(0, closure)
     try:
         with restore_process_settings():
             yield
     finally:
-        if closure is not None:
+        if inserted:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(closure)
         for f in added:
@@ -286,8 +288,7 @@ def load_model(spec: str | os.PathLike, *, expect_sha256: str | None = None,
             raise CheckpointError(f"the checkpoint was made from {path.name}:{expect_name}, and {path.name} without a "
                                   f"name means {path.name}:{found or '<nothing>'}; nothing was called: name the "
                                   f"function to call, --model {path}:{expect_name}")
-    closure = ImportClosure(path.parent, path, expect_closure)
-    closure.seen = module.__sugarize_closure__  # what the factory and example_inputs() import joins the record
+    closure = module.__sugarize_finder__  # the file's own: what the factory imports joins its record
     with user_folders(path, closure):
         model, name = _resolve(module, path, name)
         example = None
